@@ -1,0 +1,149 @@
+"""The `luafcgid` command."""
+
+import argparse
+import os
+import signal
+import sys
+
+import yaml
+
+from . import __version__, config as configuration, daemon, logs
+from .listener import ListenError
+from .reference import sample_config, settings_reference
+
+DESCRIPTION = "FastCGI daemon that runs persistent, isolated Lua states for nginx."
+
+
+def _override(text):
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, yaml.safe_load(value) if value else ""
+
+
+def _common(parser):
+    parser.add_argument("-c", "--config", metavar="CONFIG",
+                        help="YAML config file (default: built-in defaults)")
+    parser.add_argument("-s", "--set", metavar="KEY=VALUE", action="append", default=[],
+                        type=_override, help="override one setting (YAML value); repeatable")
+
+
+def _run_parser():
+    parser = argparse.ArgumentParser(
+        prog="luafcgid", description=DESCRIPTION,
+        epilog="Other commands: 'luafcgid serve [DIR]' (development HTTP server), "
+               "'luafcgid settings' (config reference). Setting reference: 'luafcgid settings'.")
+    _common(parser)
+    parser.add_argument("--daemon", action="store_true",
+                        help="detach from the terminal (double fork); log to logfile only")
+    parser.add_argument("--check", action="store_true",
+                        help="check the config, name every problem, and exit")
+    parser.add_argument("--version", action="version", version=f"luafcgid {__version__}")
+    return parser
+
+
+def _serve_parser():
+    parser = argparse.ArgumentParser(
+        prog="luafcgid serve",
+        description="Development server: serves DIR over plain HTTP, running .lua files with "
+                    "the same state pool. NOT FOR PRODUCTION: use nginx and FastCGI there.")
+    parser.add_argument("dir", nargs="?", default=".", help="document root (default: .)")
+    parser.add_argument("--http", default="127.0.0.1:8080", metavar="HOST:PORT",
+                        help="address to listen on (default: 127.0.0.1:8080)")
+    _common(parser)
+    return parser
+
+
+def _settings_parser():
+    parser = argparse.ArgumentParser(prog="luafcgid settings",
+                                     description="Print the settings reference.")
+    parser.add_argument("--format", choices=("markdown", "yaml"), default="markdown",
+                        help="markdown reference, or the sample config file")
+    return parser
+
+
+def _load(args):
+    overrides = dict(args.set)
+    try:
+        if args.config:
+            return configuration.load(args.config, overrides)
+        return configuration.from_mapping(overrides, "<command line>")
+    except configuration.ConfigError as exc:
+        for problem in exc.problems:
+            print(f"luafcgid: {exc.source}: {problem}", file=sys.stderr)
+        sys.exit(2)
+
+
+class _Stop(Exception):
+    """Raised in the main thread by SIGTERM or SIGINT."""
+
+
+def _raise_stop(signum, frame):
+    raise _Stop()
+
+
+def run(argv):
+    from .server import Server   # imports lupa and watchdog: not needed for --help/--check
+
+    args = _run_parser().parse_args(argv)
+    config = _load(args)
+    if args.check:
+        print(f"{config.source}: OK")
+        return 0
+    server = Server(config)
+    try:
+        server.bind()
+    except ListenError as exc:
+        print(f"luafcgid: {exc}", file=sys.stderr)
+        return 1
+    if args.daemon:
+        daemon.detach()
+    logs.setup(config.logfile, to_stderr=not args.daemon)
+    if config.pidfile:
+        daemon.write_pidfile(config.pidfile)
+    server.start()
+    try:
+        signal.signal(signal.SIGTERM, _raise_stop)
+        signal.signal(signal.SIGINT, _raise_stop)
+        while True:
+            signal.pause()   # the main thread only waits for signals
+    except _Stop:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        server.stop()
+    return 0
+
+
+def serve(argv):
+    from . import devserver
+
+    args = _serve_parser().parse_args(argv)
+    config = _load(args)
+    host, _, port = args.http.rpartition(":")
+    logs.setup(None)
+    if not os.path.isdir(args.dir):
+        print(f"luafcgid serve: {args.dir} is not a directory", file=sys.stderr)
+        return 2
+    try:
+        devserver.serve(config, args.dir, (host or "127.0.0.1", int(port)))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def settings(argv):
+    args = _settings_parser().parse_args(argv)
+    print(sample_config() if args.format == "yaml" else settings_reference(), end="")
+    return 0
+
+
+COMMANDS = {"serve": serve, "settings": settings}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]](argv[1:])
+    return run(argv)

@@ -1,0 +1,110 @@
+"""Reading a YAML config file into a checked Config, driven by the settings table."""
+
+import os
+
+import yaml
+
+from .settings import BY_NAME, SETTINGS, SettingError
+
+
+class ConfigError(Exception):
+    """Every problem found in a config, one per line, each naming its key."""
+
+    def __init__(self, source, problems):
+        self.source = source
+        self.problems = problems
+        super().__init__("\n".join(f"{source}: {p}" for p in problems))
+
+
+class Config:
+    """Checked settings as attributes (`config.workers`), plus `source` and `base_dir`."""
+
+    def __init__(self, values, source, base_dir):
+        self.__dict__.update(values)
+        self.source = source
+        self.base_dir = base_dir
+
+    def lua_value(self, name):
+        """The value con:config(name) returns: plain data only."""
+        if name not in BY_NAME:
+            return None
+        value = getattr(self, name)
+        return list(value) if isinstance(value, tuple) else value
+
+    @property
+    def max_clones(self):
+        return self.clones or self.workers
+
+    @property
+    def unix_socket(self):
+        return "/" in self.listen
+
+
+def _resolve(base_dir, value):
+    if value is None or os.path.isabs(value):
+        return value
+    return os.path.normpath(os.path.join(base_dir, value))
+
+
+def from_mapping(raw, source="<config>", base_dir=None):
+    """A Config from a mapping of raw values; raises ConfigError naming every bad key."""
+    base_dir = base_dir or os.getcwd()
+    problems = []
+    if not isinstance(raw, dict):
+        raise ConfigError(source, ["the file must be a mapping of setting: value"])
+    for key in raw:
+        if key not in BY_NAME:
+            problems.append(f"{key}: unknown setting")
+    values = {}
+    for setting in SETTINGS:
+        value = raw.get(setting.name, setting.default)
+        try:
+            value = setting.convert(value)
+        except SettingError as exc:
+            problems.append(f"{setting.name}: {exc}")
+            continue
+        # listen is a path only when it names a Unix socket (it contains a slash)
+        if setting.is_path and value is not None and (setting.name != "listen" or "/" in value):
+            value = _resolve(base_dir, value)
+        values[setting.name] = value
+    if not problems:
+        problems += _cross_checks(values)
+    if problems:
+        raise ConfigError(source, problems)
+    return Config(values, source, base_dir)
+
+
+def _cross_checks(values):
+    problems = []
+    if values["states"] < values["workers"]:
+        problems.append(f"states: must be at least workers ({values['workers']}), "
+                        f"got {values['states']}")
+    if values["clones"] is not None and values["clones"] > values["states"]:
+        problems.append(f"clones: must be at most states ({values['states']}), "
+                        f"got {values['clones']}")
+    if values["finishhandler"] is not None and values["finishhandler"] == values["handler"]:
+        problems.append("finishhandler: must differ from handler")
+    return problems
+
+
+def load(path, overrides=None):
+    """Read and check a config file; `overrides` (a mapping) wins over the file."""
+    source = os.path.abspath(path)
+    try:
+        with open(source, encoding="utf-8") as stream:
+            raw = yaml.safe_load(stream)
+    except OSError as exc:
+        raise ConfigError(source, [f"cannot read: {exc.strerror}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, [f"not valid YAML: {exc}"]) from None
+    raw = {} if raw is None else raw
+    if overrides:
+        if not isinstance(raw, dict):
+            raise ConfigError(source, ["the file must be a mapping of setting: value"])
+        raw = {**raw, **overrides}
+    return from_mapping(raw, source, os.path.dirname(source))
+
+
+def defaults(base_dir=None, **overrides):
+    """A Config of the defaults (plus overrides), for `luafcgid serve` and the tests."""
+    return from_mapping(dict(overrides), "<defaults>", base_dir)

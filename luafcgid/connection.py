@@ -1,0 +1,199 @@
+"""The responder side of one FastCGI connection: read records, answer requests in turn.
+
+One worker thread runs one connection at a time. Requests are not multiplexed
+(FCGI_MPXS_CONNS is 0), but with FCGI_KEEP_CONN several follow each other on a connection.
+"""
+
+import logging
+import socket
+
+from . import fastcgi as fcgi
+
+log = logging.getLogger("luafcgid")
+
+_RECV_SIZE = 65536
+_KNOWN_TYPES = frozenset(range(fcgi.BEGIN_REQUEST, fcgi.UNKNOWN_TYPE + 1))
+
+
+class ClientGone(Exception):
+    """The web server closed the connection or stopped sending mid-request."""
+
+
+class Output:
+    """Response bytes for one request, as STDOUT records. A web server that went away
+    makes further writes no-ops, so the script runs on without noticing."""
+
+    __slots__ = ("sock", "request_id", "ended", "broken")
+
+    def __init__(self, sock, request_id):
+        self.sock = sock
+        self.request_id = request_id
+        self.ended = False
+        self.broken = False
+
+    def write(self, data):
+        if data and not self.ended and not self.broken:
+            self._send(fcgi.stream(fcgi.STDOUT, self.request_id, data))
+
+    def end(self, data=b""):
+        if self.ended:
+            return
+        self.ended = True
+        if not self.broken:
+            self._send(fcgi.stream(fcgi.STDOUT, self.request_id, data)
+                       + fcgi.end_request(self.request_id))
+
+    def _send(self, payload):
+        try:
+            self.sock.sendall(payload)
+        except OSError as exc:
+            self.broken = True
+            log.info("client went away while receiving the response: %s", exc)
+
+
+class Connection:
+    def __init__(self, sock, peer, responder, config):
+        self.sock = sock
+        self.peer = peer or "unix socket"
+        self.responder = responder
+        self.maxpost = config.maxpost
+        self.max_params = config.max_params
+        self.values = {b"FCGI_MAX_CONNS": str(config.workers).encode(),
+                       b"FCGI_MAX_REQS": str(config.workers).encode(),
+                       b"FCGI_MPXS_CONNS": b"0"}
+        self.idle = True   # waiting for a request to begin; safe to close on shutdown
+        self._buf = bytearray()
+        self._pos = 0
+        sock.settimeout(config.client_timeout)
+
+    def serve(self, keep_going):
+        """Answer requests until the peer closes, does not ask to keep the connection, or
+        keep_going() turns false between requests."""
+        try:
+            while keep_going():
+                request = self._read_request()
+                if request is None:
+                    return
+                request_id, keep_conn, params, body, too_large = request
+                self.idle = False
+                self.responder.respond(params, body, Output(self.sock, request_id), too_large)
+                self.idle = True
+                if not keep_conn:
+                    return
+        except fcgi.ProtocolError as exc:
+            log.warning("malformed FastCGI from %s: %s; connection closed", self.peer, exc)
+        except ClientGone as exc:
+            log.info("%s: %s", self.peer, exc)
+
+    # -- records --------------------------------------------------------------------------
+
+    def _fill(self, need):
+        """Make at least `need` unread bytes available; False on a clean EOF before any."""
+        buf = self._buf
+        if self._pos and self._pos > len(buf) // 2:
+            del buf[:self._pos]
+            self._pos = 0
+        while len(buf) - self._pos < need:
+            try:
+                chunk = self.sock.recv(_RECV_SIZE)
+            except socket.timeout:
+                raise ClientGone("no data within client_timeout; connection closed") from None
+            except OSError as exc:
+                raise ClientGone(f"connection failed: {exc}") from None
+            if not chunk:
+                if len(buf) == self._pos:
+                    return False
+                raise fcgi.ProtocolError("connection closed in the middle of a record")
+            buf += chunk
+        return True
+
+    def _next_record(self):
+        if not self._fill(fcgi.HEADER_LEN):
+            return None
+        version, rtype, request_id, length, padding = fcgi.HEADER.unpack_from(self._buf, self._pos)
+        if version != fcgi.VERSION:
+            raise fcgi.ProtocolError(f"unsupported version {version} (not FastCGI?)")
+        total = fcgi.HEADER_LEN + length + padding
+        if not self._fill(total):
+            raise fcgi.ProtocolError("connection closed in the middle of a record")
+        start = self._pos + fcgi.HEADER_LEN
+        content = bytes(self._buf[start:start + length])
+        self._pos += total
+        return rtype, request_id, content
+
+    def _reply(self, rtype, request_id, content):
+        try:
+            self.sock.sendall(fcgi.record(rtype, request_id, content))
+        except OSError as exc:
+            raise ClientGone(f"connection failed: {exc}") from None
+
+    def _end(self, request_id, protocol_status):
+        self._reply(fcgi.END_REQUEST, request_id, fcgi.END_BODY.pack(0, protocol_status))
+
+    # -- requests -------------------------------------------------------------------------
+
+    def _read_request(self):
+        """(request_id, keep_conn, params, body, too_large), or None when the connection
+        ends between requests."""
+        request_id = None
+        keep_conn = False
+        params = bytearray()
+        body = []
+        body_len = 0
+        too_large = False
+        while True:
+            record = self._next_record()
+            if record is None:
+                if request_id is None:
+                    return None
+                raise fcgi.ProtocolError("connection closed in the middle of a request")
+            rtype, rid, content = record
+            if rid == 0:
+                self._management(rtype, content)
+            elif rtype == fcgi.BEGIN_REQUEST:
+                if len(content) != fcgi.BEGIN_BODY.size:
+                    raise fcgi.ProtocolError("BEGIN_REQUEST body is not 8 bytes")
+                role, flags = fcgi.BEGIN_BODY.unpack(content)
+                if request_id is not None:
+                    self._end(rid, fcgi.CANT_MPX_CONN)
+                elif role != fcgi.RESPONDER:
+                    self._end(rid, fcgi.UNKNOWN_ROLE)
+                    if not flags & fcgi.KEEP_CONN:
+                        return None
+                else:
+                    request_id, keep_conn = rid, bool(flags & fcgi.KEEP_CONN)
+                    self.idle = False
+            elif rtype not in _KNOWN_TYPES:
+                self._reply(fcgi.UNKNOWN_TYPE, 0, bytes((rtype,)) + b"\0" * 7)
+            elif rid != request_id:
+                continue   # spec 4.2: records of an inactive request are ignored
+            elif rtype == fcgi.PARAMS:
+                if not content:
+                    continue
+                params += content
+                if len(params) > self.max_params:
+                    raise fcgi.ProtocolError(f"params longer than max_params ({self.max_params} bytes)")
+            elif rtype == fcgi.STDIN:
+                if not content:
+                    return (request_id, keep_conn, fcgi.decode_params(params),
+                            b"".join(body), too_large)
+                body_len += len(content)
+                if body_len > self.maxpost:
+                    too_large = True
+                    body = []
+                elif not too_large:
+                    body.append(content)
+            elif rtype == fcgi.ABORT_REQUEST:
+                self._end(rid, fcgi.REQUEST_COMPLETE)
+                if not keep_conn:
+                    return None
+                request_id, params, body, body_len, too_large = None, bytearray(), [], 0, False
+                self.idle = True
+
+    def _management(self, rtype, content):
+        if rtype == fcgi.GET_VALUES:
+            asked = fcgi.decode_params(content)
+            self._reply(fcgi.GET_VALUES_RESULT, 0,
+                        fcgi.encode_params((k, self.values[k]) for k in asked if k in self.values))
+        else:
+            self._reply(fcgi.UNKNOWN_TYPE, 0, bytes((rtype,)) + b"\0" * 7)

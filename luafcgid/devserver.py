@@ -1,0 +1,134 @@
+"""`luafcgid serve`: the same responder and state pool behind a small HTTP server, so a
+page can be seen without installing nginx (like `php -S`). For development only: it
+serves static files too, runs a thread per connection and speaks HTTP/1.0."""
+
+import logging
+import os
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote, urlsplit
+
+from . import __version__
+from .housekeeping import Housekeeper
+from .responder import Responder
+
+log = logging.getLogger("luafcgid")
+
+
+class _HttpOutput:
+    """Turns the CGI response (Status and other headers, blank line, body) into HTTP."""
+
+    def __init__(self, handler):
+        self.handler = handler
+        self.head = bytearray()
+        self.started = False
+        self.ended = False
+
+    def write(self, data):
+        if self.ended or not data:
+            return
+        if not self.started:
+            self.head += data
+            split = self.head.find(b"\r\n\r\n")
+            if split < 0:
+                return
+            data = bytes(self.head[split + 4:])
+            self._start(bytes(self.head[:split]))
+        if data and self.handler.command != "HEAD":
+            self.handler.wfile.write(data)
+
+    def end(self, data=b""):
+        self.write(data)
+        if not self.started:
+            self._start(b"Status: 502 Bad Gateway")
+        self.ended = True
+
+    def _start(self, head):
+        self.started = True
+        status, headers = "200 OK", []
+        for line in head.decode("latin-1").split("\r\n"):
+            name, _, value = line.partition(":")
+            if name.lower() == "status":
+                status = value.strip()
+            elif name:
+                headers.append((name, value.strip()))
+        code, _, reason = status.partition(" ")
+        self.handler.send_response(int(code), reason)
+        for name, value in headers:
+            self.handler.send_header(name, value)
+        self.handler.end_headers()
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    server_version = f"luafcgid-dev/{__version__}"
+    responder = None   # set per server by serve()
+
+    def _script(self):
+        """The .lua file this URL names (index.lua for a directory), or None."""
+        path = self.translate_path(self.path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "index.lua")
+        return path if path.endswith(".lua") else None
+
+    def _run(self):
+        script = self._script()
+        if script is None:
+            if self.command in ("GET", "HEAD"):
+                return super().do_GET() if self.command == "GET" else super().do_HEAD()
+            return self.send_error(405)
+        length = int(self.headers.get("Content-Length") or 0)
+        maxpost = self.responder.config.maxpost
+        too_large = length > maxpost
+        body = b"" if too_large else self.rfile.read(length)
+        self.close_connection = True
+        self.responder.respond(self._params(script, length), body, _HttpOutput(self), too_large)
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = _run
+
+    def _params(self, script, length):
+        url = urlsplit(self.path)
+        root = self.directory
+        host, port = self.server.server_address[:2]
+        params = {
+            "SCRIPT_FILENAME": script, "SCRIPT_NAME": unquote(url.path),
+            "DOCUMENT_URI": unquote(url.path), "REQUEST_URI": self.path,
+            "QUERY_STRING": url.query, "REQUEST_METHOD": self.command,
+            "CONTENT_TYPE": self.headers.get("Content-Type", ""),
+            "CONTENT_LENGTH": str(length) if length else "", "DOCUMENT_ROOT": root,
+            "SERVER_PROTOCOL": self.request_version, "GATEWAY_INTERFACE": "CGI/1.1",
+            "SERVER_SOFTWARE": self.server_version, "REMOTE_ADDR": self.client_address[0],
+            "REMOTE_PORT": str(self.client_address[1]), "SERVER_ADDR": host,
+            "SERVER_PORT": str(port), "SERVER_NAME": host,
+        }
+        for name, value in self.headers.items():
+            key = "HTTP_" + name.upper().replace("-", "_")
+            if key not in ("HTTP_CONTENT_TYPE", "HTTP_CONTENT_LENGTH"):
+                params[key] = value
+        return {k.encode(): v.encode("latin-1", "replace") for k, v in params.items()}
+
+    def log_message(self, format, *args):
+        log.info("%s %s", self.address_string(), format % args)
+
+
+def serve(config, root, address):
+    """Serve `root` over HTTP on (host, port) until interrupted."""
+    responder = Responder(config)
+    housekeeper = Housekeeper(responder, config.sweep)
+    handler = type("Handler", (_Handler,), {"responder": responder})
+    root = os.path.abspath(root)
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+
+        def finish_request(self, request, client_address):
+            handler(request, client_address, self, directory=root)
+
+    httpd = Server(address, handler)
+    housekeeper.start()
+    log.info("development server: http://%s:%d/ serving %s (not for production)",
+             *httpd.server_address[:2], root)
+    try:
+        httpd.serve_forever()
+    finally:
+        httpd.server_close()
+        housekeeper.stop()
+        responder.pool.close()

@@ -1,0 +1,109 @@
+"""FastCGI 1.0 wire format: record headers, name-value pairs, response records.
+
+Pure functions over bytes, shared by the connection loop and the tests.
+See the FastCGI specification, sections 3 (records) and 5 (application records).
+"""
+
+import struct
+
+VERSION = 1
+
+BEGIN_REQUEST = 1
+ABORT_REQUEST = 2
+END_REQUEST = 3
+PARAMS = 4
+STDIN = 5
+STDOUT = 6
+STDERR = 7
+DATA = 8
+GET_VALUES = 9
+GET_VALUES_RESULT = 10
+UNKNOWN_TYPE = 11
+
+RESPONDER = 1
+AUTHORIZER = 2
+FILTER = 3
+
+KEEP_CONN = 1
+
+REQUEST_COMPLETE = 0
+CANT_MPX_CONN = 1
+OVERLOADED = 2
+UNKNOWN_ROLE = 3
+
+HEADER = struct.Struct("!BBHHBx")
+HEADER_LEN = HEADER.size
+BEGIN_BODY = struct.Struct("!HB5x")
+END_BODY = struct.Struct("!IB3x")
+MAX_CONTENT = 0xFFFF
+# Chunks of this size keep every STDOUT record 8-byte aligned with no padding.
+STDOUT_CHUNK = 0xFFF8
+
+
+class ProtocolError(Exception):
+    """The peer sent bytes that are not valid FastCGI."""
+
+
+def record(rtype, request_id, content=b""):
+    """One record, padded to a multiple of 8 bytes as the spec recommends."""
+    length = len(content)
+    if length > MAX_CONTENT:
+        raise ValueError("record content longer than 65535 bytes")
+    padding = -length & 7
+    return HEADER.pack(VERSION, rtype, request_id, length, padding) + content + b"\0" * padding
+
+
+def stream(rtype, request_id, data):
+    """`data` as as many records of `rtype` as it needs (no terminating empty record)."""
+    if len(data) <= STDOUT_CHUNK:
+        return record(rtype, request_id, data) if data else b""
+    view = memoryview(data)
+    return b"".join(record(rtype, request_id, bytes(view[i:i + STDOUT_CHUNK]))
+                    for i in range(0, len(data), STDOUT_CHUNK))
+
+
+def end_request(request_id, app_status=0, protocol_status=REQUEST_COMPLETE):
+    """STDOUT end-of-stream followed by END_REQUEST."""
+    return (HEADER.pack(VERSION, STDOUT, request_id, 0, 0)
+            + record(END_REQUEST, request_id, END_BODY.pack(app_status, protocol_status)))
+
+
+def begin_request(request_id, role=RESPONDER, flags=0):
+    return record(BEGIN_REQUEST, request_id, BEGIN_BODY.pack(role, flags))
+
+
+def _length(buf, pos, end):
+    if pos >= end:
+        raise ProtocolError("name-value pair truncated")
+    first = buf[pos]
+    if first < 0x80:
+        return first, pos + 1
+    if pos + 4 > end:
+        raise ProtocolError("name-value pair length truncated")
+    return ((first & 0x7F) << 24) | (buf[pos + 1] << 16) | (buf[pos + 2] << 8) | buf[pos + 3], pos + 4
+
+
+def decode_params(buf):
+    """Name-value pairs (spec 3.4) to a dict of bytes -> bytes; later names win."""
+    params = {}
+    pos, end = 0, len(buf)
+    while pos < end:
+        name_len, pos = _length(buf, pos, end)
+        value_len, pos = _length(buf, pos, end)
+        value_at = pos + name_len
+        stop = value_at + value_len
+        if stop > end:
+            raise ProtocolError("name-value pair longer than its stream")
+        params[bytes(buf[pos:value_at])] = bytes(buf[value_at:stop])
+        pos = stop
+    return params
+
+
+def _encode_length(n):
+    return bytes((n,)) if n < 0x80 else struct.pack("!I", n | 0x80000000)
+
+
+def encode_params(pairs):
+    """A mapping or iterable of (name, value) bytes pairs to name-value pair bytes."""
+    items = pairs.items() if hasattr(pairs, "items") else pairs
+    return b"".join(_encode_length(len(k)) + _encode_length(len(v)) + k + v for k, v in items)

@@ -1,0 +1,94 @@
+"""The heartbeat: flush states whose script changed on disk.
+
+A thread compares every loaded script's signature (nanosecond mtime, size, inode) every
+`sweep` milliseconds; a watchdog observer on the scripts' directories flushes at once when
+the file system reports a change. The sweep catches what the observer cannot see (network
+file systems, a missed event); the observer makes an edit show on the next request.
+"""
+
+import logging
+import os
+import threading
+
+from watchdog.events import FileSystemEventHandler
+from watchdog.observers import Observer
+
+from .state import file_signature
+
+log = logging.getLogger("luafcgid")
+
+
+def _changed(state):
+    try:
+        return file_signature(state.path) != state.signature
+    except OSError:
+        return True
+
+
+class _ScriptEvents(FileSystemEventHandler):
+    def __init__(self, housekeeper):
+        self.housekeeper = housekeeper
+
+    def on_any_event(self, event):
+        for path in (event.src_path, getattr(event, "dest_path", "")):
+            if path:
+                self.housekeeper.flush_changed(os.fsdecode(path))
+
+
+class Housekeeper:
+    def __init__(self, responder, sweep_ms):
+        self.responder = responder
+        self.pool = responder.pool
+        self.interval = sweep_ms / 1000.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+        self._observer = Observer()
+        self._observer.daemon = True
+        self._handler = _ScriptEvents(self)
+        self._watches = {}   # directory -> watchdog watch
+
+    def start(self):
+        self._observer.start()
+        self._thread.start()
+
+    def stop(self):
+        self._stop.set()
+        self._observer.stop()
+        self._thread.join()
+
+    def flush_changed(self, path=None):
+        """Flush the states (of `path`, or of every script) whose file changed."""
+        # stat() outside the pool's lock; the lock is only taken to flush
+        # (the snapshot keeps its states alive, so their ids stay unique meanwhile)
+        snapshot = self.pool.states()
+        changed = {id(s) for s in snapshot if (path is None or s.path == path) and _changed(s)}
+        if not changed:
+            return 0
+        flushed = self.pool.flush(lambda s: id(s) in changed)
+        if flushed:
+            log.info("reloading %s: %d state(s) flushed", path or "changed scripts", flushed)
+        return flushed
+
+    def sweep(self):
+        self.responder.forget_locations()
+        self.flush_changed()
+        self._watch({os.path.dirname(s.path) for s in self.pool.states()})
+
+    def _watch(self, directories):
+        for gone in set(self._watches) - directories:
+            watch = self._watches.pop(gone)
+            if watch is not None:
+                self._observer.unschedule(watch)
+        for directory in directories - set(self._watches):
+            try:
+                self._watches[directory] = self._observer.schedule(self._handler, directory)
+            except OSError as exc:   # e.g. inotify watches exhausted: the sweep still works
+                log.warning("cannot watch %s for changes: %s", directory, exc)
+                self._watches[directory] = None
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            try:
+                self.sweep()
+            except Exception:
+                log.exception("housekeeping failed")

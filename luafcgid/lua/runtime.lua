@@ -1,0 +1,214 @@
+-- Run once in every new Lua state, before its script: builds the request object (`con`),
+-- makes relative file names resolve against the script's directory, loads the script and
+-- returns the functions the Python side calls per request. Everything here is local, so a
+-- script sees only the standard libraries and its own globals.
+
+local script, dir, config, send, log, opts = ...
+
+local concat, type, tostring, pcall, setmetatable, error, select =
+  table.concat, type, tostring, pcall, setmetatable, error, select
+local find, lower, sub = string.find, string.lower, string.sub
+
+python = nil
+package.loaded.python = nil
+
+-- Relative names resolve against the script's directory, as if each state had its own
+-- working directory: the process's one is shared by every thread and never changed.
+local function resolve(name)
+  if type(name) == "string" and sub(name, 1, 1) ~= "/" then
+    return dir .. "/" .. name
+  end
+  return name
+end
+
+local function relative_first(fn)
+  return function(name, ...) return fn(resolve(name), ...) end
+end
+
+local function relative_first_or_none(fn)
+  return function(...)
+    if select("#", ...) == 0 then return fn() end
+    return fn(resolve((...)), select(2, ...))
+  end
+end
+
+local loadfile_absolute, io_open, os_rename = loadfile, io.open, os.rename
+io.open = relative_first(io.open)
+io.lines = relative_first_or_none(io.lines)
+io.input = relative_first_or_none(io.input)
+io.output = relative_first_or_none(io.output)
+os.remove = relative_first(os.remove)
+os.rename = function(from, to, ...) return os_rename(resolve(from), resolve(to), ...) end
+dofile = relative_first_or_none(dofile)
+loadfile = relative_first_or_none(loadfile)
+package.path = opts.path
+package.cpath = opts.cpath
+
+-- The request object ---------------------------------------------------------------------
+
+local status_default, contenttype_default, handler_name, finish_name, buffering =
+  opts.httpstatus, opts.contenttype, opts.handler, opts.finishhandler, opts.buffering
+local static_headers = opts.headers   -- every global header line, each ending in \r\n
+local default_head = "Status: " .. status_default .. "\r\nContent-Type: " ..
+  contenttype_default .. "\r\n" .. static_headers .. "\r\n"
+
+local Con = {}
+Con.__index = Con
+
+local function head(c)
+  c.sent = true
+  if c.status == nil and c.contenttype == nil and c.nheaders == 0 then
+    return default_head
+  end
+  return "Status: " .. (c.status or status_default) .. "\r\nContent-Type: " ..
+    (c.contenttype or contenttype_default) .. "\r\n" .. static_headers ..
+    concat(c.headers, "", 1, c.nheaders) .. "\r\n"
+end
+
+local function text(value, what, level)
+  local t = type(value)
+  if t == "string" then return value end
+  if t == "number" then return tostring(value) end
+  error("bad argument to " .. what .. " (string expected, got " .. t .. ")", level + 1)
+end
+
+local function not_sent(c, what)
+  if c.sent then error(what .. ": the headers were already sent", 3) end
+  if c.closed then error(what .. ": the response is already complete", 3) end
+end
+
+function Con:header(name, value)
+  not_sent(self, "con:header")
+  name = text(name, "con:header", 2)
+  if value == nil then
+    if find(name, "[\r\n]") or not find(name, ":") then
+      error("con:header: expected one 'Name: value' line, got " .. ("%q"):format(name), 2)
+    end
+    self.nheaders = self.nheaders + 1
+    self.headers[self.nheaders] = name .. "\r\n"
+    return
+  end
+  value = text(value, "con:header", 2)
+  if find(name, "[\r\n:]") or find(value, "[\r\n]") then
+    error("con:header: header names and values must not contain line breaks", 2)
+  end
+  local key = lower(name)
+  if key == "status" then
+    self.status = value
+  elseif key == "content-type" then
+    self.contenttype = value
+  else
+    self.nheaders = self.nheaders + 1
+    self.headers[self.nheaders] = name .. ": " .. value .. "\r\n"
+  end
+end
+
+local function put(c, s)
+  if c.closed then return end
+  if buffering then
+    local n = c.n + 1
+    c.body[n] = s
+    c.n = n
+  elseif c.sent then
+    send(s)
+  else
+    send(head(c) .. s)
+  end
+end
+
+function Con:puts(s, ...)
+  put(self, text(s, "con:puts", 2))
+  for i = 1, select("#", ...) do
+    put(self, text((select(i, ...)), "con:puts", 2))
+  end
+end
+
+function Con:flush()
+  if self.closed then return end
+  local payload = concat(self.body, "", 1, self.n)
+  self.n = 0
+  self.body = {}
+  if not self.sent then
+    payload = head(self) .. payload
+  end
+  if payload ~= "" then send(payload) end
+end
+
+function Con:reset()
+  self.n = 0
+  self.body = {}
+end
+
+function Con:gets()
+  return self.input
+end
+
+function Con:config(name)
+  return config[name]
+end
+
+function Con:log(message)
+  log(script, text(message, "con:log", 2))
+end
+
+-- Loading and running ----------------------------------------------------------------------
+
+local function is_memory_error(message)
+  return type(message) == "string" and find(message, "not enough memory", 1, true) ~= nil
+end
+
+local function load_script()
+  local chunk, message = loadfile_absolute(script)
+  if not chunk then
+    if is_memory_error(message) then return false, "Memory Error", message end
+    local probe = io_open(script, "rb")
+    if not probe then return false, "File Error", message end
+    probe:close()
+    return false, "Syntax Error", message
+  end
+  local ok, err = pcall(chunk)
+  if not ok then
+    return false, is_memory_error(err) and "Memory Error" or "Runtime Error", tostring(err)
+  end
+  return true
+end
+
+local current
+
+-- Returns true and the response bytes not yet sent, or false, an error kind, its message and
+-- whether the headers already went out (then a 500 page can no longer be sent).
+local function serve(env, input)
+  local c = setmetatable({env = env, input = input, n = 0, body = {}, nheaders = 0,
+                          headers = {}, sent = false, closed = false}, Con)
+  current = c
+  local handler = _G[handler_name]
+  if type(handler) ~= "function" then
+    return false, "Runtime Error", handler_name .. "() function not found", false
+  end
+  local ok, err = pcall(handler, env, c)
+  if not ok then
+    c.closed = true
+    return false, is_memory_error(err) and "Memory Error" or "Runtime Error", tostring(err),
+      c.sent
+  end
+  local payload = concat(c.body, "", 1, c.n)
+  c.body = nil
+  if not c.sent then payload = head(c) .. payload end
+  c.closed = true
+  return true, payload
+end
+
+-- Runs the finish handler for the request just answered; its errors are only logged.
+local function finish()
+  local c = current
+  current = nil
+  local fn = _G[finish_name]
+  if c == nil or type(fn) ~= "function" then return true end
+  local ok, err = pcall(fn, c.env, c)
+  if not ok then return false, tostring(err) end
+  return true
+end
+
+local ok, kind, message = load_script()
+if not ok then return false, kind, message end
+return true, serve, finish

@@ -1,0 +1,175 @@
+"""The registry of Lua states, keyed by script path, shared by every worker.
+
+All bookkeeping happens under one lock, which is never held while Lua runs: states are loaded,
+served and closed outside it. A worker holds at most one state at a time and there are at
+least as many states as workers, so a waiting worker is always woken by a release.
+"""
+
+import math
+import threading
+import time
+
+
+class PoolClosed(Exception):
+    """The pool is shutting down and lends no more states."""
+
+
+class StatePool:
+    def __init__(self, create, states, clones, retries):
+        """`create(path)` builds a loaded state (or raises); the pool only calls it outside
+        its lock."""
+        self._create = create
+        self.max_states = states
+        self.max_clones = clones
+        self.retries = retries
+        self._cond = threading.Condition(threading.Lock())
+        self._idle = {}      # path -> idle states, most recently used last
+        self._states = {}    # path -> every state of that script, busy or idle
+        self._loading = {}   # path -> states being created
+        self._total = 0      # states that exist or are being created
+        self._closed = False
+        self.created = 0
+        self.evicted = 0
+        self.flushed = 0
+
+    # -- lending ------------------------------------------------------------------------
+
+    def acquire(self, path):
+        """An idle state of `path`, marked busy; may create one, evict another or wait."""
+        victim = None
+        looks = 0
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise PoolClosed()
+                idle = self._idle.get(path)
+                if idle:
+                    state = idle.pop()
+                    state.busy = True
+                    state.requests += 1
+                    return state
+                count = len(self._states.get(path, ())) + self._loading.get(path, 0)
+                if count >= self.max_clones:
+                    self._cond.wait()
+                    continue
+                if count and looks < self.retries:
+                    # A busy clone may be released in a moment: prefer it to a new clone.
+                    looks += 1
+                    self._cond.wait(0.001)
+                    continue
+                if self._total >= self.max_states:
+                    victim = self._choose_victim()
+                    if victim is None:
+                        self._cond.wait()
+                        continue
+                    self._remove(victim)
+                    self.evicted += 1
+                self._total += 1
+                self._loading[path] = self._loading.get(path, 0) + 1
+                break
+        if victim is not None:
+            victim.close()
+        try:
+            state = self._create(path)
+        except BaseException:
+            with self._cond:
+                self._total -= 1
+                self._loading_done(path)
+                self._cond.notify_all()
+            raise
+        with self._cond:
+            self._loading_done(path)
+            self._states.setdefault(path, []).append(state)
+            self.created += 1
+            state.busy = True
+            state.requests = 1
+        return state
+
+    def release(self, state, discard=False):
+        """Give a state back; a discarded or stale one is closed instead of kept."""
+        with self._cond:
+            state.busy = False
+            state.last_used = time.monotonic()
+            drop = discard or state.stale or self._closed
+            if drop:
+                self._remove(state)
+            else:
+                self._idle.setdefault(state.path, []).append(state)
+            self._cond.notify_all()
+        if drop:
+            state.close()
+
+    # -- flushing -----------------------------------------------------------------------
+
+    def flush(self, predicate=lambda state: True):
+        """Close idle states for which predicate(state) is true; mark busy ones stale so
+        they are closed when released. Returns how many states were flushed."""
+        with self._cond:
+            chosen = [s for states in self._states.values() for s in states if predicate(s)]
+            closing = []
+            for state in chosen:
+                if state.busy:
+                    state.stale = True
+                else:
+                    self._remove(state)
+                    closing.append(state)
+            self.flushed += len(chosen)
+            self._cond.notify_all()
+        for state in closing:
+            state.close()
+        return len(chosen)
+
+    def close(self):
+        """Refuse further loans, close every idle state; busy ones close on release."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self.flush()
+
+    def states(self):
+        """A snapshot list of every loaded state (busy or idle)."""
+        with self._cond:
+            return [s for states in self._states.values() for s in states]
+
+    def stats(self):
+        with self._cond:
+            busy = sum(s.busy for states in self._states.values() for s in states)
+            return {"states": self._total, "busy": busy, "idle": self._total - busy
+                    - sum(self._loading.values()), "loading": sum(self._loading.values()),
+                    "scripts": len(self._states), "created": self.created,
+                    "evicted": self.evicted, "flushed": self.flushed}
+
+    # -- internals (lock held) ----------------------------------------------------------
+
+    def _loading_done(self, path):
+        left = self._loading[path] - 1
+        if left:
+            self._loading[path] = left
+        else:
+            del self._loading[path]
+
+    def _remove(self, state):
+        states = self._states[state.path]
+        states.remove(state)
+        if not states:
+            del self._states[state.path]
+        idle = self._idle.get(state.path)
+        if idle and state in idle:
+            idle.remove(state)
+            if not idle:
+                del self._idle[state.path]
+        self._total -= 1
+
+    def _choose_victim(self):
+        """The idle state least worth keeping: idle longest, relative to how popular it is,
+        and sooner if its script has other states to fall back on. A hot script's only
+        state thus outlives a one-off script's state that was used more recently."""
+        now = time.monotonic()
+        victim, worst = None, -1.0
+        for path, idle in self._idle.items():
+            clones = len(self._states[path])
+            for state in idle:
+                score = (now - state.last_used + 0.001) * clones / (1 + math.log2(1 + state.requests))
+                if score > worst:
+                    victim, worst = state, score
+        return victim

@@ -1,0 +1,92 @@
+"""Answering one request: find the script, borrow a state, run it, write the response.
+
+Independent of the transport: the FastCGI connection and the development HTTP front both
+hand a request's params and body here with an output object that has `write(bytes)` (send
+response bytes now) and `end(bytes)` (send these last bytes and complete the response).
+"""
+
+import logging
+import os
+import stat
+
+from . import pages
+from .pool import PoolClosed, StatePool
+from .searchpath import search_paths
+from .state import LuaState, ScriptError
+
+log = logging.getLogger("luafcgid")
+
+
+class Responder:
+    def __init__(self, config):
+        self.config = config
+        self.pool = StatePool(self._load, config.states, config.max_clones, config.retries)
+        self._located = {}   # SCRIPT_FILENAME -> real path, emptied by every sweep
+
+    def _load(self, path):
+        return LuaState(path, self.config, search_paths(os.path.dirname(path), self.config.lua))
+
+    def locate(self, script):
+        """The real path of a non-empty regular file named by `script`, or None."""
+        path = self._located.get(script)
+        if path is not None:
+            return path
+        try:
+            path = os.path.realpath(os.fsdecode(script))
+            st = os.stat(path)
+        except (OSError, ValueError):
+            return None
+        if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+            return None
+        self._located[script] = path
+        return path
+
+    def forget_locations(self):
+        self._located = {}
+
+    def respond(self, params, body, out, body_too_large=False):
+        script = params.get(b"SCRIPT_FILENAME", b"")
+        path = self.locate(script) if script else None
+        if path is None:
+            out.end(pages.not_found(script.decode(errors="replace")))
+            return
+        if body_too_large:
+            out.end(pages.too_large(self.config.maxpost))
+            return
+        try:
+            state = self.pool.acquire(path)
+        except ScriptError as exc:
+            self._report(exc.kind, exc.message, out)
+            return
+        except PoolClosed:
+            out.end(pages.unavailable())
+            return
+        discard = False
+        try:
+            result = state.serve(params, body, out)
+            if result[0]:
+                out.end(result[1])
+            else:
+                _, kind, message, sent = result
+                kind, message = kind.decode(), message.decode(errors="replace")
+                discard = kind == "Memory Error"
+                self._report(kind, message, out, headers_sent=sent)
+            if self.config.finishhandler:
+                finished = state.finish()
+                if not finished[0]:
+                    log.error("Runtime Error in %s(): %s", self.config.finishhandler,
+                              finished[1].decode(errors="replace"))
+        except Exception as exc:   # a lupa-level failure outside the script's pcall
+            discard = True
+            self._report("Unknown Error", str(exc), out)
+        finally:
+            self.pool.release(state, discard)
+
+    def _report(self, kind, message, out, headers_sent=False):
+        log.error("%s: %s", kind, message)
+        if headers_sent:
+            out.end(b"")
+        elif self.config.showerrors:
+            out.end(pages.server_error(kind, message))
+        else:
+            out.end(pages.server_error())

@@ -1,0 +1,222 @@
+"""The one table of luafcgid's settings.
+
+Each entry names a setting, how a YAML value is checked and converted, its default, whether a
+reload (SIGHUP) applies it, and its documentation. The config loader, `luafcgid --check`, the
+sample `etc/luafcgid.yaml` and the config reference (`luafcgid settings`) are all produced from
+this table, so a setting is described here and nowhere else.
+"""
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+LUA_CHOICES = ("luajit", "5.1", "5.2", "5.3", "5.4", "5.5")
+
+
+class SettingError(ValueError):
+    """A value that a setting does not accept; the message says what was expected."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    convert: Callable[[Any], Any]
+    default: Any               # as it would be written in YAML; converted like a given value
+    doc: str
+    section: str
+    live: bool = True          # a SIGHUP applies it without a restart
+    is_path: bool = False      # relative values resolve against the config file's directory
+    example: Any = None        # shown in the sample config instead of the default
+
+
+def _type_name(value):
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "a mapping", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def integer(minimum=None):
+    def convert(value):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SettingError(f"expected an integer, got {_type_name(value)} ({value!r})")
+        if minimum is not None and value < minimum:
+            raise SettingError(f"must be at least {minimum}, got {value}")
+        return value
+    return convert
+
+
+def number(minimum=0):
+    def convert(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SettingError(f"expected a number, got {_type_name(value)} ({value!r})")
+        if value < minimum:
+            raise SettingError(f"must be at least {minimum}, got {value}")
+        return float(value)
+    return convert
+
+
+def boolean(value):
+    if not isinstance(value, bool):
+        raise SettingError(f"expected true or false, got {_type_name(value)} ({value!r})")
+    return value
+
+
+def string(value):
+    if not isinstance(value, str):
+        raise SettingError(f"expected a string, got {_type_name(value)} ({value!r})")
+    return value
+
+
+def optional(convert):
+    def convert_optional(value):
+        return None if value is None else convert(value)
+    return convert_optional
+
+
+def identifier(value):
+    value = string(value)
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+        raise SettingError(f"expected a Lua global name, got {value!r}")
+    return value
+
+
+def status_line(value):
+    value = string(value)
+    if not re.fullmatch(r"[1-5]\d\d( [^\r\n]*)?", value):
+        raise SettingError(f"expected an HTTP status like '200 OK', got {value!r}")
+    return value
+
+
+def header_value(value):
+    value = string(value)
+    if "\r" in value or "\n" in value:
+        raise SettingError("must not contain line breaks")
+    return value
+
+
+def header_lines(value):
+    """The original's "Name: value\\r\\n..." string, or a YAML list of "Name: value" lines."""
+    if isinstance(value, str):
+        lines = [line for line in re.split(r"\r?\n", value) if line]
+    elif isinstance(value, list):
+        lines = value
+    else:
+        raise SettingError(f"expected a string or a list of header lines, got {_type_name(value)}")
+    for line in lines:
+        if not isinstance(line, str) or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n]*", line):
+            raise SettingError(f"expected header lines like 'Name: value', got {line!r}")
+    return tuple(lines)
+
+
+def listen_address(value):
+    """A Unix socket path, or host:port (an empty host means every interface)."""
+    value = string(value)
+    if not value:
+        raise SettingError("must not be empty")
+    if "/" in value:
+        return value
+    match = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^:\[\]]*):(\d+)", value)
+    if not match or not 0 < int(match.group(2)) < 65536:
+        raise SettingError(f"expected a socket path or host:port, got {value!r}")
+    return value
+
+
+def lua_version(value):
+    if isinstance(value, float):   # YAML reads 5.1 as a number
+        value = f"{value:.1f}"
+    if value not in LUA_CHOICES:
+        raise SettingError(f"expected one of {', '.join(LUA_CHOICES)}, got {value!r}")
+    return value
+
+
+def file_mode(value):
+    if isinstance(value, str) and re.fullmatch(r"0?[0-7]{3}", value):
+        return int(value, 8)
+    raise SettingError(f"expected an octal mode string like \"0660\", got {value!r}")
+
+
+def ignored(value):
+    return value
+
+
+SETTINGS = (
+    # -- listener
+    Setting("listen", listen_address, "/run/luafcgid/luafcgid.sock",
+            "Unix socket path, or host:port for TCP. Prefer a Unix socket; a TCP port should be "
+            "bound to 127.0.0.1, never to every interface.", "listener", live=False, is_path=True),
+    Setting("backlog", integer(-1), -1,
+            "Listen backlog; -1 takes the system's default (net.core.somaxconn).",
+            "listener", live=False),
+    Setting("listen_mode", file_mode, "0660",
+            "Permissions of the Unix socket, as an octal string. The default lets the socket's "
+            "owner and group (set listen_group to nginx's group) connect, and no one else.",
+            "listener", live=False),
+    Setting("listen_owner", optional(string), None,
+            "User that owns the Unix socket (when started as root).", "listener", live=False),
+    Setting("listen_group", optional(string), None,
+            "Group that owns the Unix socket, e.g. www-data so that nginx may connect.",
+            "listener", live=False),
+    # -- workers and the state pool
+    Setting("workers", integer(1), 3,
+            "Worker threads, each serving one request at a time.", "pool", live=False),
+    Setting("states", integer(1), 5,
+            "Most Lua states kept in the pool (at least workers).", "pool", live=False),
+    Setting("clones", optional(integer(1)), None,
+            "Most states holding the same script; null means as many as workers.", "pool",
+            live=False),
+    Setting("retries", integer(0), 2,
+            "Times to wait briefly for a busy clone to go idle before creating another clone.",
+            "pool"),
+    Setting("sweep", integer(1), 1000,
+            "Housekeeping period in milliseconds: states whose script changed are flushed.",
+            "pool"),
+    Setting("lua", lua_version, "luajit",
+            "Lua VM the states run: luajit, 5.1, 5.2, 5.3, 5.4 or 5.5.", "pool", live=False),
+    # -- responses
+    Setting("handler", identifier, "main",
+            "Global function called for each request as handler(env, con).", "response"),
+    Setting("finishhandler", optional(identifier), None,
+            "Global function called as finishhandler(env, con) after the response was sent, "
+            "for work the client should not wait for.", "response"),
+    Setting("httpstatus", status_line, "200 OK", "Default response status.", "response"),
+    Setting("contenttype", header_value, "text/html",
+            "Default Content-Type; a script's own Content-Type header replaces it.", "response"),
+    Setting("headers", header_lines, ["X-Powered-By: Lua"],
+            "Extra headers sent with every response: a list of 'Name: value' lines, or the "
+            "original's single string with \\r\\n line ends.", "response"),
+    Setting("buffering", boolean, True,
+            "Buffer the body until the handler returns (con:flush() sends early). Off, each "
+            "con:puts() goes straight to the web server.", "response"),
+    Setting("showerrors", boolean, True,
+            "Show the error kind and Lua message on 500 pages; off, a plain 500 page.",
+            "response"),
+    Setting("maxpost", integer(0), 1048576,
+            "Most request-body bytes accepted; a larger body is answered 413 without running "
+            "the handler.", "response"),
+    Setting("headersize", integer(0), 64,
+            "Accepted for compatibility with the original's configs; buffers grow as needed.",
+            "response"),
+    Setting("bodysize", integer(0), 1024,
+            "Accepted for compatibility with the original's configs; buffers grow as needed.",
+            "response"),
+    # -- process
+    Setting("logfile", optional(string), "luafcgid.log",
+            "Log file; null logs to standard error only.", "process", is_path=True,
+            example="/var/log/luafcgid/luafcgid.log"),
+    Setting("pidfile", optional(string), None,
+            "File the daemon's process id is written to.", "process", live=False,
+            is_path=True),
+    Setting("max_params", integer(1024), 262144,
+            "Most bytes of FastCGI params (the CGI environment) one request may send.",
+            "process"),
+    Setting("client_timeout", number(0.1), 30.0,
+            "Seconds a connection may stay silent, mid-request or waiting for its next "
+            "request, before it is closed.", "process"),
+    Setting("shutdown_timeout", number(0), 30.0,
+            "Seconds in-flight requests are given to finish on SIGTERM.", "process"),
+    Setting("watchdog", ignored, None,
+            "Read by the original but never used; accepted and ignored.", "compatibility"),
+    Setting("maxcount", ignored, None,
+            "Read by the original but never used; accepted and ignored.", "compatibility"),
+)
+
+BY_NAME = {setting.name: setting for setting in SETTINGS}
