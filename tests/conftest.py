@@ -1,0 +1,377 @@
+"""Real parts for the tests: a luafcgid daemon process, a real nginx in front of it on
+loopback, and clients (HTTP through nginx, flup6's FastCGI client, raw FastCGI records)."""
+
+import http.client
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import yaml
+
+from luafcgid import fastcgi as fcgi
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def can_connect(address):
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+    with socket.socket(family) as s:
+        try:
+            s.connect(address)
+            return True
+        except OSError:
+            return False
+
+
+class Site:
+    """A document root the test writes Lua scripts into."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        os.makedirs(self.path, exist_ok=True)
+
+    def write(self, name, code, mode="w"):
+        target = os.path.join(self.path, name)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, mode) as stream:
+            stream.write(textwrap.dedent(code) if isinstance(code, str) else code)
+        return target
+
+    def file(self, name):
+        return os.path.join(self.path, name)
+
+
+class Daemon:
+    """`python -m luafcgid -c CONFIG` as a child process."""
+
+    def __init__(self, workdir, settings=(), args=()):
+        self.workdir = str(workdir)
+        os.makedirs(self.workdir, exist_ok=True)
+        self.settings = {"listen": os.path.join(self.workdir, "luafcgid.sock"),
+                         "logfile": os.path.join(self.workdir, "luafcgid.log"),
+                         "sweep": 100, **dict(settings)}
+        self.config_path = os.path.join(self.workdir, "luafcgid.yaml")
+        self.args = list(args)
+        self.proc = None
+
+    @property
+    def address(self):
+        listen = self.settings["listen"]
+        if "/" in listen:
+            return listen
+        host, port = listen.rsplit(":", 1)
+        return (host, int(port))
+
+    def write_config(self, **changes):
+        self.settings.update(changes)
+        with open(self.config_path, "w") as stream:
+            yaml.safe_dump(self.settings, stream)
+
+    def start(self, wait=True):
+        self.write_config()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "luafcgid", "-c", self.config_path, *self.args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
+        if wait:
+            wait_for(lambda: can_connect(self.address) or self.proc.poll() is not None,
+                     what="luafcgid to listen")
+            if self.proc.poll() is not None:
+                raise AssertionError(f"luafcgid exited: {self.proc.stdout.read().decode()}")
+        return self
+
+    def signal(self, signum):
+        self.proc.send_signal(signum)
+
+    def stop(self, timeout=15):
+        """SIGTERM; returns the exit code."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError("luafcgid did not stop on SIGTERM")
+
+    def log(self):
+        try:
+            with open(self.settings["logfile"], encoding="utf-8", errors="replace") as stream:
+                return stream.read()
+        except FileNotFoundError:
+            return ""
+
+
+NGINX_CONF = """\
+{user}
+daemon off;
+worker_processes 2;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    fastcgi_temp_path {dir}/fastcgi;
+    proxy_temp_path {dir}/proxy;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    client_max_body_size 64m;
+    {upstream}
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+        location ~ \\.lua$ {{
+            include {root_conf}/fastcgi_params;
+            fastcgi_param SCRIPT_FILENAME $document_root$fastcgi_script_name;
+            fastcgi_pass {backend};
+            {extra}
+        }}
+    }}
+}}
+"""
+
+
+def nginx_binary():
+    path = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+    if path is None:
+        pytest.fail("nginx is not installed (.ci/run installs it: apt-get install -y nginx)")
+    return path
+
+
+class Nginx:
+    """A real nginx on 127.0.0.1, passing *.lua under `root` to a FastCGI backend."""
+
+    def __init__(self, workdir, root, backend, extra="", upstream=""):
+        self.dir = str(workdir)
+        os.makedirs(self.dir, exist_ok=True)
+        self.port = free_port()
+        if isinstance(backend, str) and "/" in backend and not backend.startswith("unix:"):
+            backend = f"unix:{backend}"
+        conf = NGINX_CONF.format(
+            user="user root;" if os.geteuid() == 0 else "", dir=self.dir, port=self.port,
+            root=root, root_conf="/etc/nginx", backend=backend, extra=extra, upstream=upstream)
+        self.conf = os.path.join(self.dir, "nginx.conf")
+        with open(self.conf, "w") as stream:
+            stream.write(conf)
+        self.proc = None
+
+    def start(self):
+        self.proc = subprocess.Popen([nginx_binary(), "-c", self.conf, "-p", self.dir],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_for(lambda: can_connect(("127.0.0.1", self.port)) or self.proc.poll() is not None,
+                 what="nginx to listen")
+        if self.proc.poll() is not None:
+            raise AssertionError(f"nginx failed: {self.proc.stderr.read().decode()}")
+        return self
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def request(self, path, method="GET", body=None, headers=None, timeout=30):
+        """(status, headers dict with lower-case names, body bytes) through nginx."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            return (response.status, {k.lower(): v for k, v in response.getheaders()},
+                    response.read())
+        finally:
+            conn.close()
+
+    def get(self, path, **kwargs):
+        return self.request(path, **kwargs)
+
+    def error_log(self):
+        with open(os.path.join(self.dir, "error.log"), errors="replace") as stream:
+            return stream.read()
+
+
+class Stack:
+    """A site, a daemon serving it and nginx in front."""
+
+    def __init__(self, tmp_path, settings=(), args=(), nginx_extra=""):
+        self.site = Site(tmp_path / "www")
+        self.daemon = Daemon(tmp_path / "daemon", settings, args)
+        self.nginx = Nginx(tmp_path / "nginx", self.site.path, self.daemon.settings["listen"],
+                           extra=nginx_extra)
+
+    def start(self):
+        self.daemon.start()
+        self.nginx.start()
+        return self
+
+    def stop(self):
+        self.nginx.stop()
+        return self.daemon.stop()
+
+    def write(self, name, code, mode="w"):
+        return self.site.write(name, code, mode)
+
+    def get(self, path, **kwargs):
+        return self.nginx.request(path, **kwargs)
+
+
+@pytest.fixture
+def stack(tmp_path):
+    """Factory: stack(**settings) starts a daemon with those settings behind nginx."""
+    stacks = []
+
+    def make(settings=None, args=(), nginx_extra="", **kw):
+        s = Stack(tmp_path / f"stack{len(stacks)}", {**(settings or {}), **kw}, args, nginx_extra)
+        stacks.append(s)
+        return s.start()
+
+    yield make
+    for s in stacks:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_stack(tmp_path_factory):
+    """One daemon behind nginx for a whole module of tests that only add scripts."""
+    s = Stack(tmp_path_factory.mktemp("shared")).start()
+    yield s
+    s.stop()
+
+
+# -- FastCGI clients ---------------------------------------------------------------------
+
+def flup_request(address, params, body=b""):
+    """One request through flup6's FastCGI client (an implementation we did not write).
+    Returns (status line, headers list, body bytes)."""
+    from flup.client.fcgi_app import FCGIApp
+
+    app = FCGIApp(connect=address, filterEnviron=False)
+    environ = {k: v for k, v in params.items()}
+    environ.setdefault("REQUEST_METHOD", "GET")
+    environ["CONTENT_LENGTH"] = str(len(body))
+    environ["wsgi.input"] = io.BytesIO(body)
+    environ["wsgi.errors"] = io.StringIO()
+    started = {}
+
+    def start_response(status, headers, exc_info=None):
+        started["status"], started["headers"] = status, headers
+
+    chunks = app(environ, start_response)
+    data = b"".join(c if isinstance(c, bytes) else c.encode("latin-1") for c in chunks)
+    return started["status"], started["headers"], data
+
+
+class RawClient:
+    """FastCGI records by hand, for the protocol tests."""
+
+    def __init__(self, address, timeout=10):
+        family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+        self.sock = socket.socket(family)
+        self.sock.settimeout(timeout)
+        self.sock.connect(address)
+        self.buf = b""
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def request(self, params, body=b"", request_id=1, keep_conn=False):
+        self.send(fcgi.begin_request(request_id, flags=fcgi.KEEP_CONN if keep_conn else 0)
+                  + fcgi.record(fcgi.PARAMS, request_id, fcgi.encode_params(params))
+                  + fcgi.record(fcgi.PARAMS, request_id)
+                  + fcgi.stream(fcgi.STDIN, request_id, body)
+                  + fcgi.record(fcgi.STDIN, request_id))
+
+    def read_record(self):
+        """(type, request_id, content) or None at EOF."""
+        while len(self.buf) < fcgi.HEADER_LEN or len(self.buf) < self._total():
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                return None
+            self.buf += chunk
+        _, rtype, rid, length, padding = fcgi.HEADER.unpack_from(self.buf)
+        content = self.buf[fcgi.HEADER_LEN:fcgi.HEADER_LEN + length]
+        self.buf = self.buf[fcgi.HEADER_LEN + length + padding:]
+        return rtype, rid, content
+
+    def _total(self):
+        _, _, _, length, padding = fcgi.HEADER.unpack_from(self.buf)
+        return fcgi.HEADER_LEN + length + padding
+
+    def response(self):
+        """(stdout bytes, app_status, protocol_status) of the next request's response."""
+        out = []
+        while True:
+            record = self.read_record()
+            if record is None:
+                raise AssertionError("connection closed before END_REQUEST")
+            rtype, _, content = record
+            if rtype == fcgi.STDOUT:
+                out.append(content)
+            elif rtype == fcgi.END_REQUEST:
+                app_status, protocol_status = fcgi.END_BODY.unpack(content)
+                return b"".join(out), app_status, protocol_status
+
+    def closed(self):
+        """True when the server closed the connection (reads EOF)."""
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self):
+        self.sock.close()
+
+
+def split_response(data):
+    """CGI response bytes to (status, {lower-case name: value}, body)."""
+    head, _, body = data.partition(b"\r\n\r\n")
+    headers = {}
+    for line in head.decode("latin-1").split("\r\n"):
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return headers.get("status", "200 OK"), headers, body
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    """Factory: daemon(**settings) starts a bare daemon (no nginx)."""
+    started = []
+
+    def make(settings=None, args=(), **kw):
+        d = Daemon(tmp_path / f"daemon{len(started)}", {**(settings or {}), **kw}, args)
+        started.append(d)
+        return d.start()
+
+    yield make
+    for d in started:
+        d.stop()
+
+
+@pytest.fixture
+def site(tmp_path):
+    return Site(tmp_path / "www")
