@@ -22,6 +22,13 @@ class Responder:
         self.config = config
         self.pool = StatePool(self._load, config.states, config.max_clones, config.retries)
         self._located = {}   # SCRIPT_FILENAME -> real path, emptied by every sweep
+        self._successor = None
+
+    def retire(self, successor):
+        """After a reload: requests that reach this responder late go to its successor;
+        states close as their requests finish."""
+        self._successor = successor
+        self.pool.close()
 
     def _load(self, path):
         return LuaState(path, self.config, search_paths(os.path.dirname(path), self.config.lua))
@@ -59,7 +66,10 @@ class Responder:
             self._report(exc.kind, exc.message, out)
             return
         except PoolClosed:
-            out.end(pages.unavailable())
+            if self._successor is not None:
+                self._successor.respond(params, body, out, body_too_large)
+            else:
+                out.end(pages.unavailable())
             return
         discard = False
         try:
