@@ -7,7 +7,7 @@ import sys
 
 import yaml
 
-from . import __version__, config as configuration, daemon, logs, signals
+from . import __version__, config as configuration, daemon, logs, signals, vm
 from .listener import ListenError
 from .reference import sample_config, settings_reference
 
@@ -65,11 +65,17 @@ def _settings_parser():
 
 
 def _read(args):
-    """The config named on the command line, with its -s overrides (ConfigError if bad)."""
+    """The config named on the command line, with its -s overrides (ConfigError if bad,
+    also when the Lua VM cannot do what it asks)."""
     overrides = dict(args.set)
     if args.config:
-        return configuration.load(args.config, overrides)
-    return configuration.from_mapping(overrides, "<command line>")
+        config = configuration.load(args.config, overrides)
+    else:
+        config = configuration.from_mapping(overrides, "<command line>")
+    problems = vm.problems(config)
+    if problems:
+        raise configuration.ConfigError(config.source, problems)
+    return config
 
 
 def _load(args):

@@ -41,6 +41,8 @@ class Config:
 
 
 def _resolve(base_dir, value):
+    if isinstance(value, tuple):
+        return tuple(_resolve(base_dir, item) for item in value)
     if value is None or os.path.isabs(value):
         return value
     return os.path.normpath(os.path.join(base_dir, value))
@@ -84,6 +86,9 @@ def _cross_checks(values):
                         f"got {values['clones']}")
     if values["finishhandler"] is not None and values["finishhandler"] == values["handler"]:
         problems.append("finishhandler: must differ from handler")
+    if values["memory_limit"] is not None and values["memory_limit"] <= values["maxpost"]:
+        problems.append(f"memory_limit: must be larger than maxpost ({values['maxpost']} bytes): "
+                        f"a state holds the whole request body")
     return problems
 
 

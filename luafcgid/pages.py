@@ -19,6 +19,14 @@ def not_found(script):
                     f"<p>No script at <code>{escape(script)}</code>.</p>\n")
 
 
+def bad_request(detail):
+    return response("400 Bad Request", f"<p>{escape(detail)}</p>\n")
+
+
+def forbidden():
+    return response("403 Forbidden", "<p>This script may not be run.</p>\n")
+
+
 def too_large(limit):
     return response("413 Content Too Large",
                     f"<p>The request body is larger than {limit} bytes.</p>\n")

@@ -15,13 +15,14 @@ class PoolClosed(Exception):
 
 
 class StatePool:
-    def __init__(self, create, states, clones, retries):
+    def __init__(self, create, states, clones, retries, max_requests=0):
         """`create(path)` builds a loaded state (or raises); the pool only calls it outside
-        its lock."""
+        its lock. A state is closed after `max_requests` requests (0: never)."""
         self._create = create
         self.max_states = states
         self.max_clones = clones
         self.retries = retries
+        self.max_requests = max_requests
         self._cond = threading.Condition(threading.Lock())
         self._idle = {}      # path -> idle states, most recently used last
         self._states = {}    # path -> every state of that script, busy or idle
@@ -31,6 +32,8 @@ class StatePool:
         self.created = 0
         self.evicted = 0
         self.flushed = 0
+        self.discarded = 0   # after a fatal error (memory, timeout)
+        self.recycled = 0    # after max_requests
 
     # -- lending ------------------------------------------------------------------------
 
@@ -90,7 +93,10 @@ class StatePool:
         with self._cond:
             state.busy = False
             state.last_used = time.monotonic()
-            drop = discard or state.stale or self._closed
+            recycle = 0 < self.max_requests <= state.requests
+            drop = discard or recycle or state.stale or self._closed
+            self.discarded += discard
+            self.recycled += recycle and not discard
             if drop:
                 self._remove(state)
             else:
@@ -137,7 +143,8 @@ class StatePool:
             return {"states": self._total, "busy": busy, "idle": self._total - busy
                     - sum(self._loading.values()), "loading": sum(self._loading.values()),
                     "scripts": len(self._states), "created": self.created,
-                    "evicted": self.evicted, "flushed": self.flushed}
+                    "evicted": self.evicted, "flushed": self.flushed,
+                    "discarded": self.discarded, "recycled": self.recycled}
 
     # -- internals (lock held) ----------------------------------------------------------
 

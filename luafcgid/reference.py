@@ -10,7 +10,8 @@ SECTIONS = {
     "listener": "Listening socket",
     "pool": "Workers and the Lua state pool",
     "response": "Responses",
-    "process": "Process, limits and logs",
+    "process": "Process and logs",
+    "limits": "Limits and confinement",
     "compatibility": "Accepted for compatibility with the original",
 }
 

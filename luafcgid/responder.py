@@ -9,7 +9,7 @@ import logging
 import os
 import stat
 
-from . import pages
+from . import pages, vm
 from .pool import PoolClosed, StatePool
 from .searchpath import search_paths
 from .state import LuaState, ScriptError
@@ -17,10 +17,22 @@ from .state import LuaState, ScriptError
 log = logging.getLogger("luafcgid")
 
 
+# Errors after which a state is not trusted again: it may have stopped halfway through
+# updating its globals.
+_FATAL = frozenset(("Memory Error", "Timeout Error"))
+
+
+class Forbidden(Exception):
+    """A script outside the configured roots or without an allowed extension."""
+
+
 class Responder:
     def __init__(self, config):
         self.config = config
-        self.pool = StatePool(self._load, config.states, config.max_clones, config.retries)
+        self.pool = StatePool(self._load, config.states, config.max_clones, config.retries,
+                              config.max_requests)
+        # resolved once, so a root reached through a symbolic link still matches
+        self._roots = tuple(os.path.join(os.path.realpath(root), "") for root in config.roots)
         self._located = {}   # SCRIPT_FILENAME -> real path, emptied by every sweep
         self._successor = None
 
@@ -34,14 +46,22 @@ class Responder:
         return LuaState(path, self.config, search_paths(os.path.dirname(path), self.config.lua))
 
     def locate(self, script):
-        """The real path of a non-empty regular file named by `script`, or None."""
+        """The real path of a non-empty regular file named by `script`, or None; raises
+        Forbidden, before the file is opened, when confinement does not allow it."""
         path = self._located.get(script)
         if path is not None:
             return path
         try:
             path = os.path.realpath(os.fsdecode(script))
+        except ValueError:   # a NUL byte in the name
+            return None
+        if self._roots and not path.startswith(self._roots):
+            raise Forbidden(f"{path} is outside every root")
+        if not path.endswith(self.config.extensions):
+            raise Forbidden(f"{path} does not end with one of {', '.join(self.config.extensions)}")
+        try:
             st = os.stat(path)
-        except (OSError, ValueError):
+        except OSError:
             return None
         if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
             return None
@@ -53,7 +73,12 @@ class Responder:
 
     def respond(self, params, body, out, body_too_large=False):
         script = params.get(b"SCRIPT_FILENAME", b"")
-        path = self.locate(script) if script else None
+        try:
+            path = self.locate(script) if script else None
+        except Forbidden as exc:
+            log.warning("refused %s: %s", script.decode(errors="replace"), exc)
+            out.end(pages.forbidden())
+            return
         if path is None:
             out.end(pages.not_found(script.decode(errors="replace")))
             return
@@ -79,16 +104,19 @@ class Responder:
             else:
                 _, kind, message, sent = result
                 kind, message = kind.decode(), message.decode(errors="replace")
-                discard = kind == "Memory Error"
-                self._report(kind, message, out, headers_sent=sent)
-            if self.config.finishhandler:
+                discard = kind in _FATAL
+                self._report(kind, f"{path}: {message}", out, headers_sent=sent)
+            if self.config.finishhandler and not discard:
                 finished = state.finish()
                 if not finished[0]:
-                    log.error("Runtime Error in %s(): %s", self.config.finishhandler,
-                              finished[1].decode(errors="replace"))
+                    kind = finished[1].decode()
+                    log.error("%s in %s() of %s: %s", kind, self.config.finishhandler, path,
+                              finished[2].decode(errors="replace"))
+                    discard = kind in _FATAL
         except Exception as exc:   # a lupa-level failure outside the script's pcall
             discard = True
-            self._report("Unknown Error", str(exc), out)
+            memory = isinstance(exc, vm.load(self.config.lua).LuaMemoryError)
+            self._report("Memory Error" if memory else "Unknown Error", f"{path}: {exc}", out)
         finally:
             self.pool.release(state, discard)
 

@@ -133,6 +133,9 @@ class Server:
         if busy:
             log.warning("%d request(s) still running after shutdown_timeout; exiting anyway", busy)
         self.housekeeper.stop()
+        # busy should be 0 here: a state still lent out after draining is a leaked slot
+        stats = self.responder.pool.stats()
+        log.info("pool at stop: %s", " ".join(f"{k}={v}" for k, v in stats.items()))
         self.responder.pool.close()
         listener.remove(self.config, self.sock)
         log.info("stopped")

@@ -134,6 +134,33 @@ def file_mode(value):
     raise SettingError(f"expected an octal mode string like \"0660\", got {value!r}")
 
 
+def byte_size(value):
+    """Bytes as an integer or a string with a K, M or G suffix ("64M")."""
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+)\s*([KMG]?)i?B?\s*", value, re.IGNORECASE)
+        if not match:
+            raise SettingError(f"expected a size like \"64M\", \"512K\" or bytes, got {value!r}")
+        value = int(match.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[match.group(2).upper()]
+    value = integer(1)(value)
+    if value < 1 << 20:
+        raise SettingError(f"must be at least 1M (a Lua state needs some room), got {value} bytes")
+    return value
+
+
+def path_list(value):
+    if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+        raise SettingError(f"expected a list of directories, got {value!r}")
+    return tuple(value)
+
+
+def extension_list(value):
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(item, str) and re.fullmatch(r"\.[^/\0]+", item) for item in value)):
+        raise SettingError(f"expected a non-empty list of file name endings like [\".lua\"], "
+                           f"got {value!r}")
+    return tuple(value)
+
+
 def ignored(value):
     return value
 
@@ -204,14 +231,37 @@ SETTINGS = (
     Setting("pidfile", optional(string), None,
             "File the daemon's process id is written to.", "process", live=False,
             is_path=True),
-    Setting("max_params", integer(1024), 262144,
-            "Most bytes of FastCGI params (the CGI environment) one request may send.",
-            "process"),
-    Setting("client_timeout", number(0.1), 30.0,
-            "Seconds a connection may stay silent, mid-request or waiting for its next "
-            "request, before it is closed.", "process"),
     Setting("shutdown_timeout", number(0), 30.0,
             "Seconds in-flight requests are given to finish on SIGTERM.", "process"),
+    # -- limits
+    Setting("max_params", integer(1024), 262144,
+            "Most bytes of FastCGI params (the CGI environment) one request may send; more "
+            "is logged and the connection closed.", "limits"),
+    Setting("client_timeout", number(0.1), 30.0,
+            "Seconds the web server may take to send one whole request, or to start the next "
+            "one on a kept-alive connection, before the connection is closed: stalled or "
+            "trickling connections cannot hold the workers.", "limits"),
+    Setting("request_timeout", number(0), 0,
+            "Seconds of Lua run time per request (and per script load); a script still "
+            "running is stopped with a 500 and its state discarded. Checked with one-second "
+            "granularity; time inside a single C function call (a huge string.rep, a blocking "
+            "read) is not interrupted. 0 turns it off. With lua: luajit it turns LuaJIT's JIT "
+            "compiler off in every state, since compiled loops cannot be interrupted: scripts "
+            "then run in LuaJIT's interpreter, which is slower.", "limits"),
+    Setting("memory_limit", optional(byte_size), "128M",
+            "Most memory one Lua state may allocate (\"64M\", \"1G\" or bytes); a script "
+            "over it gets a 500 and its state is discarded. null: no limit.", "limits"),
+    Setting("max_requests", integer(0), 0,
+            "Requests a state serves before it is closed and replaced by a fresh one (like "
+            "php-fpm's pm.max_requests), to contain slow leaks in scripts. 0: never.", "limits"),
+    Setting("roots", path_list, [],
+            "Directories scripts may be run from; a SCRIPT_FILENAME outside all of them, after "
+            "resolving '..' and symbolic links, gets a 403 and is never read. [] allows any "
+            "directory: set it in production.", "limits", is_path=True,
+            example=["/srv/www"]),
+    Setting("extensions", extension_list, [".lua"],
+            "File name endings a script must have (checked on the file actually run, after "
+            "resolving symbolic links); others get a 403 and are never read.", "limits"),
     Setting("watchdog", ignored, None,
             "Read by the original but never used; accepted and ignored.", "compatibility"),
     Setting("maxcount", ignored, None,

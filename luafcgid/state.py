@@ -57,12 +57,19 @@ class _Channel:
         self.out = None
         self.script = script
 
+    # Both are reachable from a script (debug.getupvalue on con's methods), so they take
+    # nothing but the byte strings runtime.lua passes.
+
     def send(self, data):
+        if type(data) is not bytes:
+            raise TypeError("send: expected a string")
         out = self.out
         if out is not None:
             out.write(data)
 
     def log(self, script, message):
+        if type(script) is not bytes or type(message) is not bytes:
+            raise TypeError("log: expected two strings")
         log.info("%s: %s", script.decode(errors="replace"), message.decode(errors="replace"))
 
 
@@ -83,7 +90,8 @@ class LuaState:
         module = vm.load(config.lua)
         self.runtime = module.LuaRuntime(encoding=None, register_eval=False,
                                          register_builtins=False, unpack_returned_tuples=True,
-                                         attribute_filter=_deny_attributes)
+                                         attribute_filter=_deny_attributes,
+                                         max_memory=config.memory_limit)
         self._channel = _Channel(path)
         values = {name: config.lua_value(name) for name in BY_NAME}
         lua_config = self.runtime.table_from(
@@ -93,7 +101,7 @@ class LuaState:
             "handler": config.handler, "finishhandler": config.finishhandler or "",
             "httpstatus": config.httpstatus, "contenttype": config.contenttype,
             "headers": "".join(line + "\r\n" for line in config.headers),
-            "buffering": config.buffering,
+            "buffering": config.buffering, "timeout": config.request_timeout,
         }))
         try:
             result = self.runtime.execute(_BOOTSTRAP, path.encode(),
@@ -119,7 +127,8 @@ class LuaState:
             self._channel.out = None
 
     def finish(self):
-        """Run the finish handler for the request just served: (True,) or (False, message)."""
+        """Run the finish handler for the request just served: (True,) or
+        (False, kind, message)."""
         return self._finish()
 
     def close(self):

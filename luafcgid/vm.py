@@ -46,3 +46,36 @@ def load(choice):
             sys.setdlopenflags(flags)
         _loaded = (choice, module)
         return module
+
+
+_memory_checked = {}   # choice -> whether max_memory holds
+
+
+def limits_memory(choice):
+    """Whether lupa enforces max_memory for `choice`: a 1 MiB state must fail to grow to
+    4 MiB. (LuaJIT accepts a custom allocator only when built with GC64.)"""
+    if choice not in _memory_checked:
+        module = load(choice)
+        try:
+            runtime = module.LuaRuntime(max_memory=1 << 20)
+            runtime.execute("local t = {} for i = 1, 64 do t[i] = string.rep('x', 65536) .. i end")
+        except module.LuaMemoryError:
+            _memory_checked[choice] = True
+        except Exception:   # no runtime at all with a limit
+            _memory_checked[choice] = False
+        else:
+            _memory_checked[choice] = False
+    return _memory_checked[choice]
+
+
+def problems(config):
+    """What the installed VM cannot do of what `config` asks, one line each."""
+    if config.memory_limit is None:
+        return []
+    try:
+        if limits_memory(config.lua):
+            return []
+    except VMError as exc:
+        return [str(exc)]
+    return [f"memory_limit: the installed {MODULES[config.lua]} cannot limit a state's memory "
+            f"(LuaJIT needs a GC64 build for that); set memory_limit: null or choose another lua"]

@@ -44,6 +44,69 @@ loadfile = relative_first_or_none(loadfile)
 package.path = opts.path
 package.cpath = opts.cpath
 
+-- os.exit would end the whole daemon, every other request with it.
+os.exit = function()
+  error("os.exit is not available to luafcgid scripts (it would stop the daemon)", 2)
+end
+
+local function is_memory_error(message)
+  return type(message) == "string" and find(message, "not enough memory", 1, true) ~= nil
+end
+
+-- request_timeout ---------------------------------------------------------------------------
+-- A count hook looks at the clock every HOOK_EVERY VM instructions while a deadline is set.
+-- os.time() has whole seconds, so the deadline is one second past the timeout: a script is
+-- never stopped early, at most a second late. Once the deadline passed the hook fires on
+-- every instruction, so a script that catches the error with pcall and loops on is stopped
+-- at its next instruction outside the pcall. The hook leaves this file's own functions alone
+-- (`ours`): they must still report the timeout. PUC Lua keeps a Lua hook per coroutine, so
+-- coroutines install it as they start; LuaJIT does not run hooks inside compiled traces, so
+-- its JIT compiler is turned off for good.
+
+local timeout = opts.timeout
+local deadline, timed_out = nil, false
+local ours = {}
+local HOOK_EVERY = 100000
+
+if timeout > 0 then
+  local time, getinfo, sethook = os.time, debug.getinfo, debug.sethook
+  local function hook()
+    if deadline == nil or time() < deadline or ours[getinfo(2, "f").func] then return end
+    if not timed_out then
+      timed_out = true
+      sethook(hook, "", 1)
+    end
+    error("request_timeout (" .. timeout .. " s) exceeded", 2)
+  end
+  sethook(hook, "", HOOK_EVERY)
+  local create, wrap = coroutine.create, coroutine.wrap
+  local function hooked(fn)
+    return function(...)
+      sethook(hook, "", timed_out and 1 or HOOK_EVERY)
+      return fn(...)
+    end
+  end
+  coroutine.create = function(fn) return create(hooked(fn)) end
+  coroutine.wrap = function(fn) return wrap(hooked(fn)) end
+  if jit then
+    jit.off()
+    jit.flush()
+    jit.on = function()
+      error("jit.on: luafcgid keeps LuaJIT's JIT compiler off while request_timeout is set", 2)
+    end
+  end
+end
+
+local function arm()
+  if timeout > 0 then deadline = os.time() + timeout + 1 end
+end
+
+-- the kind and message of a failed call: a timeout, or what the error says
+local function failure(err)
+  if timed_out then return "Timeout Error", "request_timeout (" .. timeout .. " s) exceeded" end
+  return is_memory_error(err) and "Memory Error" or "Runtime Error", tostring(err)
+end
+
 -- The request object ---------------------------------------------------------------------
 
 local status_default, contenttype_default, handler_name, finish_name, buffering =
@@ -153,10 +216,6 @@ end
 
 -- Loading and running ----------------------------------------------------------------------
 
-local function is_memory_error(message)
-  return type(message) == "string" and find(message, "not enough memory", 1, true) ~= nil
-end
-
 local function load_script()
   local chunk, message = loadfile_absolute(script)
   if not chunk then
@@ -166,9 +225,11 @@ local function load_script()
     probe:close()
     return false, "Syntax Error", message
   end
+  arm()
   local ok, err = pcall(chunk)
-  if not ok then
-    return false, is_memory_error(err) and "Memory Error" or "Runtime Error", tostring(err)
+  deadline = nil
+  if not ok or timed_out then
+    return false, failure(err)
   end
   return true
 end
@@ -185,11 +246,13 @@ local function serve(env, input)
   if type(handler) ~= "function" then
     return false, "Runtime Error", handler_name .. "() function not found", false
   end
+  arm()
   local ok, err = pcall(handler, env, c)
-  if not ok then
+  deadline = nil
+  if not ok or timed_out then
     c.closed = true
-    return false, is_memory_error(err) and "Memory Error" or "Runtime Error", tostring(err),
-      c.sent
+    local kind, message = failure(err)
+    return false, kind, message, c.sent
   end
   local payload = concat(c.body, "", 1, c.n)
   c.body = nil
@@ -198,17 +261,22 @@ local function serve(env, input)
   return true, payload
 end
 
--- Runs the finish handler for the request just answered; its errors are only logged.
+-- Runs the finish handler for the request just answered: true, or false, an error kind and
+-- its message (only logged: the response is already out).
 local function finish()
   local c = current
   current = nil
   local fn = _G[finish_name]
   if c == nil or type(fn) ~= "function" then return true end
+  arm()
   local ok, err = pcall(fn, c.env, c)
-  if not ok then return false, tostring(err) end
+  deadline = nil
+  if not ok or timed_out then return false, failure(err) end
   return true
 end
 
+ours[arm], ours[load_script], ours[serve], ours[finish] = true, true, true, true
+ours[debug.getinfo(1, "f").func] = true
 local ok, kind, message = load_script()
 if not ok then return false, kind, message end
 return true, serve, finish

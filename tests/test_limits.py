@@ -1,0 +1,188 @@
+"""request_timeout, memory_limit, max_requests and client_timeout, through nginx, on LuaJIT
+(the default VM) and on PUC Lua."""
+
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, RawClient, wait_for
+from luafcgid import config as configuration, vm
+from luafcgid.settings import LUA_CHOICES
+
+VMS = ["luajit", "5.4"]
+
+
+@pytest.fixture(params=VMS)
+def lua(request):
+    return request.param
+
+
+def test_a_runaway_handler_is_stopped_and_its_state_discarded(stack, lua):
+    s = stack(lua=lua, request_timeout=1)
+    s.write("spin.lua", """
+        count = 0
+        function main(env, con)
+          count = count + 1
+          if env.QUERY_STRING == "spin" then while true do end end
+          con:puts(count, " ", tostring(jit and jit.status()))
+        end
+    """)
+    assert s.get("/spin.lua")[2] in (b"1 nil", b"1 false")   # LuaJIT's compiler is off
+    status, _, body = s.get("/spin.lua?spin", timeout=60)
+    assert status == 500 and b"Timeout Error" in body
+    assert s.get("/spin.lua")[2].startswith(b"1 ")   # a fresh state
+    assert "Timeout Error" in s.daemon.log()
+
+
+@pytest.mark.parametrize("code", [
+    "while true do pcall(function() while true do end end) end",
+    "local ok = 0 while true do ok = select('#', pcall(error, 'x')) end",
+    "local co = coroutine.wrap(function() while true do end end) co()",
+    "resume_later()",
+], ids=["pcall-loop", "pcall-error-loop", "coroutine", "coroutine-made-at-load"])
+def test_catching_the_timeout_does_not_evade_it(stack, lua, code):
+    s = stack(lua=lua, request_timeout=1)
+    s.write("evade.lua", f"""
+        local co = coroutine.create(function() while true do end end)
+        function resume_later() coroutine.resume(co) while true do end end
+        function main(env, con) {code} end
+    """)
+    status, _, body = s.get("/evade.lua", timeout=60)
+    assert status == 500 and b"Timeout Error" in body
+
+
+def test_a_runaway_script_top_level_is_stopped(stack, lua):
+    s = stack(lua=lua, request_timeout=1)
+    s.write("load.lua", "while true do end\nfunction main(env, con) con:puts('never') end\n")
+    status, _, body = s.get("/load.lua", timeout=60)
+    assert status == 500 and b"Timeout Error" in body
+    s.write("fine.lua", "function main(env, con) con:puts('fine') end")
+    assert s.get("/fine.lua")[2] == b"fine"
+
+
+def test_a_runaway_finishhandler_is_stopped(stack):
+    s = stack(request_timeout=1, finishhandler="after")
+    s.write("after.lua", """
+        count = 0
+        function main(env, con) count = count + 1; con:puts(count) end
+        function after(env, con) if count == 1 then while true do end end end
+    """)
+    assert s.get("/after.lua")[2] == b"1"
+    wait_for(lambda: "Timeout Error in after()" in s.daemon.log(), timeout=30,
+             what="the finish handler to be stopped")
+    assert s.get("/after.lua")[2] == b"1"   # the state was discarded
+
+
+def test_a_request_within_the_timeout_is_not_stopped(stack, lua):
+    s = stack(lua=lua, request_timeout=3)
+    s.write("work.lua", """
+        function main(env, con)
+          local x = 0
+          for i = 1, 3e6 do x = x + i % 7 end
+          con:puts(x)
+        end
+    """)
+    assert s.get("/work.lua", timeout=60)[0] == 200
+
+
+def test_a_memory_bomb_is_stopped_and_its_state_discarded(stack, lua):
+    s = stack(lua=lua, memory_limit="32M")
+    s.write("bomb.lua", """
+        count = 0
+        function main(env, con)
+          count = count + 1
+          if env.QUERY_STRING == "bomb" then
+            local t = {}
+            while true do t[#t + 1] = string.rep("x", 100000) .. #t end
+          end
+          con:puts(count)
+        end
+    """)
+    assert s.get("/bomb.lua")[2] == b"1"
+    status, _, body = s.get("/bomb.lua?bomb", timeout=60)
+    assert status == 500 and b"Memory Error" in body
+    assert s.get("/bomb.lua")[2] == b"1"
+
+
+def test_one_huge_allocation_is_refused(stack, lua):
+    s = stack(lua=lua, memory_limit="32M")
+    s.write("huge.lua", """
+        function main(env, con) local s = string.rep("x", 2^30 - 1); con:puts(#s) end
+    """)
+    status, _, body = s.get("/huge.lua", timeout=60)
+    assert status == 500 and b"Memory Error" in body
+
+
+@pytest.mark.parametrize("choice", LUA_CHOICES)
+def test_memory_limit_holds_on_every_supported_vm(choice):
+    # The settings check refuses memory_limit where it would not hold; with the lupa we
+    # install it must hold everywhere. One VM per process, so each in its own.
+    if not vm.available(choice):
+        pytest.skip(f"this lupa has no {vm.MODULES[choice]}")
+    probe = subprocess.run(
+        [sys.executable, "-c", f"from luafcgid import vm; print(vm.limits_memory({choice!r}))"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert probe.stdout.strip() == "True", probe.stderr
+
+
+def test_the_check_refuses_memory_limit_where_the_vm_cannot_hold_it(monkeypatch):
+    monkeypatch.setitem(vm._memory_checked, "5.1", False)
+    config = configuration.defaults(lua="5.1", memory_limit="64M")
+    (problem,) = vm.problems(config)
+    assert problem.startswith("memory_limit: the installed lupa.lua51 cannot limit")
+    assert vm.problems(configuration.defaults(lua="5.1", memory_limit=None)) == []
+
+
+def test_max_requests_recycles_states(stack):
+    s = stack(max_requests=2, workers=1, states=1)
+    s.write("count.lua", """
+        count = 0
+        function main(env, con) count = count + 1; con:puts(count) end
+    """)
+    assert [s.get("/count.lua")[2] for _ in range(5)] == [b"1", b"2", b"1", b"2", b"1"]
+    assert s.stop() == 0
+    assert "recycled=2" in s.daemon.log()
+
+
+def test_stalled_connections_cannot_hold_every_worker(stack):
+    s = stack(workers=2, client_timeout=1)
+    s.write("hello.lua", "function main(env, con) con:puts('served') end")
+    stalled = [RawClient(s.daemon.address) for _ in range(2)]
+    for client in stalled:
+        client.send(b"\x01\x01\x00")   # half a record header, then nothing
+    time.sleep(0.2)   # let both workers take a stalled connection
+    started = time.monotonic()
+    status, _, body = s.get("/hello.lua", timeout=60)
+    assert (status, body) == (200, b"served")
+    assert time.monotonic() - started < 30   # about client_timeout; generous
+    for client in stalled:
+        assert client.closed()
+    assert "no data within client_timeout" in s.daemon.log()
+
+
+def test_a_trickling_connection_is_closed_after_client_timeout(daemon):
+    d = daemon(client_timeout=1)
+    client = RawClient(d.address, timeout=30)
+    header = b"\x01\x01\x00\x01\x00\x08\x00\x00"
+    closed = False
+    deadline = time.monotonic() + 20
+    for byte in header * 100:
+        if time.monotonic() > deadline:
+            break
+        try:
+            client.send(bytes((byte,)))
+        except OSError:
+            closed = True
+            break
+        time.sleep(0.2)
+    if not closed:
+        client.sock.settimeout(5)
+        try:
+            closed = client.closed()
+        except socket.timeout:
+            closed = False
+    assert closed
+    assert "not complete within client_timeout" in d.log()
