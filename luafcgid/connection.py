@@ -6,8 +6,10 @@ One worker thread runs one connection at a time. Requests are not multiplexed
 
 import logging
 import socket
+import struct
+import time
 
-from . import fastcgi as fcgi
+from . import fastcgi as fcgi, pages
 
 log = logging.getLogger("luafcgid")
 
@@ -51,17 +53,28 @@ class Output:
             log.info("client went away while receiving the response: %s", exc)
 
 
+def _unix_peer(sock):
+    """Who is on the other end of a Unix socket, for the log: its pid and uid."""
+    try:
+        pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                          struct.calcsize("3i")))
+    except OSError:
+        return "unix socket"
+    return f"unix socket peer pid {pid} uid {uid}"
+
+
 class Connection:
     def __init__(self, sock, peer, server):
         """`server` provides the current `responder` and `config`; a reload replaces them,
         and each request takes the ones current when it begins."""
         self.sock = sock
-        self.peer = peer or "unix socket"
+        self.peer = peer or _unix_peer(sock)
         self.server = server
         self.idle = True   # waiting for a request to begin; safe to close on shutdown
         self._buf = bytearray()
         self._pos = 0
-        sock.settimeout(server.config.client_timeout)
+        self._timeout = server.config.client_timeout
+        self._deadline = None   # when the request being read must be complete
 
     def serve(self, keep_going):
         """Answer requests until the peer closes, does not ask to keep the connection, or
@@ -73,8 +86,15 @@ class Connection:
                     return
                 request_id, keep_conn, params, body, too_large = request
                 self.idle = False
-                self.server.responder.respond(params, body, Output(self.sock, request_id),
-                                              too_large)
+                self.sock.settimeout(self._timeout)   # for sending the response
+                out = Output(self.sock, request_id)
+                if params.get(b"SCRIPT_FILENAME"):
+                    self.server.responder.respond(params, body, out, too_large)
+                else:
+                    log.warning("request from %s has no SCRIPT_FILENAME param (is "
+                                "'fastcgi_param SCRIPT_FILENAME' in the web server's config?)",
+                                self.peer)
+                    out.end(pages.bad_request("The request names no script (SCRIPT_FILENAME)."))
                 self.idle = True
                 if not keep_conn:
                     return
@@ -92,7 +112,16 @@ class Connection:
             del buf[:self._pos]
             self._pos = 0
         while len(buf) - self._pos < need:
+            if self._deadline is None:
+                wait = self._timeout
+            else:
+                # one deadline for the whole request, so trickling bytes do not extend it
+                wait = self._deadline - time.monotonic()
+                if wait <= 0:
+                    raise ClientGone("request not complete within client_timeout; "
+                                     "connection closed")
             try:
+                self.sock.settimeout(wait)
                 chunk = self.sock.recv(_RECV_SIZE)
             except socket.timeout:
                 raise ClientGone("no data within client_timeout; connection closed") from None
@@ -103,6 +132,8 @@ class Connection:
                     return False
                 raise fcgi.ProtocolError("connection closed in the middle of a record")
             buf += chunk
+            if self._deadline is None:
+                self._deadline = time.monotonic() + self._timeout
         return True
 
     def _next_record(self):
@@ -134,6 +165,8 @@ class Connection:
         """(request_id, keep_conn, params, body, too_large), or None when the connection
         ends between requests."""
         config = self.server.config
+        self._timeout = config.client_timeout
+        self._deadline = None
         request_id = None
         keep_conn = False
         params = bytearray()
@@ -153,6 +186,9 @@ class Connection:
                 if len(content) != fcgi.BEGIN_BODY.size:
                     raise fcgi.ProtocolError("BEGIN_REQUEST body is not 8 bytes")
                 role, flags = fcgi.BEGIN_BODY.unpack(content)
+                if rid == request_id:
+                    raise fcgi.ProtocolError(f"BEGIN_REQUEST for request {rid}, which is "
+                                             f"already active")
                 if request_id is not None:
                     self._end(rid, fcgi.CANT_MPX_CONN)
                 elif role != fcgi.RESPONDER:

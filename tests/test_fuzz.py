@@ -1,0 +1,91 @@
+"""Property-based tests of the FastCGI decoders: any bytes give a result or a ProtocolError
+(nothing else escapes), and whatever is encoded is decoded back. Bounded for CI."""
+
+import socket
+import types
+
+from hypothesis import given, settings, strategies as st
+
+from luafcgid import config as configuration, fastcgi as fcgi
+from luafcgid.connection import ClientGone, Connection
+
+BOUNDED = settings(max_examples=300, deadline=None)
+
+pairs = st.dictionaries(st.binary(max_size=300), st.binary(max_size=300), max_size=8)
+
+
+@BOUNDED
+@given(st.binary(max_size=2000))
+def test_decode_params_accepts_or_refuses_any_bytes(data):
+    try:
+        result = fcgi.decode_params(data)
+    except fcgi.ProtocolError:
+        return
+    assert all(type(k) is bytes and type(v) is bytes for k, v in result.items())
+
+
+@BOUNDED
+@given(pairs)
+def test_params_round_trip(params):
+    assert fcgi.decode_params(fcgi.encode_params(params)) == params
+
+
+def _connection(data, **settings_):
+    """A Connection reading `data` from a real socket pair, then EOF."""
+    ours, theirs = socket.socketpair()
+    theirs.sendall(data)
+    theirs.shutdown(socket.SHUT_WR)
+    server = types.SimpleNamespace(config=configuration.defaults(client_timeout=5, **settings_),
+                                   responder=None)
+    return Connection(ours, "fuzz", server), ours, theirs
+
+
+def _read_all(connection):
+    requests = []
+    while True:
+        request = connection._read_request()
+        if request is None:
+            return requests
+        requests.append(request)
+
+
+record = st.builds(
+    lambda version, rtype, rid, content, padding: (
+        fcgi.HEADER.pack(version, rtype, rid, len(content), padding) + content + b"\0" * padding),
+    st.sampled_from([1, 1, 1, 0, 2]), st.integers(0, 12), st.integers(0, 3),
+    st.binary(max_size=64), st.integers(0, 9))
+
+
+@BOUNDED
+@given(st.one_of(st.binary(max_size=3000), st.lists(record, max_size=12).map(b"".join)))
+def test_record_reading_accepts_or_refuses_any_stream(data):
+    connection, ours, theirs = _connection(data, max_params=1024)
+    try:
+        requests = _read_all(connection)
+    except (fcgi.ProtocolError, ClientGone):
+        return
+    finally:
+        ours.close()
+        theirs.close()
+    for request_id, keep_conn, params, body, too_large in requests:
+        assert 0 < request_id < 4 and isinstance(params, dict) and isinstance(body, bytes)
+
+
+@BOUNDED
+@given(pairs, st.binary(max_size=3000), st.integers(1, 0xFFFF), st.data())
+def test_a_valid_request_reads_back_however_it_is_split(params, body, request_id, data):
+    stream = bytearray(fcgi.begin_request(request_id))
+    encoded = fcgi.encode_params(params)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(encoded)), max_size=4)))
+    for start, stop in zip([0] + cuts, cuts + [len(encoded)]):
+        if stop > start:
+            stream += fcgi.record(fcgi.PARAMS, request_id, encoded[start:stop])
+    stream += fcgi.record(fcgi.PARAMS, request_id)
+    stream += fcgi.stream(fcgi.STDIN, request_id, body) + fcgi.record(fcgi.STDIN, request_id)
+    connection, ours, theirs = _connection(bytes(stream))
+    try:
+        (request,) = _read_all(connection)
+    finally:
+        ours.close()
+        theirs.close()
+    assert request == (request_id, False, params, body, False)
