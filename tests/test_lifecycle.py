@@ -1,0 +1,72 @@
+"""Reload and stop under load, through nginx: SIGHUP while a client runs loses no request;
+SIGTERM lets a request in flight finish, then the daemon exits 0."""
+
+import os
+import signal
+import threading
+import time
+
+from conftest import wait_for
+
+
+def hammer(s, path, stop, results):
+    """Requests through nginx, one after another, until `stop` is set."""
+    while not stop.is_set():
+        try:
+            status, _, body = s.get(path, timeout=30)
+            results.append((status, body))
+        except Exception as exc:   # a failed request is a result too
+            results.append((None, repr(exc).encode()))
+
+
+def test_sighup_under_load_fails_no_request(stack):
+    s = stack(workers=3, states=6)
+    s.write("count.lua", """
+        count = 0
+        function main(env, con) count = count + 1; con:puts("n=", count) end
+    """)
+    stop, results = threading.Event(), []
+    clients = [threading.Thread(target=hammer, args=(s, "/count.lua", stop, results))
+               for _ in range(4)]
+    for client in clients:
+        client.start()
+    try:
+        for n in range(10):
+            time.sleep(0.5)
+            # a live setting changes every time, so each reload really applies something
+            s.daemon.write_config(headers=[f"X-Generation: {n}"])
+            s.daemon.signal(signal.SIGHUP)
+        wait_for(lambda: s.daemon.log().count("reloaded ") == 10, timeout=30,
+                 what="ten reloads")
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for client in clients:
+            client.join(60)
+    failed = [r for r in results if r[0] != 200 or not r[1].startswith(b"n=")]
+    assert len(results) > 40 and failed == []
+    assert s.get("/count.lua")[1]["x-generation"] == "9"
+    assert s.stop() == 0
+
+
+def test_sigterm_drains_a_request_in_flight_then_exits_0(stack):
+    s = stack()
+    started = s.site.file("started")
+    s.write("slow.lua", f"""
+        function main(env, con)
+          io.open("{started}", "w"):close()
+          os.execute("sleep 1")
+          con:puts("finished")
+        end
+    """)
+    results = []
+    client = threading.Thread(target=lambda: results.append(s.get("/slow.lua", timeout=30)))
+    client.start()
+    wait_for(lambda: os.path.exists(started), what="the request to run")
+    s.daemon.signal(signal.SIGTERM)
+    client.join(30)
+    status, _, body = results[0]
+    assert (status, body) == (200, b"finished")
+    assert s.daemon.proc.wait(30) == 0
+    log = s.daemon.log()
+    assert "stopping: draining" in log and "busy=0" in log
