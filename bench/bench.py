@@ -685,8 +685,12 @@ def main(argv=None):
         write(args.markdown, markdown(rows, args, notes, ["bench/run"] + argv))
         log("wrote %s" % args.markdown)
     if args.plot:
-        plot(results, order, args.plot)
-        log("wrote %s" % args.plot)
+        try:
+            plot(results, order, args.plot)
+            log("wrote %s" % args.plot)
+        except ImportError as e:
+            log("cannot plot: %s (pip install matplotlib, or use bench/run --plot)" % e)
+            failed.append("plot")
     return 1 if failed else 0
 
 

@@ -23,11 +23,12 @@ class Output:
     """Response bytes for one request, as STDOUT records. A web server that went away
     makes further writes no-ops, so the script runs on without noticing."""
 
-    __slots__ = ("sock", "request_id", "ended", "broken")
+    __slots__ = ("sock", "request_id", "keep_conn", "ended", "broken")
 
-    def __init__(self, sock, request_id):
+    def __init__(self, sock, request_id, keep_conn):
         self.sock = sock
         self.request_id = request_id
+        self.keep_conn = keep_conn
         self.ended = False
         self.broken = False
 
@@ -42,6 +43,13 @@ class Output:
         if not self.broken:
             self._send(fcgi.stream(fcgi.STDOUT, self.request_id, data)
                        + fcgi.end_request(self.request_id))
+        if not self.keep_conn:
+            # nginx completes a response on a connection it did not ask to keep only when
+            # the connection closes; the finish handler still runs after this.
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
 
     def _send(self, payload):
         try:
@@ -73,8 +81,8 @@ class Connection:
                     return
                 request_id, keep_conn, params, body, too_large = request
                 self.idle = False
-                self.server.responder.respond(params, body, Output(self.sock, request_id),
-                                              too_large)
+                self.server.responder.respond(
+                    params, body, Output(self.sock, request_id, keep_conn), too_large)
                 self.idle = True
                 if not keep_conn:
                     return
