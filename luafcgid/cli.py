@@ -115,7 +115,10 @@ def run(argv):
     server.start()
     try:
         while True:
-            signum = signals.wait()
+            signum = signals.wait(timeout=1.0)
+            if signum is None:
+                server.housekeeping()
+                continue
             if signum in signals.STOP:
                 break
             log.info("SIGHUP: reloading the configuration")

@@ -66,30 +66,37 @@ class Connection:
         self.sock = sock
         self.peer = peer or "unix socket"
         self.server = server
-        self.idle = True   # waiting for a request to begin; safe to close on shutdown
+        self.parked_at = 0.0
         self._buf = bytearray()
         self._pos = 0
         sock.settimeout(server.config.client_timeout)
 
-    def serve(self, keep_going):
-        """Answer requests until the peer closes, does not ask to keep the connection, or
-        keep_going() turns false between requests."""
+    def serve(self):
+        """Answer the requests that are ready. True when the connection is idle and kept
+        (park it until its next request); False when it is finished."""
         try:
-            while keep_going():
+            while True:
                 request = self._read_request()
                 if request is None:
-                    return
+                    return False
                 request_id, keep_conn, params, body, too_large = request
-                self.idle = False
                 self.server.responder.respond(
                     params, body, Output(self.sock, request_id, keep_conn), too_large)
-                self.idle = True
-                if not keep_conn:
-                    return
+                if not keep_conn or self.server.stopping:
+                    return False
+                if len(self._buf) == self._pos:   # nothing more received yet
+                    return True
         except fcgi.ProtocolError as exc:
             log.warning("malformed FastCGI from %s: %s; connection closed", self.peer, exc)
         except ClientGone as exc:
             log.info("%s: %s", self.peer, exc)
+        return False
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
 
     # -- records --------------------------------------------------------------------------
 
@@ -169,7 +176,6 @@ class Connection:
                         return None
                 else:
                     request_id, keep_conn = rid, bool(flags & fcgi.KEEP_CONN)
-                    self.idle = False
             elif rtype not in _KNOWN_TYPES:
                 self._reply(fcgi.UNKNOWN_TYPE, 0, bytes((rtype,)) + b"\0" * 7)
             elif rid != request_id:
@@ -196,7 +202,6 @@ class Connection:
                 if not keep_conn:
                     return None
                 request_id, params, body, body_len, too_large = None, bytearray(), [], 0, False
-                self.idle = True
 
     def _management(self, rtype, content, config):
         if rtype == fcgi.GET_VALUES:

@@ -217,11 +217,18 @@ class Nginx:
 class Stack:
     """A site, a daemon serving it and nginx in front."""
 
-    def __init__(self, tmp_path, settings=(), args=(), nginx_extra=""):
+    def __init__(self, tmp_path, settings=(), args=(), nginx_extra="", keepalive=0):
+        """keepalive > 0 puts an upstream block with that many cached connections per
+        nginx worker in front, with fastcgi_keep_conn on."""
         self.site = Site(tmp_path / "www")
         self.daemon = Daemon(tmp_path / "daemon", settings, args)
-        self.nginx = Nginx(tmp_path / "nginx", self.site.path, self.daemon.settings["listen"],
-                           extra=nginx_extra)
+        backend, upstream = self.daemon.settings["listen"], ""
+        if keepalive:
+            upstream = (f"upstream luafcgid {{ server unix:{backend}; keepalive {keepalive}; }}")
+            backend = "luafcgid"
+            nginx_extra += " fastcgi_keep_conn on;"
+        self.nginx = Nginx(tmp_path / "nginx", self.site.path, backend, extra=nginx_extra,
+                           upstream=upstream)
 
     def start(self):
         self.daemon.start()
@@ -244,8 +251,9 @@ def stack(tmp_path):
     """Factory: stack(**settings) starts a daemon with those settings behind nginx."""
     stacks = []
 
-    def make(settings=None, args=(), nginx_extra="", **kw):
-        s = Stack(tmp_path / f"stack{len(stacks)}", {**(settings or {}), **kw}, args, nginx_extra)
+    def make(settings=None, args=(), nginx_extra="", keepalive=0, **kw):
+        s = Stack(tmp_path / f"stack{len(stacks)}", {**(settings or {}), **kw}, args,
+                  nginx_extra, keepalive)
         stacks.append(s)
         return s.start()
 
