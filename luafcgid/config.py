@@ -4,6 +4,7 @@ import os
 
 import yaml
 
+from . import vm
 from .settings import BY_NAME, SETTINGS, SettingError
 
 
@@ -41,6 +42,8 @@ class Config:
 
 
 def _resolve(base_dir, value):
+    if isinstance(value, tuple):
+        return tuple(_resolve(base_dir, item) for item in value)
     if value is None or os.path.isabs(value):
         return value
     return os.path.normpath(os.path.join(base_dir, value))
@@ -84,6 +87,16 @@ def _cross_checks(values):
                         f"got {values['clones']}")
     if values["finishhandler"] is not None and values["finishhandler"] == values["handler"]:
         problems.append("finishhandler: must differ from handler")
+    if not vm.available(values["lua"]):
+        shipped = [choice for choice in vm.MODULES if vm.available(choice)]
+        problems.append(f"lua: the installed lupa does not ship Lua {values['lua']} (no module "
+                        f"{vm.MODULES[values['lua']]}); it ships: {', '.join(shipped) or 'none'}")
+    prelude = values["prelude"]
+    if prelude is not None:
+        if not os.path.isfile(prelude):
+            problems.append(f"prelude: no such file: {prelude}")
+        elif not os.access(prelude, os.R_OK):
+            problems.append(f"prelude: not readable: {prelude}")
     return problems
 
 

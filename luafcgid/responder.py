@@ -24,7 +24,9 @@ class Responder:
         self._located = {}   # SCRIPT_FILENAME -> real path, emptied by every sweep
 
     def _load(self, path):
-        return LuaState(path, self.config, search_paths(os.path.dirname(path), self.config.lua))
+        config = self.config
+        paths = search_paths(os.path.dirname(path), config.lua, config.lua_path, config.lua_cpath)
+        return LuaState(path, config, paths)
 
     def locate(self, script):
         """The real path of a non-empty regular file named by `script`, or None."""
