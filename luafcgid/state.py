@@ -94,6 +94,7 @@ class LuaState:
             "httpstatus": config.httpstatus, "contenttype": config.contenttype,
             "headers": "".join(line + "\r\n" for line in config.headers),
             "buffering": config.buffering,
+            "prelude": config.prelude or "", "libdir": LUA_DIR,
         }))
         try:
             result = self.runtime.execute(_BOOTSTRAP, path.encode(),
