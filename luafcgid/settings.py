@@ -192,13 +192,13 @@ SETTINGS = (
             "The site's own Lua module patterns (e.g. lib/?.lua, or a LuaRocks tree's "
             "share/lua/5.1/?.lua and share/lua/5.1/?/init.lua), searched after the script's "
             "directory and before LUA_PATH and the system's directories. Relative patterns "
-            "resolve against the config file's directory.", "modules", is_path=True,
-            example=["lib/?.lua", "lib/?/init.lua"]),
+            "resolve against the config file's directory. In YAML, quote patterns in a [...] "
+            "list or write one '- pattern' per line.", "modules", is_path=True),
     Setting("lua_cpath", search_patterns, [],
             "The site's own C module patterns (e.g. a LuaRocks tree's lib/lua/5.1/?.so), "
             "searched after the script's directory and before LUA_CPATH and the system's "
             "directories. Relative patterns resolve against the config file's directory.",
-            "modules", is_path=True, example=["lib/?.so"]),
+            "modules", is_path=True),
     Setting("prelude", optional(string), None,
             "Lua file run in every new state before its script (shared helpers, a framework's "
             "bootstrap); its globals are the script's. Its errors fail the load like the "
