@@ -112,6 +112,15 @@ def test_check_refuses_a_missing_prelude_and_a_vm_lupa_lacks(tmp_path, monkeypat
     assert "lua: the installed lupa does not ship Lua 5.3 (no module lupa.lua53)" in str(info.value)
 
 
+def test_check_refuses_c_modules_for_another_lua_version():
+    config.defaults(lua="luajit", lua_cpath=["/t/lib/lua/5.1/?.so"])
+    config.defaults(lua="5.4", lua_cpath=["/t/lib/lua/5.4/?.so", "/t/clib/?.so"])
+    with pytest.raises(config.ConfigError) as info:
+        config.defaults(lua="5.4", lua_cpath=["/t/lib/lua/5.1/?.so"])
+    assert ("lua_cpath: /t/lib/lua/5.1/?.so holds C modules for Lua 5.1, but the states run "
+            "Lua 5.4") in str(info.value)
+
+
 def test_check_command_names_the_problems(tmp_path):
     conf = tmp_path / "luafcgid.yaml"
     conf.write_text("prelude: nowhere.lua\nlua_path: [lib]\n")
