@@ -513,8 +513,8 @@ def plot(results, order, path):
     ax.set_xticklabels(["%s\n%d conns" % g for g in groups])
     ax.set_ylabel("requests/s")
     ax.set_yscale("log")
-    ax.set_title("luafcgid benchmark (nproc %d)" % os.cpu_count())
-    ax.legend()
+    ax.set_title("luafcgid benchmark (nproc %d)" % os.cpu_count(), pad=28)
+    ax.legend(ncol=len(peers), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -685,8 +685,12 @@ def main(argv=None):
         write(args.markdown, markdown(rows, args, notes, ["bench/run"] + argv))
         log("wrote %s" % args.markdown)
     if args.plot:
-        plot(results, order, args.plot)
-        log("wrote %s" % args.plot)
+        try:
+            plot(results, order, args.plot)
+            log("wrote %s" % args.plot)
+        except ImportError as e:
+            log("cannot plot: %s (pip install matplotlib, or use bench/run --plot)" % e)
+            failed.append("plot")
     return 1 if failed else 0
 
 

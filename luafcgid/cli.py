@@ -1,15 +1,17 @@
 """The `luafcgid` command."""
 
 import argparse
+import logging
 import os
-import signal
 import sys
 
 import yaml
 
-from . import __version__, config as configuration, daemon, logs
+from . import __version__, config as configuration, daemon, logs, signals
 from .listener import ListenError
 from .reference import sample_config, settings_reference
+
+log = logging.getLogger("luafcgid")
 
 DESCRIPTION = "FastCGI daemon that runs persistent, isolated Lua states for nginx."
 
@@ -65,24 +67,32 @@ def _settings_parser():
     return parser
 
 
-def _load(args):
+def _read(args):
+    """The config named on the command line, with its -s overrides (ConfigError if bad)."""
     overrides = dict(args.set)
+    if args.config:
+        return configuration.load(args.config, overrides)
+    return configuration.from_mapping(overrides, "<command line>")
+
+
+def _load(args):
     try:
-        if args.config:
-            return configuration.load(args.config, overrides)
-        return configuration.from_mapping(overrides, "<command line>")
+        return _read(args)
     except configuration.ConfigError as exc:
         for problem in exc.problems:
             print(f"luafcgid: {exc.source}: {problem}", file=sys.stderr)
         sys.exit(2)
 
 
-class _Stop(Exception):
-    """Raised in the main thread by SIGTERM or SIGINT."""
-
-
-def _raise_stop(signum, frame):
-    raise _Stop()
+def _reload(args, server):
+    try:
+        config = _read(args)
+    except configuration.ConfigError as exc:
+        for problem in exc.problems:
+            log.error("reload refused: %s: %s", exc.source, problem)
+        return
+    logs.setup(config.logfile, to_stderr=not args.daemon)
+    server.reload(config)
 
 
 def run(argv):
@@ -104,17 +114,16 @@ def run(argv):
     logs.setup(config.logfile, to_stderr=not args.daemon)
     if config.pidfile:
         daemon.write_pidfile(config.pidfile)
+    signals.block()
     server.start()
     try:
-        signal.signal(signal.SIGTERM, _raise_stop)
-        signal.signal(signal.SIGINT, _raise_stop)
         while True:
-            signal.pause()   # the main thread only waits for signals
-    except _Stop:
-        pass
+            signum = signals.wait()
+            if signum in signals.STOP:
+                break
+            log.info("SIGHUP: reloading the configuration")
+            _reload(args, server)
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
         server.stop()
     return 0
 

@@ -23,11 +23,12 @@ class Output:
     """Response bytes for one request, as STDOUT records. A web server that went away
     makes further writes no-ops, so the script runs on without noticing."""
 
-    __slots__ = ("sock", "request_id", "ended", "broken")
+    __slots__ = ("sock", "request_id", "keep_conn", "ended", "broken")
 
-    def __init__(self, sock, request_id):
+    def __init__(self, sock, request_id, keep_conn):
         self.sock = sock
         self.request_id = request_id
+        self.keep_conn = keep_conn
         self.ended = False
         self.broken = False
 
@@ -42,6 +43,13 @@ class Output:
         if not self.broken:
             self._send(fcgi.stream(fcgi.STDOUT, self.request_id, data)
                        + fcgi.end_request(self.request_id))
+        if not self.keep_conn:
+            # nginx completes a response on a connection it did not ask to keep only when
+            # the connection closes; the finish handler still runs after this.
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
 
     def _send(self, payload):
         try:
@@ -52,19 +60,16 @@ class Output:
 
 
 class Connection:
-    def __init__(self, sock, peer, responder, config):
+    def __init__(self, sock, peer, server):
+        """`server` provides the current `responder` and `config`; a reload replaces them,
+        and each request takes the ones current when it begins."""
         self.sock = sock
         self.peer = peer or "unix socket"
-        self.responder = responder
-        self.maxpost = config.maxpost
-        self.max_params = config.max_params
-        self.values = {b"FCGI_MAX_CONNS": str(config.workers).encode(),
-                       b"FCGI_MAX_REQS": str(config.workers).encode(),
-                       b"FCGI_MPXS_CONNS": b"0"}
+        self.server = server
         self.idle = True   # waiting for a request to begin; safe to close on shutdown
         self._buf = bytearray()
         self._pos = 0
-        sock.settimeout(config.client_timeout)
+        sock.settimeout(server.config.client_timeout)
 
     def serve(self, keep_going):
         """Answer requests until the peer closes, does not ask to keep the connection, or
@@ -76,7 +81,8 @@ class Connection:
                     return
                 request_id, keep_conn, params, body, too_large = request
                 self.idle = False
-                self.responder.respond(params, body, Output(self.sock, request_id), too_large)
+                self.server.responder.respond(
+                    params, body, Output(self.sock, request_id, keep_conn), too_large)
                 self.idle = True
                 if not keep_conn:
                     return
@@ -135,6 +141,7 @@ class Connection:
     def _read_request(self):
         """(request_id, keep_conn, params, body, too_large), or None when the connection
         ends between requests."""
+        config = self.server.config
         request_id = None
         keep_conn = False
         params = bytearray()
@@ -149,7 +156,7 @@ class Connection:
                 raise fcgi.ProtocolError("connection closed in the middle of a request")
             rtype, rid, content = record
             if rid == 0:
-                self._management(rtype, content)
+                self._management(rtype, content, config)
             elif rtype == fcgi.BEGIN_REQUEST:
                 if len(content) != fcgi.BEGIN_BODY.size:
                     raise fcgi.ProtocolError("BEGIN_REQUEST body is not 8 bytes")
@@ -171,14 +178,15 @@ class Connection:
                 if not content:
                     continue
                 params += content
-                if len(params) > self.max_params:
-                    raise fcgi.ProtocolError(f"params longer than max_params ({self.max_params} bytes)")
+                if len(params) > config.max_params:
+                    raise fcgi.ProtocolError(
+                        f"params longer than max_params ({config.max_params} bytes)")
             elif rtype == fcgi.STDIN:
                 if not content:
                     return (request_id, keep_conn, fcgi.decode_params(params),
                             b"".join(body), too_large)
                 body_len += len(content)
-                if body_len > self.maxpost:
+                if body_len > config.maxpost:
                     too_large = True
                     body = []
                 elif not too_large:
@@ -190,10 +198,13 @@ class Connection:
                 request_id, params, body, body_len, too_large = None, bytearray(), [], 0, False
                 self.idle = True
 
-    def _management(self, rtype, content):
+    def _management(self, rtype, content, config):
         if rtype == fcgi.GET_VALUES:
+            workers = str(config.workers).encode()
+            values = {b"FCGI_MAX_CONNS": workers, b"FCGI_MAX_REQS": workers,
+                      b"FCGI_MPXS_CONNS": b"0"}
             asked = fcgi.decode_params(content)
             self._reply(fcgi.GET_VALUES_RESULT, 0,
-                        fcgi.encode_params((k, self.values[k]) for k in asked if k in self.values))
+                        fcgi.encode_params((k, values[k]) for k in asked if k in values))
         else:
             self._reply(fcgi.UNKNOWN_TYPE, 0, bytes((rtype,)) + b"\0" * 7)

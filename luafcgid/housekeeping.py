@@ -46,6 +46,9 @@ class Housekeeper:
         self._observer.daemon = True
         self._handler = _ScriptEvents(self)
         self._watches = {}   # directory -> watchdog watch
+        self._watches_lock = threading.Lock()
+        # watch a new script's directory as soon as it loads, not at the next sweep
+        responder.on_load = self.watch
 
     def start(self):
         self._observer.start()
@@ -72,14 +75,19 @@ class Housekeeper:
     def sweep(self):
         self.responder.forget_locations()
         self.flush_changed()
-        self._watch({os.path.dirname(s.path) for s in self.pool.states()})
+        directories = {os.path.dirname(s.path) for s in self.pool.states()}
+        with self._watches_lock:
+            for gone in set(self._watches) - directories:
+                watch = self._watches.pop(gone)
+                if watch is not None:
+                    self._observer.unschedule(watch)
 
-    def _watch(self, directories):
-        for gone in set(self._watches) - directories:
-            watch = self._watches.pop(gone)
-            if watch is not None:
-                self._observer.unschedule(watch)
-        for directory in directories - set(self._watches):
+    def watch(self, script):
+        """Watch the directory of a script that was just loaded."""
+        directory = os.path.dirname(script)
+        with self._watches_lock:
+            if directory in self._watches:
+                return
             try:
                 self._watches[directory] = self._observer.schedule(self._handler, directory)
             except OSError as exc:   # e.g. inotify watches exhausted: the sweep still works

@@ -22,11 +22,22 @@ class Responder:
         self.config = config
         self.pool = StatePool(self._load, config.states, config.max_clones, config.retries)
         self._located = {}   # SCRIPT_FILENAME -> real path, emptied by every sweep
+        self._successor = None
+        self.on_load = None   # called with a script's path after a state of it loaded
+
+    def retire(self, successor):
+        """After a reload: requests that reach this responder late go to its successor;
+        states close as their requests finish."""
+        self._successor = successor
+        self.pool.close()
 
     def _load(self, path):
         config = self.config
         paths = search_paths(os.path.dirname(path), config.lua, config.lua_path, config.lua_cpath)
-        return LuaState(path, config, paths)
+        state = LuaState(path, config, paths)
+        if self.on_load is not None:
+            self.on_load(path)
+        return state
 
     def locate(self, script):
         """The real path of a non-empty regular file named by `script`, or None."""
@@ -61,7 +72,10 @@ class Responder:
             self._report(exc.kind, exc.message, out)
             return
         except PoolClosed:
-            out.end(pages.unavailable())
+            if self._successor is not None:
+                self._successor.respond(params, body, out, body_too_large)
+            else:
+                out.end(pages.unavailable())
             return
         discard = False
         try:

@@ -11,11 +11,21 @@ from . import listener
 from .connection import Connection
 from .housekeeping import Housekeeper
 from .responder import Responder
+from .settings import SETTINGS
 
 log = logging.getLogger("luafcgid")
 
 # accept() failures that say "not now" rather than "never": back off and try again
 _TRANSIENT = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+LISTENER_SETTINGS = ("listen", "backlog", "listen_mode", "listen_owner", "listen_group")
+
+
+def _wake_accepts(sock):
+    """On Linux, shutdown() of a listening socket wakes the threads blocked in accept()."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 class Server:
@@ -47,19 +57,20 @@ class Server:
         return not self.stopping
 
     def _accept_loop(self, number):
-        tcp = self.sock.family != socket.AF_UNIX
         while not self.stopping:
+            sock = self.sock   # replaced by a reload that rebinds
+            tcp = sock.family != socket.AF_UNIX
             try:
-                conn, address = self.sock.accept()
+                conn, address = sock.accept()
             except OSError as exc:
-                if self.stopping:
-                    return
+                if self.stopping or sock is not self.sock:
+                    continue
                 if exc.errno in _TRANSIENT:
                     log.error("accept failed: %s; retrying", exc)
                     time.sleep(0.1)
                 continue
             peer = f"{address[0]}:{address[1]}" if tcp else None
-            connection = Connection(conn, peer, self.responder, self.config)
+            connection = Connection(conn, peer, self)
             self._connections[number] = connection
             try:
                 connection.serve(self.keep_going)
@@ -69,6 +80,38 @@ class Server:
                 del self._connections[number]
                 conn.close()
 
+    def reload(self, config):
+        """Apply a re-read config: new states for every script (a new pool; in-flight
+        requests finish on the old one), a new listening socket if its settings changed.
+        Settings that need a restart keep their running value, with a warning."""
+        for setting in SETTINGS:
+            name = setting.name
+            if not setting.live and getattr(config, name) != getattr(self.config, name):
+                log.warning("reload: %s changed; restart luafcgid to apply it", name)
+                setattr(config, name, getattr(self.config, name))
+        if any(getattr(config, name) != getattr(self.config, name) for name in LISTENER_SETTINGS):
+            try:
+                sock = listener.bind(config)
+            except listener.ListenError as exc:
+                log.error("reload: %s; still listening on %s", exc, self.config.listen)
+                for name in LISTENER_SETTINGS:
+                    setattr(config, name, getattr(self.config, name))
+            else:
+                old_sock, old_config = self.sock, self.config
+                self.sock = sock
+                _wake_accepts(old_sock)
+                if old_config.listen != config.listen:
+                    listener.remove(old_config, old_sock)
+                log.info("reload: now listening on %s", config.listen)
+        old = self.responder
+        self.responder = Responder(config)
+        old.retire(self.responder)
+        self.housekeeper.stop()
+        self.housekeeper = Housekeeper(self.responder, config.sweep)
+        self.housekeeper.start()
+        self.config = config
+        log.info("reloaded %s", config.source)
+
     def stop(self):
         """Stop accepting, let in-flight requests finish (at most shutdown_timeout seconds),
         close every state and remove the socket file."""
@@ -76,10 +119,7 @@ class Server:
             return
         self.stopping = True
         log.info("stopping: draining in-flight requests")
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)   # wakes the threads blocked in accept()
-        except OSError:
-            pass
+        _wake_accepts(self.sock)
         for connection in list(self._connections.values()):
             if connection.idle:   # a kept-alive connection waiting for its next request
                 try:

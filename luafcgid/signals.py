@@ -1,0 +1,20 @@
+"""Signals, taken synchronously by the main thread.
+
+The signals are blocked before any thread starts (threads inherit the mask), so they stay
+pending until the main thread collects them with sigwait(): no handler runs at an arbitrary
+point, and none can be lost between checking a flag and going to sleep.
+"""
+
+import signal
+
+STOP = {signal.SIGTERM, signal.SIGINT}
+RELOAD = signal.SIGHUP
+HANDLED = STOP | {RELOAD}
+
+
+def block():
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+
+
+def wait():
+    return signal.sigwait(HANDLED)
