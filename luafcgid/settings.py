@@ -201,7 +201,8 @@ SETTINGS = (
     Setting("prelude", optional(string), None,
             "Lua file run in every new state before its script (shared helpers, a framework's "
             "bootstrap); its globals are the script's. Its errors fail the load like the "
-            "script's own.", "modules", is_path=True),
+            "script's own; when it changes, states are reloaded like for a changed script.",
+            "modules", is_path=True),
     # -- responses
     Setting("handler", identifier, "main",
             "Global function called for each request as handler(env, con).", "response"),

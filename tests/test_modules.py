@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from conftest import ROOT, Stack
+from conftest import ROOT, Stack, wait_for
 from ecosystem import lua_headers_dir
 from luafcgid import config, vm
 from luafcgid.searchpath import default_paths, from_environment, search_paths
@@ -220,6 +220,15 @@ def test_prelude_runs_in_every_new_state_before_the_script(stack_with_files):
     assert s.get("/a.lua")[2] == b"hello a|a.lua|1"
     assert s.get("/a.lua")[2] == b"hello a|a.lua|1"   # not run again for the same state
     assert s.get("/b.lua")[2] == b"hello b|b.lua"
+
+
+def test_a_changed_prelude_reloads_the_states(stack_with_files):
+    s = stack_with_files({"prelude.lua": "version = 'one'"}, prelude="prelude.lua")
+    s.write("page.lua", "function main(env, con) con:puts(version) end")
+    assert s.get("/page.lua")[2] == b"one"
+    with open(os.path.join(s.daemon.workdir, "prelude.lua"), "w") as stream:
+        stream.write("version = 'two!'")
+    wait_for(lambda: s.get("/page.lua")[2] == b"two!", what="the changed prelude to apply")
 
 
 @pytest.mark.parametrize("code, kind, message", [
