@@ -20,7 +20,10 @@ def _override(text):
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key, yaml.safe_load(value) if value else ""
+    try:
+        return key, yaml.safe_load(value) if value else ""
+    except yaml.YAMLError as exc:
+        raise argparse.ArgumentTypeError(f"{key}: not a YAML value: {exc}") from None
 
 
 def _common(parser):

@@ -1,4 +1,4 @@
-"""The heartbeat: flush states whose script changed on disk.
+"""The heartbeat: flush states whose script (or prelude) changed on disk.
 
 A thread compares every loaded script's signature (nanosecond mtime, size, inode) every
 `sweep` milliseconds; a watchdog observer on the scripts' directories flushes at once when
@@ -19,7 +19,10 @@ log = logging.getLogger("luafcgid")
 
 
 def _changed(state):
+    """Whether the state's script, or the prelude it ran, changed since it loaded."""
     try:
+        if state.prelude and file_signature(state.prelude) != state.prelude_signature:
+            return True
         return file_signature(state.path) != state.signature
     except OSError:
         return True
@@ -64,7 +67,8 @@ class Housekeeper:
         # stat() outside the pool's lock; the lock is only taken to flush
         # (the snapshot keeps its states alive, so their ids stay unique meanwhile)
         snapshot = self.pool.states()
-        changed = {id(s) for s in snapshot if (path is None or s.path == path) and _changed(s)}
+        changed = {id(s) for s in snapshot
+                   if (path is None or path in (s.path, s.prelude)) and _changed(s)}
         if not changed:
             return 0
         flushed = self.pool.flush(lambda s: id(s) in changed)

@@ -32,7 +32,9 @@ class Responder:
         self.pool.close()
 
     def _load(self, path):
-        state = LuaState(path, self.config, search_paths(os.path.dirname(path), self.config.lua))
+        config = self.config
+        paths = search_paths(os.path.dirname(path), config.lua, config.lua_path, config.lua_cpath)
+        state = LuaState(path, config, paths)
         if self.on_load is not None:
             self.on_load(path)
         return state
