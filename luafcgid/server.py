@@ -6,7 +6,7 @@ import socket
 import threading
 import time
 
-from . import listener
+from . import listener, signals
 from .acceptor import Acceptor
 from .connection import Connection
 from .housekeeping import Housekeeper
@@ -19,9 +19,12 @@ LISTENER_SETTINGS = ("listen", "backlog", "listen_mode", "listen_owner", "listen
 
 
 class Server:
-    def __init__(self, config, sock=None):
+    def __init__(self, config, sock=None, process=None):
+        """`process` numbers this serving process when a supervisor runs several: they
+        share a listening socket the supervisor owns (binds, rebinds and removes)."""
         self.config = config
         self.sock = sock
+        self.process = process
         self.responder = Responder(config)
         self.housekeeper = Housekeeper(self.responder, config.sweep)
         self.stopping = False
@@ -38,8 +41,8 @@ class Server:
         self.acceptor = Acceptor(self.sock)
         self.housekeeper.start()
         for number in range(1, self.config.workers + 1):
-            thread = threading.Thread(target=self._work, args=(number,),
-                                      name=f"worker-{number}", daemon=True)
+            name = f"worker-{number}" if self.process is None else f"worker-{self.process}.{number}"
+            thread = threading.Thread(target=self._work, args=(number,), name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
         log.info("luafcgid serving on %s with %d workers, %d states, Lua %s",
@@ -69,10 +72,6 @@ class Server:
             else:
                 connection.close()
 
-    def housekeeping(self):
-        """Periodic work of the main thread: drop kept-alive connections left idle."""
-        self.acceptor.close_idle(self.config.client_timeout)
-
     def reload(self, config):
         """Apply a re-read config: new states for every script (a new pool; in-flight
         requests finish on the old one), a new listening socket if its settings changed.
@@ -82,6 +81,12 @@ class Server:
             if not setting.live and getattr(config, name) != getattr(self.config, name):
                 log.warning("reload: %s changed; restart luafcgid to apply it", name)
                 setattr(config, name, getattr(self.config, name))
+        if any(getattr(config, name) != getattr(self.config, name) for name in LISTENER_SETTINGS):
+            if self.process is not None:
+                log.warning("reload: listener settings changed; with processes > 1 that needs "
+                            "a restart")
+                for name in LISTENER_SETTINGS:
+                    setattr(config, name, getattr(self.config, name))
         if any(getattr(config, name) != getattr(self.config, name) for name in LISTENER_SETTINGS):
             try:
                 sock = listener.bind(config)
@@ -121,5 +126,29 @@ class Server:
             log.warning("%d request(s) still running after shutdown_timeout; exiting anyway", busy)
         self.housekeeper.stop()
         self.responder.pool.close()
-        listener.remove(self.config, self.sock)
+        if self.process is None:
+            listener.remove(self.config, self.sock)
+        else:
+            self.sock.close()
         log.info("stopped")
+
+    def serve_forever(self, reread):
+        """Run until SIGTERM or SIGINT, in the main thread, which takes the signals:
+        SIGHUP applies reread() (a Config, or None when the file is bad) and every second
+        the main thread drops kept-alive connections left idle."""
+        signals.block()
+        self.start()
+        try:
+            while True:
+                signum = signals.wait(timeout=1.0)
+                if signum is None:
+                    self.acceptor.close_idle(self.config.client_timeout)
+                elif signum in signals.STOP:
+                    break
+                else:
+                    log.info("SIGHUP: reloading the configuration")
+                    config = reread()
+                    if config is not None:
+                        self.reload(config)
+        finally:
+            self.stop()

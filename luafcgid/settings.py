@@ -175,6 +175,10 @@ SETTINGS = (
     # -- workers and the state pool
     Setting("workers", integer(1), 3,
             "Worker threads, each serving one request at a time.", "pool", live=False),
+    Setting("processes", integer(1), 1,
+            "Serving processes sharing the listening socket, each with its own workers, "
+            "states and Python interpreter lock (like php-fpm's static pool, with threads "
+            "inside). workers, states and clones count per process.", "pool", live=False),
     Setting("states", integer(1), 5,
             "Most Lua states kept in the pool (at least workers).", "pool"),
     Setting("clones", optional(integer(1)), None,
