@@ -278,12 +278,13 @@ def wsapi_launcher():
     return shutil.which("wsapi.fcgi") or (os.path.exists("/usr/bin/wsapi.fcgi") and "/usr/bin/wsapi.fcgi")
 
 
-def luafcgid_config(tmp):
-    """The shipped etc/luafcgid.yaml with only listen, logfile and pidfile overridden."""
+def luafcgid_config(tmp, settings=()):
+    """The shipped etc/luafcgid.yaml with listen, logfile and pidfile overridden (and the
+    settings given with --set, for scale runs)."""
     base_path = os.path.join(REPO, "etc", "luafcgid.yaml")
     overrides = {"listen": os.path.join(tmp, "luafcgid.sock"),
                  "logfile": os.path.join(tmp, "luafcgid.log"),
-                 "pidfile": os.path.join(tmp, "luafcgid.pid")}
+                 "pidfile": os.path.join(tmp, "luafcgid.pid"), **dict(settings)}
     base = {}
     base_text = ""
     if os.path.exists(base_path):
@@ -308,11 +309,11 @@ def luafcgid_config(tmp):
     return path, overrides["listen"]
 
 
-def start_backend(peer, tmp, servers):
+def start_backend(peer, tmp, servers, luafcgid_settings=()):
     """Start one FastCGI backend, appended to `servers` at once so that it is always stopped;
     returns the Server (the nginx peers have none of their own)."""
     if peer == "luafcgid":
-        conf, sock = luafcgid_config(tmp)
+        conf, sock = luafcgid_config(tmp, luafcgid_settings)
         server = Server("luafcgid", luafcgid_command() + ["-c", conf], tmp, cwd=tmp)
         servers.append(server)
         wait_ready(server, [sock])
@@ -513,8 +514,8 @@ def plot(results, order, path):
     ax.set_xticklabels(["%s\n%d conns" % g for g in groups])
     ax.set_ylabel("requests/s")
     ax.set_yscale("log")
-    ax.set_title("luafcgid benchmark (nproc %d)" % os.cpu_count())
-    ax.legend()
+    ax.set_title("luafcgid benchmark (nproc %d)" % os.cpu_count(), pad=28)
+    ax.legend(ncol=len(peers), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -533,6 +534,14 @@ def split_list(value, allowed, what):
     return items
 
 
+def setting(text):
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError("expected KEY=VALUE, got %r" % text)
+    import yaml
+    return key, yaml.safe_load(value)
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description="luafcgid benchmark: luafcgid vs php-fpm, WSAPI and nginx, via wrk")
     p.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run (default 5)")
@@ -545,6 +554,8 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="wrk threads (default nproc)")
     p.add_argument("--markdown", metavar="FILE", help="also write the table as Markdown")
     p.add_argument("--plot", metavar="FILE.png", help="also write a bar chart (needs matplotlib)")
+    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], type=setting,
+                   help="override a luafcgid setting (YAML value), e.g. processes=2; repeatable")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, logs)")
     args = p.parse_args(argv)
     if args.smoke:
@@ -574,6 +585,7 @@ def main(argv=None):
         raise KeyboardInterrupt("signal %d" % signum)
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGHUP, on_term)
+    signal.signal(signal.SIGINT, on_term)  # also when started with SIGINT ignored
 
     notes = []
     failed = []
@@ -597,7 +609,7 @@ def main(argv=None):
     try:
         for peer in list(peers):
             try:
-                srv = start_backend(peer, tmp, servers)
+                srv = start_backend(peer, tmp, servers, args.set)
             except BenchError as e:
                 log("cannot start %s: %s" % (peer, e))
                 notes.append("%s did not start: %s" % (peer, str(e).splitlines()[0]))
@@ -607,7 +619,18 @@ def main(argv=None):
             if srv:
                 backends[peer] = srv
         ports = {p: free_port() for p in PEERS}
-        nginx = start_nginx(tmp, ports, "nginx-lua" in peers, servers)
+        try:
+            nginx = start_nginx(tmp, ports, "nginx-lua" in peers, servers)
+        except BenchError as e:
+            if "nginx-lua" not in peers:
+                raise
+            # the Lua module may not load: drop that peer rather than every peer
+            log("nginx with the Lua module failed, retrying without nginx-lua: %s" % e)
+            notes.append("nginx-lua skipped: nginx did not start with the Lua module")
+            failed.append("nginx-lua")
+            peers.remove("nginx-lua")
+            servers.pop().stop()
+            nginx = start_nginx(tmp, ports, False, servers)
         backends["nginx"] = backends["nginx-lua"] = nginx
 
         # verify every (peer, workload) once before measuring anything
@@ -685,8 +708,12 @@ def main(argv=None):
         write(args.markdown, markdown(rows, args, notes, ["bench/run"] + argv))
         log("wrote %s" % args.markdown)
     if args.plot:
-        plot(results, order, args.plot)
-        log("wrote %s" % args.plot)
+        try:
+            plot(results, order, args.plot)
+            log("wrote %s" % args.plot)
+        except ImportError as e:
+            log("cannot plot: %s (pip install matplotlib, or use bench/run --plot)" % e)
+            failed.append("plot")
     return 1 if failed else 0
 
 

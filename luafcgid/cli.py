@@ -7,7 +7,7 @@ import sys
 
 import yaml
 
-from . import __version__, config as configuration, daemon, logs, signals, vm
+from . import __version__, config as configuration, daemon, logs, vm
 from .listener import ListenError
 from .reference import sample_config, settings_reference
 
@@ -20,7 +20,10 @@ def _override(text):
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key, yaml.safe_load(value) if value else ""
+    try:
+        return key, yaml.safe_load(value) if value else ""
+    except yaml.YAMLError as exc:
+        raise argparse.ArgumentTypeError(f"{key}: not a YAML value: {exc}") from None
 
 
 def _common(parser):
@@ -87,19 +90,22 @@ def _load(args):
         sys.exit(2)
 
 
-def _reload(args, server):
+def _reread(args):
+    """The config for a reload, with the log reopened; None (logged) when it is bad."""
     try:
         config = _read(args)
     except configuration.ConfigError as exc:
         for problem in exc.problems:
             log.error("reload refused: %s: %s", exc.source, problem)
-        return
+        return None
     logs.setup(config.logfile, to_stderr=not args.daemon)
-    server.reload(config)
+    return config
 
 
 def run(argv):
-    from .server import Server   # imports lupa and watchdog: not needed for --help/--check
+    # these import lupa and watchdog: not needed for --help or --check
+    from .server import Server
+    from .supervisor import Supervisor
 
     args = _run_parser().parse_args(argv)
     config = _load(args)
@@ -117,17 +123,9 @@ def run(argv):
     logs.setup(config.logfile, to_stderr=not args.daemon)
     if config.pidfile:
         daemon.write_pidfile(config.pidfile)
-    signals.block()
-    server.start()
-    try:
-        while True:
-            signum = signals.wait()
-            if signum in signals.STOP:
-                break
-            log.info("SIGHUP: reloading the configuration")
-            _reload(args, server)
-    finally:
-        server.stop()
+    if config.processes > 1:
+        return Supervisor(config, server.sock, lambda: _reread(args)).run()
+    server.serve_forever(lambda: _reread(args))
     return 0
 
 

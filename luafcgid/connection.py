@@ -25,11 +25,12 @@ class Output:
     """Response bytes for one request, as STDOUT records. A web server that went away
     makes further writes no-ops, so the script runs on without noticing."""
 
-    __slots__ = ("sock", "request_id", "ended", "broken")
+    __slots__ = ("sock", "request_id", "keep_conn", "ended", "broken")
 
-    def __init__(self, sock, request_id):
+    def __init__(self, sock, request_id, keep_conn):
         self.sock = sock
         self.request_id = request_id
+        self.keep_conn = keep_conn
         self.ended = False
         self.broken = False
 
@@ -44,6 +45,13 @@ class Output:
         if not self.broken:
             self._send(fcgi.stream(fcgi.STDOUT, self.request_id, data)
                        + fcgi.end_request(self.request_id))
+        if not self.keep_conn:
+            # nginx completes a response on a connection it did not ask to keep only when
+            # the connection closes; the finish handler still runs after this.
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
 
     def _send(self, payload):
         try:
@@ -70,24 +78,23 @@ class Connection:
         self.sock = sock
         self.peer = peer or _unix_peer(sock)
         self.server = server
-        self.idle = True   # waiting for a request to begin; safe to close on shutdown
+        self.parked_at = 0.0
         self._buf = bytearray()
         self._pos = 0
         self._timeout = server.config.client_timeout
         self._deadline = None   # when the request being read must be complete
 
-    def serve(self, keep_going):
-        """Answer requests until the peer closes, does not ask to keep the connection, or
-        keep_going() turns false between requests."""
+    def serve(self):
+        """Answer the requests that are ready. True when the connection is idle and kept
+        (park it until its next request); False when it is finished."""
         try:
-            while keep_going():
+            while True:
                 request = self._read_request()
                 if request is None:
-                    return
+                    return False
                 request_id, keep_conn, params, body, too_large = request
-                self.idle = False
                 self.sock.settimeout(self._timeout)   # for sending the response
-                out = Output(self.sock, request_id)
+                out = Output(self.sock, request_id, keep_conn)
                 if params.get(b"SCRIPT_FILENAME"):
                     self.server.responder.respond(params, body, out, too_large)
                 else:
@@ -95,13 +102,21 @@ class Connection:
                                 "'fastcgi_param SCRIPT_FILENAME' in the web server's config?)",
                                 self.peer)
                     out.end(pages.bad_request("The request names no script (SCRIPT_FILENAME)."))
-                self.idle = True
-                if not keep_conn:
-                    return
+                if not keep_conn or self.server.stopping:
+                    return False
+                if len(self._buf) == self._pos:   # nothing more received yet
+                    return True
         except fcgi.ProtocolError as exc:
             log.warning("malformed FastCGI from %s: %s; connection closed", self.peer, exc)
         except ClientGone as exc:
             log.info("%s: %s", self.peer, exc)
+        return False
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
 
     # -- records --------------------------------------------------------------------------
 
@@ -197,7 +212,6 @@ class Connection:
                         return None
                 else:
                     request_id, keep_conn = rid, bool(flags & fcgi.KEEP_CONN)
-                    self.idle = False
             elif rtype not in _KNOWN_TYPES:
                 self._reply(fcgi.UNKNOWN_TYPE, 0, bytes((rtype,)) + b"\0" * 7)
             elif rid != request_id:
@@ -224,7 +238,6 @@ class Connection:
                 if not keep_conn:
                     return None
                 request_id, params, body, body_len, too_large = None, bytearray(), [], 0, False
-                self.idle = True
 
     def _management(self, rtype, content, config):
         if rtype == fcgi.GET_VALUES:

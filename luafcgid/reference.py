@@ -9,6 +9,7 @@ from .settings import SETTINGS
 SECTIONS = {
     "listener": "Listening socket",
     "pool": "Workers and the Lua state pool",
+    "modules": "Lua modules",
     "response": "Responses",
     "process": "Process and logs",
     "limits": "Limits and confinement",

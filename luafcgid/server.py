@@ -1,13 +1,13 @@
-"""The daemon's moving parts: worker threads accepting on the listening socket, the
+"""The daemon's moving parts: worker threads taking connections from the acceptor, the
 responder and its state pool, the heartbeat; starting them and draining them at stop."""
 
-import errno
 import logging
 import socket
 import threading
 import time
 
-from . import listener
+from . import listener, signals
+from .acceptor import Acceptor
 from .connection import Connection
 from .housekeeping import Housekeeper
 from .responder import Responder
@@ -15,26 +15,20 @@ from .settings import SETTINGS
 
 log = logging.getLogger("luafcgid")
 
-# accept() failures that say "not now" rather than "never": back off and try again
-_TRANSIENT = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 LISTENER_SETTINGS = ("listen", "backlog", "listen_mode", "listen_owner", "listen_group")
 
 
-def _wake_accepts(sock):
-    """On Linux, shutdown() of a listening socket wakes the threads blocked in accept()."""
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-
-
 class Server:
-    def __init__(self, config, sock=None):
+    def __init__(self, config, sock=None, process=None):
+        """`process` numbers this serving process when a supervisor runs several: they
+        share a listening socket the supervisor owns (binds, rebinds and removes)."""
         self.config = config
         self.sock = sock
+        self.process = process
         self.responder = Responder(config)
         self.housekeeper = Housekeeper(self.responder, config.sweep)
         self.stopping = False
+        self.acceptor = None
         self._threads = []
         self._connections = {}   # worker number -> Connection being served
 
@@ -44,41 +38,39 @@ class Server:
     def start(self):
         if self.sock is None:
             self.bind()
+        self.acceptor = Acceptor(self.sock)
         self.housekeeper.start()
         for number in range(1, self.config.workers + 1):
-            thread = threading.Thread(target=self._accept_loop, args=(number,),
-                                      name=f"worker-{number}", daemon=True)
+            name = f"worker-{number}" if self.process is None else f"worker-{self.process}.{number}"
+            thread = threading.Thread(target=self._work, args=(number,), name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
         log.info("luafcgid serving on %s with %d workers, %d states, Lua %s",
                  self.config.listen, self.config.workers, self.config.states, self.config.lua)
 
-    def keep_going(self):
-        return not self.stopping
-
-    def _accept_loop(self, number):
-        while not self.stopping:
-            sock = self.sock   # replaced by a reload that rebinds
-            tcp = sock.family != socket.AF_UNIX
-            try:
-                conn, address = sock.accept()
-            except OSError as exc:
-                if self.stopping or sock is not self.sock:
-                    continue
-                if exc.errno in _TRANSIENT:
-                    log.error("accept failed: %s; retrying", exc)
-                    time.sleep(0.1)
-                continue
-            peer = f"{address[0]}:{address[1]}" if tcp else None
-            connection = Connection(conn, peer, self)
+    def _work(self, number):
+        while True:
+            work = self.acceptor.next()
+            if work is None:
+                return
+            if isinstance(work, Connection):
+                connection = work
+            else:
+                sock, address = work
+                peer = f"{address[0]}:{address[1]}" if sock.family != socket.AF_UNIX else None
+                connection = Connection(sock, peer, self)
             self._connections[number] = connection
             try:
-                connection.serve(self.keep_going)
+                park = connection.serve()
             except Exception:
                 log.exception("unexpected error serving %s", connection.peer)
+                park = False
             finally:
                 del self._connections[number]
-                conn.close()
+            if park and not self.stopping:
+                self.acceptor.park(connection)
+            else:
+                connection.close()
 
     def reload(self, config):
         """Apply a re-read config: new states for every script (a new pool; in-flight
@@ -90,6 +82,12 @@ class Server:
                 log.warning("reload: %s changed; restart luafcgid to apply it", name)
                 setattr(config, name, getattr(self.config, name))
         if any(getattr(config, name) != getattr(self.config, name) for name in LISTENER_SETTINGS):
+            if self.process is not None:
+                log.warning("reload: listener settings changed; with processes > 1 that needs "
+                            "a restart")
+                for name in LISTENER_SETTINGS:
+                    setattr(config, name, getattr(self.config, name))
+        if any(getattr(config, name) != getattr(self.config, name) for name in LISTENER_SETTINGS):
             try:
                 sock = listener.bind(config)
             except listener.ListenError as exc:
@@ -99,7 +97,7 @@ class Server:
             else:
                 old_sock, old_config = self.sock, self.config
                 self.sock = sock
-                _wake_accepts(old_sock)
+                self.acceptor.listen_on(sock)
                 if old_config.listen != config.listen:
                     listener.remove(old_config, old_sock)
                 log.info("reload: now listening on %s", config.listen)
@@ -119,13 +117,7 @@ class Server:
             return
         self.stopping = True
         log.info("stopping: draining in-flight requests")
-        _wake_accepts(self.sock)
-        for connection in list(self._connections.values()):
-            if connection.idle:   # a kept-alive connection waiting for its next request
-                try:
-                    connection.sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+        self.acceptor.close()
         deadline = time.monotonic() + self.config.shutdown_timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -137,5 +129,29 @@ class Server:
         stats = self.responder.pool.stats()
         log.info("pool at stop: %s", " ".join(f"{k}={v}" for k, v in stats.items()))
         self.responder.pool.close()
-        listener.remove(self.config, self.sock)
+        if self.process is None:
+            listener.remove(self.config, self.sock)
+        else:
+            self.sock.close()
         log.info("stopped")
+
+    def serve_forever(self, reread):
+        """Run until SIGTERM or SIGINT, in the main thread, which takes the signals:
+        SIGHUP applies reread() (a Config, or None when the file is bad) and every second
+        the main thread drops kept-alive connections left idle."""
+        signals.block()
+        self.start()
+        try:
+            while True:
+                signum = signals.wait(timeout=1.0)
+                if signum is None:
+                    self.acceptor.close_idle(self.config.client_timeout)
+                elif signum in signals.STOP:
+                    break
+                else:
+                    log.info("SIGHUP: reloading the configuration")
+                    config = reread()
+                    if config is not None:
+                        self.reload(config)
+        finally:
+            self.stop()

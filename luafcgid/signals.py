@@ -16,5 +16,7 @@ def block():
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
 
 
-def wait():
-    return signal.sigwait(HANDLED)
+def wait(timeout):
+    """The next signal, or None after `timeout` seconds without one."""
+    info = signal.sigtimedwait(HANDLED, timeout)
+    return info.si_signo if info is not None else None
