@@ -85,6 +85,9 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2, help="wrk threads (2)")
     parser.add_argument("--workers", type=int, default=4, help="luafcgid workers (4)")
     parser.add_argument("--lua", default="luajit", help="Lua VM (luajit)")
+    parser.add_argument("--keepalive", type=int, default=0,
+                        help="nginx upstream keepalive connections per worker, with "
+                             "fastcgi_keep_conn (0: a new connection per request)")
     parser.add_argument("--rss-growth-mb", type=float, default=32,
                         help="most RSS growth tolerated after warm-up, MiB (32)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -100,7 +103,7 @@ def main(argv=None):
         settings[key] = yaml.safe_load(value)
 
     base = Path(tempfile.mkdtemp(prefix="luafcgid-soak-"))
-    stack = Stack(base, settings)
+    stack = Stack(base, settings, keepalive=args.keepalive)
     for name, code in SCRIPTS.items():
         stack.write(name, code)
     script = base / "soak.lua"
@@ -122,8 +125,9 @@ def main(argv=None):
     pool = next((line.split("pool at stop: ", 1)[1] for line in log.splitlines()
                  if "pool at stop: " in line), "missing")
     growth = (rss_after - rss_before) / 1024
-    print(f"luafcgid soak: lua {args.lua}, {args.workers} workers, wrk {args.threads} threads "
-          f"{args.connections} connections, {args.duration:g} s after {args.warmup:g} s warm-up")
+    print(f"luafcgid soak: lua {args.lua}, {args.workers} workers, nginx keepalive "
+          f"{args.keepalive}, wrk {args.threads} threads {args.connections} connections, "
+          f"{args.duration:g} s after {args.warmup:g} s warm-up; settings {settings}")
     print(f"  requests: {requests} ({rate:.0f}/s), warm-up {warm[0]}")
     print(f"  failed: {non_2xx} non-2xx, {socket_errors} socket errors "
           f"(warm-up: {warm[1]} non-2xx, {warm[2]} socket errors)")

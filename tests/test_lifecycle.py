@@ -6,6 +6,8 @@ import signal
 import threading
 import time
 
+import pytest
+
 from conftest import wait_for
 
 
@@ -19,8 +21,9 @@ def hammer(s, path, stop, results):
             results.append((None, repr(exc).encode()))
 
 
-def test_sighup_under_load_fails_no_request(stack):
-    s = stack(workers=3, states=6)
+@pytest.mark.parametrize("keepalive", [0, 8], ids=["new-connections", "kept-alive"])
+def test_sighup_under_load_fails_no_request(stack, keepalive):
+    s = stack(workers=3, states=6, keepalive=keepalive)
     s.write("count.lua", """
         count = 0
         function main(env, con) count = count + 1; con:puts("n=", count) end
@@ -49,8 +52,9 @@ def test_sighup_under_load_fails_no_request(stack):
     assert s.stop() == 0
 
 
-def test_sigterm_drains_a_request_in_flight_then_exits_0(stack):
-    s = stack()
+@pytest.mark.parametrize("keepalive", [0, 8], ids=["new-connections", "kept-alive"])
+def test_sigterm_drains_a_request_in_flight_then_exits_0(stack, keepalive):
+    s = stack(keepalive=keepalive)
     started = s.site.file("started")
     s.write("slow.lua", f"""
         function main(env, con)
