@@ -7,7 +7,7 @@ import sys
 
 import yaml
 
-from . import __version__, config as configuration, daemon, logs
+from . import __version__, config as configuration, daemon, logs, signals
 from .listener import ListenError
 from .reference import sample_config, settings_reference
 
@@ -106,6 +106,8 @@ def run(argv):
     if args.check:
         print(f"{config.source}: OK")
         return 0
+    # from here on a SIGTERM waits for the main loop's sigwait instead of killing us
+    signals.block()
     server = Server(config)
     try:
         server.bind()

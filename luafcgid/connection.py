@@ -6,6 +6,7 @@ One worker thread runs one connection at a time. Requests are not multiplexed
 
 import logging
 import socket
+import struct
 
 from . import fastcgi as fcgi
 
@@ -17,6 +18,16 @@ _KNOWN_TYPES = frozenset(range(fcgi.BEGIN_REQUEST, fcgi.UNKNOWN_TYPE + 1))
 
 class ClientGone(Exception):
     """The web server closed the connection or stopped sending mid-request."""
+
+
+def set_timeouts(sock, seconds):
+    """Kernel-side send and receive timeouts on a blocking socket. A Python-level timeout
+    (settimeout) would cost a poll() before every recv() and send()."""
+    sock.settimeout(None)
+    whole = int(seconds)
+    timeval = struct.pack("@ll", whole, int((seconds - whole) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
 
 class Output:
@@ -69,7 +80,7 @@ class Connection:
         self.parked_at = 0.0
         self._buf = bytearray()
         self._pos = 0
-        sock.settimeout(server.config.client_timeout)
+        set_timeouts(sock, server.config.client_timeout)
 
     def serve(self):
         """Answer the requests that are ready. True when the connection is idle and kept
@@ -109,7 +120,7 @@ class Connection:
         while len(buf) - self._pos < need:
             try:
                 chunk = self.sock.recv(_RECV_SIZE)
-            except socket.timeout:
+            except BlockingIOError:   # SO_RCVTIMEO expired
                 raise ClientGone("no data within client_timeout; connection closed") from None
             except OSError as exc:
                 raise ClientGone(f"connection failed: {exc}") from None
