@@ -4,10 +4,11 @@ import argparse
 import logging
 import os
 import sys
+import time
 
 import yaml
 
-from . import __version__, config as configuration, daemon, logs, signals
+from . import __version__, config as configuration, daemon, logs, privileges, signals, systemd
 from .listener import ListenError
 from .reference import sample_config, settings_reference
 
@@ -81,6 +82,11 @@ def _load(args):
         sys.exit(2)
 
 
+def _setup_logs(config, args):
+    logs.setup(config.logfile, to_stderr=not args.daemon, access_log=config.access_log,
+               slowlog=config.slowlog)
+
+
 def _reload(args, server):
     try:
         config = _read(args)
@@ -88,8 +94,46 @@ def _reload(args, server):
         for problem in exc.problems:
             log.error("reload refused: %s: %s", exc.source, problem)
         return
-    logs.setup(config.logfile, to_stderr=not args.daemon)
+    try:
+        _setup_logs(config, args)
+    except OSError as exc:
+        log.error("reload refused: cannot open a log file: %s", exc)
+        return
     server.reload(config)
+
+
+def _reopen_logs():
+    try:
+        logs.reopen()
+    except OSError as exc:
+        log.error("SIGUSR1: cannot reopen a log file: %s", exc)
+    else:
+        log.info("SIGUSR1: log files reopened")
+
+
+def _main_loop(args, server):
+    """Take signals until SIGTERM/SIGINT; between them, ping systemd's watchdog (when
+    WatchdogSec= asks) with a fresh STATUS= line, as long as the housekeeping runs."""
+    interval = systemd.watchdog_interval()
+    next_ping = time.monotonic()
+    while True:
+        timeout = None if interval is None else max(0.0, next_ping - time.monotonic())
+        signum = signals.wait(timeout)
+        if interval is not None and time.monotonic() >= next_ping:
+            if server.housekeeper.alive():
+                systemd.notify("WATCHDOG=1", f"STATUS={server.summary()}")
+            next_ping = time.monotonic() + interval
+        if signum is None:
+            continue
+        if signum in signals.STOP:
+            return
+        if signum == signals.REOPEN:
+            _reopen_logs()
+            continue
+        log.info("SIGHUP: reloading the configuration")
+        systemd.reloading()
+        _reload(args, server)
+        systemd.notify("READY=1", f"STATUS={server.summary()}")
 
 
 def run(argv):
@@ -100,27 +144,28 @@ def run(argv):
     if args.check:
         print(f"{config.source}: OK")
         return 0
-    server = Server(config)
+    server = Server(config, systemd.listen_socket())
     try:
-        server.bind()
-    except ListenError as exc:
+        if server.sock is None:
+            server.bind()
+        if args.daemon:
+            daemon.detach()
+        _setup_logs(config, args)
+        if config.pidfile:
+            daemon.write_pidfile(config.pidfile)
+        privileges.drop(config)
+    except (ListenError, privileges.PrivilegeError, OSError) as exc:
         print(f"luafcgid: {exc}", file=sys.stderr)
+        if args.daemon:   # standard error is /dev/null now: the log file is all there is
+            log.error("not started: %s", exc)
         return 1
-    if args.daemon:
-        daemon.detach()
-    logs.setup(config.logfile, to_stderr=not args.daemon)
-    if config.pidfile:
-        daemon.write_pidfile(config.pidfile)
     signals.block()
     server.start()
+    systemd.notify("READY=1", f"STATUS={server.summary()}", f"MAINPID={os.getpid()}")
     try:
-        while True:
-            signum = signals.wait()
-            if signum in signals.STOP:
-                break
-            log.info("SIGHUP: reloading the configuration")
-            _reload(args, server)
+        _main_loop(args, server)
     finally:
+        systemd.notify("STOPPING=1")
         server.stop()
     return 0
 

@@ -21,24 +21,33 @@ class ClientGone(Exception):
 
 class Output:
     """Response bytes for one request, as STDOUT records. A web server that went away
-    makes further writes no-ops, so the script runs on without noticing."""
+    makes further writes no-ops, so the script runs on without noticing. Keeps the first
+    bytes (the Status line) and the byte count for the counters and the access log."""
 
-    __slots__ = ("sock", "request_id", "ended", "broken")
+    __slots__ = ("sock", "request_id", "ended", "broken", "head", "sent")
 
     def __init__(self, sock, request_id):
         self.sock = sock
         self.request_id = request_id
         self.ended = False
         self.broken = False
+        self.head = None
+        self.sent = 0
 
     def write(self, data):
         if data and not self.ended and not self.broken:
+            if self.head is None:
+                self.head = data[:12]
+            self.sent += len(data)
             self._send(fcgi.stream(fcgi.STDOUT, self.request_id, data))
 
     def end(self, data=b""):
         if self.ended:
             return
         self.ended = True
+        if self.head is None:
+            self.head = data[:12]
+        self.sent += len(data)
         if not self.broken:
             self._send(fcgi.stream(fcgi.STDOUT, self.request_id, data)
                        + fcgi.end_request(self.request_id))
@@ -52,10 +61,12 @@ class Output:
 
 
 class Connection:
-    def __init__(self, sock, peer, server):
+    def __init__(self, sock, peer, server, worker):
         """`server` provides the current `responder` and `config`; a reload replaces them,
-        and each request takes the ones current when it begins."""
+        and each request takes the ones current when it begins. `worker` is the serving
+        thread's metrics.WorkerStats."""
         self.sock = sock
+        self.worker = worker
         self.peer = peer or "unix socket"
         self.server = server
         self.idle = True   # waiting for a request to begin; safe to close on shutdown
@@ -73,8 +84,12 @@ class Connection:
                     return
                 request_id, keep_conn, params, body, too_large = request
                 self.idle = False
-                self.server.responder.respond(params, body, Output(self.sock, request_id),
-                                              too_large)
+                out = Output(self.sock, request_id)
+                self.worker.begin(params)
+                try:
+                    self.server.responder.respond(params, body, out, too_large, self.worker)
+                finally:
+                    self.worker.end(out)
                 self.idle = True
                 if not keep_conn:
                     return

@@ -11,6 +11,7 @@ SECTIONS = {
     "pool": "Workers and the Lua state pool",
     "response": "Responses",
     "process": "Process, limits and logs",
+    "status": "Status and ping pages",
     "compatibility": "Accepted for compatibility with the original",
 }
 

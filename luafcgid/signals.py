@@ -9,12 +9,17 @@ import signal
 
 STOP = {signal.SIGTERM, signal.SIGINT}
 RELOAD = signal.SIGHUP
-HANDLED = STOP | {RELOAD}
+REOPEN = signal.SIGUSR1   # reopen the log files (logrotate's postrotate)
+HANDLED = STOP | {RELOAD, REOPEN}
 
 
 def block():
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
 
 
-def wait():
-    return signal.sigwait(HANDLED)
+def wait(timeout=None):
+    """The next signal; None when `timeout` seconds pass without one."""
+    if timeout is None:
+        return signal.sigwait(HANDLED)
+    info = signal.sigtimedwait(HANDLED, timeout)
+    return None if info is None else info.si_signo
