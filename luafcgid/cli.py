@@ -10,7 +10,7 @@ import yaml
 
 from . import __version__, config as configuration, daemon, logs, privileges, signals, systemd
 from .listener import ListenError
-from .reference import sample_config, settings_reference
+from .reference import man_page, sample_config, settings_reference
 
 log = logging.getLogger("luafcgid")
 
@@ -60,8 +60,9 @@ def _serve_parser():
 def _settings_parser():
     parser = argparse.ArgumentParser(prog="luafcgid settings",
                                      description="Print the settings reference.")
-    parser.add_argument("--format", choices=("markdown", "yaml"), default="markdown",
-                        help="markdown reference, or the sample config file")
+    parser.add_argument("--format", choices=("markdown", "yaml", "man"), default="markdown",
+                        help="markdown reference, the sample config file, or the "
+                             "luafcgid.yaml(5) manual page")
     return parser
 
 
@@ -189,7 +190,8 @@ def serve(argv):
 
 def settings(argv):
     args = _settings_parser().parse_args(argv)
-    print(sample_config() if args.format == "yaml" else settings_reference(), end="")
+    formats = {"markdown": settings_reference, "yaml": sample_config, "man": man_page}
+    print(formats[args.format](), end="")
     return 0
 
 
