@@ -6,6 +6,7 @@ import grp
 import logging
 import os
 import pwd
+import sysconfig
 
 from . import logs, vm
 
@@ -45,8 +46,10 @@ def drop(config):
                                  f"(running as uid {os.geteuid()})")
         return
     # Modules imported later would be read as the new user, who may not be allowed to
-    # (e.g. a Python installed under /root): load the Lua VM while still root.
+    # (e.g. a Python installed under /root): load the Lua VM and sysconfig's data (the
+    # Lua search paths read it) while still root.
     vm.load(config.lua)
+    sysconfig.get_config_vars()
     for path in logs.files(config) + ([config.pidfile] if config.pidfile else []):
         os.chown(path, uid, gid)
     os.initgroups(name, gid)
