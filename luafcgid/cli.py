@@ -145,6 +145,9 @@ def run(argv):
     if args.check:
         print(f"{config.source}: OK")
         return 0
+    # from now on a SIGTERM waits for the main loop instead of killing a half-started
+    # daemon that would leave its socket and pidfile behind
+    signals.block()
     server = Server(config, systemd.listen_socket())
     try:
         if server.sock is None:
@@ -160,7 +163,6 @@ def run(argv):
         if args.daemon:   # standard error is /dev/null now: the log file is all there is
             log.error("not started: %s", exc)
         return 1
-    signals.block()
     server.start()
     systemd.notify("READY=1", f"STATUS={server.summary()}", f"MAINPID={os.getpid()}")
     try:
