@@ -513,8 +513,8 @@ def plot(results, order, path):
     ax.set_xticklabels(["%s\n%d conns" % g for g in groups])
     ax.set_ylabel("requests/s")
     ax.set_yscale("log")
-    ax.set_title("luafcgid benchmark (nproc %d)" % os.cpu_count())
-    ax.legend()
+    ax.set_title("luafcgid benchmark (nproc %d)" % os.cpu_count(), pad=28)
+    ax.legend(ncol=len(peers), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -574,6 +574,7 @@ def main(argv=None):
         raise KeyboardInterrupt("signal %d" % signum)
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGHUP, on_term)
+    signal.signal(signal.SIGINT, on_term)  # also when started with SIGINT ignored
 
     notes = []
     failed = []
@@ -607,7 +608,18 @@ def main(argv=None):
             if srv:
                 backends[peer] = srv
         ports = {p: free_port() for p in PEERS}
-        nginx = start_nginx(tmp, ports, "nginx-lua" in peers, servers)
+        try:
+            nginx = start_nginx(tmp, ports, "nginx-lua" in peers, servers)
+        except BenchError as e:
+            if "nginx-lua" not in peers:
+                raise
+            # the Lua module may not load: drop that peer rather than every peer
+            log("nginx with the Lua module failed, retrying without nginx-lua: %s" % e)
+            notes.append("nginx-lua skipped: nginx did not start with the Lua module")
+            failed.append("nginx-lua")
+            peers.remove("nginx-lua")
+            servers.pop().stop()
+            nginx = start_nginx(tmp, ports, False, servers)
         backends["nginx"] = backends["nginx-lua"] = nginx
 
         # verify every (peer, workload) once before measuring anything
@@ -685,8 +697,12 @@ def main(argv=None):
         write(args.markdown, markdown(rows, args, notes, ["bench/run"] + argv))
         log("wrote %s" % args.markdown)
     if args.plot:
-        plot(results, order, args.plot)
-        log("wrote %s" % args.plot)
+        try:
+            plot(results, order, args.plot)
+            log("wrote %s" % args.plot)
+        except ImportError as e:
+            log("cannot plot: %s (pip install matplotlib, or use bench/run --plot)" % e)
+            failed.append("plot")
     return 1 if failed else 0
 
 

@@ -4,7 +4,6 @@ import argparse
 import logging
 import os
 import sys
-import time
 
 import yaml
 
@@ -21,7 +20,10 @@ def _override(text):
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key, yaml.safe_load(value) if value else ""
+    try:
+        return key, yaml.safe_load(value) if value else ""
+    except yaml.YAMLError as exc:
+        raise argparse.ArgumentTypeError(f"{key}: not a YAML value: {exc}") from None
 
 
 def _common(parser):
@@ -83,62 +85,31 @@ def _load(args):
         sys.exit(2)
 
 
-def _setup_logs(config, args):
-    logs.setup(config.logfile, to_stderr=not args.daemon, access_log=config.access_log,
-               slowlog=config.slowlog)
-
-
-def _reload(args, server):
+def _reread(args):
+    """The config for a reload, with the log reopened; None (logged) when it is bad."""
     try:
         config = _read(args)
     except configuration.ConfigError as exc:
         for problem in exc.problems:
             log.error("reload refused: %s: %s", exc.source, problem)
-        return
+        return None
     try:
         _setup_logs(config, args)
     except OSError as exc:
         log.error("reload refused: cannot open a log file: %s", exc)
-        return
-    server.reload(config)
+        return None
+    return config
 
 
-def _reopen_logs():
-    try:
-        logs.reopen()
-    except OSError as exc:
-        log.error("SIGUSR1: cannot reopen a log file: %s", exc)
-    else:
-        log.info("SIGUSR1: log files reopened")
-
-
-def _main_loop(args, server):
-    """Take signals until SIGTERM/SIGINT; between them, ping systemd's watchdog (when
-    WatchdogSec= asks) with a fresh STATUS= line, as long as the housekeeping runs."""
-    interval = systemd.watchdog_interval()
-    next_ping = time.monotonic()
-    while True:
-        timeout = None if interval is None else max(0.0, next_ping - time.monotonic())
-        signum = signals.wait(timeout)
-        if interval is not None and time.monotonic() >= next_ping:
-            if server.housekeeper.alive():
-                systemd.notify("WATCHDOG=1", f"STATUS={server.summary()}")
-            next_ping = time.monotonic() + interval
-        if signum is None:
-            continue
-        if signum in signals.STOP:
-            return
-        if signum == signals.REOPEN:
-            _reopen_logs()
-            continue
-        log.info("SIGHUP: reloading the configuration")
-        systemd.reloading()
-        _reload(args, server)
-        systemd.notify("READY=1", f"STATUS={server.summary()}")
+def _setup_logs(config, args):
+    logs.setup(config.logfile, to_stderr=not args.daemon, access_log=config.access_log,
+               slowlog=config.slowlog)
 
 
 def run(argv):
-    from .server import Server   # imports lupa and watchdog: not needed for --help/--check
+    # these import lupa and watchdog: not needed for --help or --check
+    from .server import Server
+    from .supervisor import Supervisor
 
     args = _run_parser().parse_args(argv)
     config = _load(args)
@@ -148,7 +119,8 @@ def run(argv):
     # from now on a SIGTERM waits for the main loop instead of killing a half-started
     # daemon that would leave its socket and pidfile behind
     signals.block()
-    server = Server(config, systemd.listen_socket())
+    passed = systemd.listen_socket()
+    server = Server(config, passed, inherited=passed is not None)
     try:
         if server.sock is None:
             server.bind()
@@ -163,13 +135,9 @@ def run(argv):
         if args.daemon:   # standard error is /dev/null now: the log file is all there is
             log.error("not started: %s", exc)
         return 1
-    server.start()
-    systemd.notify("READY=1", f"STATUS={server.summary()}", f"MAINPID={os.getpid()}")
-    try:
-        _main_loop(args, server)
-    finally:
-        systemd.notify("STOPPING=1")
-        server.stop()
+    if config.processes > 1:
+        return Supervisor(config, server.sock, lambda: _reread(args)).run()
+    server.serve_forever(lambda: _reread(args))
     return 0
 
 

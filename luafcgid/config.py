@@ -1,9 +1,11 @@
 """Reading a YAML config file into a checked Config, driven by the settings table."""
 
 import os
+import re
 
 import yaml
 
+from . import vm
 from .settings import BY_NAME, SETTINGS, SettingError
 
 
@@ -41,6 +43,8 @@ class Config:
 
 
 def _resolve(base_dir, value):
+    if isinstance(value, tuple):
+        return tuple(_resolve(base_dir, item) for item in value)
     if value is None or os.path.isabs(value):
         return value
     return os.path.normpath(os.path.join(base_dir, value))
@@ -84,6 +88,23 @@ def _cross_checks(values):
                         f"got {values['clones']}")
     if values["finishhandler"] is not None and values["finishhandler"] == values["handler"]:
         problems.append("finishhandler: must differ from handler")
+    if not vm.available(values["lua"]):
+        shipped = [choice for choice in vm.MODULES if vm.available(choice)]
+        problems.append(f"lua: the installed lupa does not ship Lua {values['lua']} (no module "
+                        f"{vm.MODULES[values['lua']]}); it ships: {', '.join(shipped) or 'none'}")
+    version = "5.1" if values["lua"] == "luajit" else values["lua"]
+    for pattern in values["lua_cpath"]:
+        match = re.search(r"/lua/(5\.\d)/", pattern)
+        if match and match.group(1) != version:
+            problems.append(f"lua_cpath: {pattern} holds C modules for Lua {match.group(1)}, "
+                            f"but the states run Lua {version} (lua: {values['lua']}); a C "
+                            f"module built for another Lua version fails to load or crashes")
+    prelude = values["prelude"]
+    if prelude is not None:
+        if not os.path.isfile(prelude):
+            problems.append(f"prelude: no such file: {prelude}")
+        elif not os.access(prelude, os.R_OK):
+            problems.append(f"prelude: not readable: {prelude}")
     return problems
 
 

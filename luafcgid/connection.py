@@ -24,11 +24,12 @@ class Output:
     makes further writes no-ops, so the script runs on without noticing. Keeps the first
     bytes (the Status line) and the byte count for the counters and the access log."""
 
-    __slots__ = ("sock", "request_id", "ended", "broken", "head", "sent")
+    __slots__ = ("sock", "request_id", "keep_conn", "ended", "broken", "head", "sent")
 
-    def __init__(self, sock, request_id):
+    def __init__(self, sock, request_id, keep_conn):
         self.sock = sock
         self.request_id = request_id
+        self.keep_conn = keep_conn
         self.ended = False
         self.broken = False
         self.head = None
@@ -51,6 +52,13 @@ class Output:
         if not self.broken:
             self._send(fcgi.stream(fcgi.STDOUT, self.request_id, data)
                        + fcgi.end_request(self.request_id))
+        if not self.keep_conn:
+            # nginx completes a response on a connection it did not ask to keep only when
+            # the connection closes; the finish handler still runs after this.
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
 
     def _send(self, payload):
         try:
@@ -61,42 +69,48 @@ class Output:
 
 
 class Connection:
-    def __init__(self, sock, peer, server, worker):
+    def __init__(self, sock, peer, server):
         """`server` provides the current `responder` and `config`; a reload replaces them,
-        and each request takes the ones current when it begins. `worker` is the serving
-        thread's metrics.WorkerStats."""
+        and each request takes the ones current when it begins."""
         self.sock = sock
-        self.worker = worker
         self.peer = peer or "unix socket"
         self.server = server
-        self.idle = True   # waiting for a request to begin; safe to close on shutdown
+        self.parked_at = 0.0
         self._buf = bytearray()
         self._pos = 0
         sock.settimeout(server.config.client_timeout)
 
-    def serve(self, keep_going):
-        """Answer requests until the peer closes, does not ask to keep the connection, or
-        keep_going() turns false between requests."""
+    def serve(self, worker):
+        """Answer the requests that are ready, counted in `worker` (the serving thread's
+        metrics.WorkerStats). True when the connection is idle and kept (park it until its
+        next request); False when it is finished."""
         try:
-            while keep_going():
+            while True:
                 request = self._read_request()
                 if request is None:
-                    return
+                    return False
                 request_id, keep_conn, params, body, too_large = request
-                self.idle = False
-                out = Output(self.sock, request_id)
-                self.worker.begin(params)
+                out = Output(self.sock, request_id, keep_conn)
+                worker.begin(params)
                 try:
-                    self.server.responder.respond(params, body, out, too_large, self.worker)
+                    self.server.responder.respond(params, body, out, too_large, worker)
                 finally:
-                    self.worker.end(out)
-                self.idle = True
-                if not keep_conn:
-                    return
+                    worker.end(out)
+                if not keep_conn or self.server.stopping:
+                    return False
+                if len(self._buf) == self._pos:   # nothing more received yet
+                    return True
         except fcgi.ProtocolError as exc:
             log.warning("malformed FastCGI from %s: %s; connection closed", self.peer, exc)
         except ClientGone as exc:
             log.info("%s: %s", self.peer, exc)
+        return False
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
 
     # -- records --------------------------------------------------------------------------
 
@@ -176,7 +190,6 @@ class Connection:
                         return None
                 else:
                     request_id, keep_conn = rid, bool(flags & fcgi.KEEP_CONN)
-                    self.idle = False
             elif rtype not in _KNOWN_TYPES:
                 self._reply(fcgi.UNKNOWN_TYPE, 0, bytes((rtype,)) + b"\0" * 7)
             elif rid != request_id:
@@ -203,7 +216,6 @@ class Connection:
                 if not keep_conn:
                     return None
                 request_id, params, body, body_len, too_large = None, bytearray(), [], 0, False
-                self.idle = True
 
     def _management(self, rtype, content, config):
         if rtype == fcgi.GET_VALUES:

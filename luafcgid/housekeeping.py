@@ -1,4 +1,4 @@
-"""The heartbeat: flush states whose script changed on disk.
+"""The heartbeat: flush states whose script (or prelude) changed on disk.
 
 A thread compares every loaded script's signature (nanosecond mtime, size, inode) every
 `sweep` milliseconds; a watchdog observer on the scripts' directories flushes at once when
@@ -19,7 +19,10 @@ log = logging.getLogger("luafcgid")
 
 
 def _changed(state):
+    """Whether the state's script, or the prelude it ran, changed since it loaded."""
     try:
+        if state.prelude and file_signature(state.prelude) != state.prelude_signature:
+            return True
         return file_signature(state.path) != state.signature
     except OSError:
         return True
@@ -46,6 +49,9 @@ class Housekeeper:
         self._observer.daemon = True
         self._handler = _ScriptEvents(self)
         self._watches = {}   # directory -> watchdog watch
+        self._watches_lock = threading.Lock()
+        # watch a new script's directory as soon as it loads, not at the next sweep
+        responder.on_load = self.watch
 
     def start(self):
         self._observer.start()
@@ -65,7 +71,8 @@ class Housekeeper:
         # stat() outside the pool's lock; the lock is only taken to flush
         # (the snapshot keeps its states alive, so their ids stay unique meanwhile)
         snapshot = self.pool.states()
-        changed = {id(s) for s in snapshot if (path is None or s.path == path) and _changed(s)}
+        changed = {id(s) for s in snapshot
+                   if (path is None or path in (s.path, s.prelude)) and _changed(s)}
         if not changed:
             return 0
         flushed = self.pool.flush(lambda s: id(s) in changed)
@@ -76,14 +83,19 @@ class Housekeeper:
     def sweep(self):
         self.responder.forget_locations()
         self.flush_changed()
-        self._watch({os.path.dirname(s.path) for s in self.pool.states()})
+        directories = {os.path.dirname(s.path) for s in self.pool.states()}
+        with self._watches_lock:
+            for gone in set(self._watches) - directories:
+                watch = self._watches.pop(gone)
+                if watch is not None:
+                    self._observer.unschedule(watch)
 
-    def _watch(self, directories):
-        for gone in set(self._watches) - directories:
-            watch = self._watches.pop(gone)
-            if watch is not None:
-                self._observer.unschedule(watch)
-        for directory in directories - set(self._watches):
+    def watch(self, script):
+        """Watch the directory of a script that was just loaded."""
+        directory = os.path.dirname(script)
+        with self._watches_lock:
+            if directory in self._watches:
+                return
             try:
                 self._watches[directory] = self._observer.schedule(self._handler, directory)
             except OSError as exc:   # e.g. inotify watches exhausted: the sweep still works

@@ -45,12 +45,17 @@ def files(config):
 
 
 def reopen():
-    """Reopen every log file by name: after logrotate moved it away, new lines go to a new
-    file instead of the renamed one."""
+    """Reopen every log file by name (SIGUSR1): after logrotate moved it away, new lines go
+    to a new file instead of the renamed one. A file that cannot be opened keeps the old."""
     for logger in (log, access, slow):
         for handler in logger.handlers:
             if isinstance(handler, logging.FileHandler):
-                stream = open(handler.baseFilename, handler.mode, encoding=handler.encoding)
+                try:
+                    stream = open(handler.baseFilename, handler.mode, encoding=handler.encoding)
+                except OSError as exc:
+                    log.error("SIGUSR1: cannot reopen %s: %s", handler.baseFilename, exc)
+                    continue
                 old = handler.setStream(stream)
                 if old is not None:
                     old.close()
+    log.info("SIGUSR1: log files reopened")

@@ -163,13 +163,16 @@ class StatePool:
     def _choose_victim(self):
         """The idle state least worth keeping: idle longest, relative to how popular it is,
         and sooner if its script has other states to fall back on. A hot script's only
-        state thus outlives a one-off script's state that was used more recently."""
+        state thus outlives a one-off script's state that was used more recently. The idle
+        time counts from one second, so that in a burst (all idle for milliseconds)
+        popularity still decides."""
         now = time.monotonic()
         victim, worst = None, -1.0
         for path, idle in self._idle.items():
             clones = len(self._states[path])
             for state in idle:
-                score = (now - state.last_used + 0.001) * clones / (1 + math.log2(1 + state.requests))
+                score = ((now - state.last_used + 1.0) * clones
+                         / (1 + math.log2(1 + state.requests)))
                 if score > worst:
                     victim, worst = state, score
         return victim

@@ -10,6 +10,7 @@ from .settings import SETTINGS
 SECTIONS = {
     "listener": "Listening socket",
     "pool": "Workers and the Lua state pool",
+    "modules": "Lua modules",
     "response": "Responses",
     "process": "Process, limits and logs",
     "status": "Status and ping pages",

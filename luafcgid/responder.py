@@ -25,6 +25,7 @@ class Responder:
         self.pool = StatePool(self._load, config.states, config.max_clones, config.retries)
         self._located = {}   # SCRIPT_FILENAME -> real path, emptied by every sweep
         self._successor = None
+        self.on_load = None   # called with a script's path after a state of it loaded
 
     def retire(self, successor):
         """After a reload: requests that reach this responder late go to its successor;
@@ -33,7 +34,12 @@ class Responder:
         self.pool.close()
 
     def _load(self, path):
-        return LuaState(path, self.config, search_paths(os.path.dirname(path), self.config.lua))
+        config = self.config
+        paths = search_paths(os.path.dirname(path), config.lua, config.lua_path, config.lua_cpath)
+        state = LuaState(path, config, paths)
+        if self.on_load is not None:
+            self.on_load(path)
+        return state
 
     def locate(self, script):
         """The real path of a non-empty regular file named by `script`, or None."""

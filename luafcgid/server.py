@@ -1,13 +1,14 @@
-"""The daemon's moving parts: worker threads accepting on the listening socket, the
+"""The daemon's moving parts: worker threads taking connections from the acceptor, the
 responder and its state pool, the heartbeat; starting them and draining them at stop."""
 
-import errno
 import logging
+import os
 import socket
 import threading
 import time
 
-from . import listener
+from . import listener, logs, signals, systemd
+from .acceptor import Acceptor
 from .connection import Connection
 from .housekeeping import Housekeeper
 from .metrics import Metrics, current as current_worker
@@ -18,33 +19,26 @@ from .status import Status
 
 log = logging.getLogger("luafcgid")
 
-# accept() failures that say "not now" rather than "never": back off and try again
-_TRANSIENT = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 LISTENER_SETTINGS = ("listen", "backlog", "listen_mode", "listen_owner", "listen_group")
 
 
-def _wake_accepts(sock):
-    """On Linux, shutdown() of a listening socket wakes the threads blocked in accept()."""
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-
-
 class Server:
-    def __init__(self, config, sock=None):
-        """`sock`: a listening socket passed by systemd (socket activation). It belongs to
-        systemd, which keeps it across restarts: luafcgid neither shuts it down nor replaces
-        it, and leaves its file in place."""
+    def __init__(self, config, sock=None, process=None, inherited=False):
+        """`process` numbers this serving process when a supervisor runs several: they
+        share a listening socket the supervisor owns (binds, rebinds and removes).
+        `inherited`: `sock` was passed by systemd (socket activation); systemd keeps it
+        across restarts, so luafcgid neither replaces it nor removes its file."""
         self.config = config
         self.sock = sock
-        self.inherited = sock is not None
+        self.process = process
+        self.inherited = inherited
         self.metrics = Metrics(config.workers, config.slowlog_timeout)
         self.status = Status(self)
         self.responder = Responder(config, self.status)
         self.housekeeper = Housekeeper(self.responder, config.sweep)
         self.slow_watcher = SlowWatcher(self)
         self.stopping = False
+        self.acceptor = None
         self._threads = []
         self._connections = {}   # worker number -> Connection being served
 
@@ -54,15 +48,12 @@ class Server:
     def start(self):
         if self.sock is None:
             self.bind()
-        if self.inherited:
-            # shutdown() would break systemd's socket too, so accept() wakes now and then
-            # to notice a stop instead
-            self.sock.settimeout(0.5)
+        self.acceptor = Acceptor(self.sock)
         self.housekeeper.start()
         self.slow_watcher.start()
         for number in range(1, self.config.workers + 1):
-            thread = threading.Thread(target=self._accept_loop, args=(number,),
-                                      name=f"worker-{number}", daemon=True)
+            name = f"worker-{number}" if self.process is None else f"worker-{self.process}.{number}"
+            thread = threading.Thread(target=self._work, args=(number,), name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
         log.info("luafcgid serving on %s with %d workers, %d states, Lua %s", self.listening(),
@@ -77,33 +68,30 @@ class Server:
         return (f"serving on {self.listening()}: {requests} requests, {failed} failed, "
                 f"{active}/{len(self.metrics.workers)} workers busy")
 
-    def keep_going(self):
-        return not self.stopping
-
-    def _accept_loop(self, number):
+    def _work(self, number):
         worker = current_worker.stats = self.metrics.workers[number - 1]
-        while not self.stopping:
-            sock = self.sock   # replaced by a reload that rebinds
-            tcp = sock.family != socket.AF_UNIX
-            try:
-                conn, address = sock.accept()
-            except OSError as exc:
-                if self.stopping or sock is not self.sock:
-                    continue
-                if exc.errno in _TRANSIENT:
-                    log.error("accept failed: %s; retrying", exc)
-                    time.sleep(0.1)
-                continue
-            peer = f"{address[0]}:{address[1]}" if tcp else None
-            connection = Connection(conn, peer, self, worker)
+        while True:
+            work = self.acceptor.next()
+            if work is None:
+                return
+            if isinstance(work, Connection):
+                connection = work
+            else:
+                sock, address = work
+                peer = f"{address[0]}:{address[1]}" if sock.family != socket.AF_UNIX else None
+                connection = Connection(sock, peer, self)
             self._connections[number] = connection
             try:
-                connection.serve(self.keep_going)
+                park = connection.serve(worker)
             except Exception:
                 log.exception("unexpected error serving %s", connection.peer)
+                park = False
             finally:
                 del self._connections[number]
-                conn.close()
+            if park and not self.stopping:
+                self.acceptor.park(connection)
+            else:
+                connection.close()
 
     def reload(self, config):
         """Apply a re-read config: new states for every script (a new pool; in-flight
@@ -114,9 +102,12 @@ class Server:
             if not setting.live and getattr(config, name) != getattr(self.config, name):
                 log.warning("reload: %s changed; restart luafcgid to apply it", name)
                 setattr(config, name, getattr(self.config, name))
-        if self.inherited:
-            for name in LISTENER_SETTINGS:
-                setattr(config, name, getattr(self.config, name))
+        if any(getattr(config, name) != getattr(self.config, name) for name in LISTENER_SETTINGS):
+            if self.process is not None or self.inherited:
+                log.warning("reload: listener settings changed; with processes > 1 or a "
+                            "socket passed by systemd that needs a restart")
+                for name in LISTENER_SETTINGS:
+                    setattr(config, name, getattr(self.config, name))
         if any(getattr(config, name) != getattr(self.config, name) for name in LISTENER_SETTINGS):
             try:
                 sock = listener.bind(config)
@@ -127,7 +118,7 @@ class Server:
             else:
                 old_sock, old_config = self.sock, self.config
                 self.sock = sock
-                _wake_accepts(old_sock)
+                self.acceptor.listen_on(sock)
                 if old_config.listen != config.listen:
                     listener.remove(old_config, old_sock)
                 log.info("reload: now listening on %s", config.listen)
@@ -148,14 +139,7 @@ class Server:
             return
         self.stopping = True
         log.info("stopping: draining in-flight requests")
-        if not self.inherited:
-            _wake_accepts(self.sock)
-        for connection in list(self._connections.values()):
-            if connection.idle:   # a kept-alive connection waiting for its next request
-                try:
-                    connection.sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+        self.acceptor.close()
         deadline = time.monotonic() + self.config.shutdown_timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -165,8 +149,45 @@ class Server:
         self.housekeeper.stop()
         self.slow_watcher.stop()
         self.responder.pool.close()
-        if self.inherited:
-            self.sock.close()
-        else:
+        if self.process is None and not self.inherited:
             listener.remove(self.config, self.sock)
+        else:
+            self.sock.close()
         log.info("stopped")
+
+    def serve_forever(self, reread):
+        """Run until SIGTERM or SIGINT, in the main thread, which takes the signals:
+        SIGHUP applies reread() (a Config, or None when the file is bad) and every second
+        the main thread drops kept-alive connections left idle. SIGUSR1 reopens the logs.
+        A lone process tells systemd (if it runs us) READY=1, RELOADING=1, STOPPING=1 and
+        pings its watchdog; under a supervisor, the supervisor does."""
+        signals.block()
+        self.start()
+        main = self.process is None
+        watchdog = systemd.Watchdog() if main else None
+        if main:
+            systemd.notify("READY=1", f"STATUS={self.summary()}", f"MAINPID={os.getpid()}")
+        try:
+            while True:
+                signum = signals.wait(timeout=watchdog.timeout(1.0) if main else 1.0)
+                if main:
+                    watchdog.tick(self.summary, healthy=self.housekeeper.alive())
+                if signum is None:
+                    self.acceptor.close_idle(self.config.client_timeout)
+                elif signum in signals.STOP:
+                    break
+                elif signum == signals.REOPEN:
+                    logs.reopen()
+                else:
+                    log.info("SIGHUP: reloading the configuration")
+                    if main:
+                        systemd.reloading()
+                    config = reread()
+                    if config is not None:
+                        self.reload(config)
+                    if main:
+                        systemd.notify("READY=1", f"STATUS={self.summary()}")
+        finally:
+            if main:
+                systemd.notify("STOPPING=1")
+            self.stop()

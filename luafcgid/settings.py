@@ -135,6 +135,23 @@ def file_mode(value):
     raise SettingError(f"expected an octal mode string like \"0660\", got {value!r}")
 
 
+def search_patterns(value):
+    """A list of package.path / package.cpath templates, each with a `?`."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise SettingError(f"expected a list of patterns like 'lib/?.lua', got {_type_name(value)}")
+    for item in value:
+        if not isinstance(item, str) or not item:
+            raise SettingError(f"expected non-empty strings, got {item!r}")
+        if ";" in item:
+            raise SettingError(f"one pattern per list item, without ';': {item!r}")
+        if "?" not in item:
+            raise SettingError(f"a pattern needs a '?' where the module name goes "
+                               f"(e.g. {item.rstrip('/')}/?.lua), got {item!r}")
+    return tuple(value)
+
+
 def ignored(value):
     return value
 
@@ -182,6 +199,10 @@ SETTINGS = (
     # -- workers and the state pool
     Setting("workers", integer(1), 3,
             "Worker threads, each serving one request at a time.", "pool", live=False),
+    Setting("processes", integer(1), 1,
+            "Serving processes sharing the listening socket, each with its own workers, "
+            "states and Python interpreter lock (like php-fpm's static pool, with threads "
+            "inside). workers, states and clones count per process.", "pool", live=False),
     Setting("states", integer(1), 5,
             "Most Lua states kept in the pool (at least workers).", "pool"),
     Setting("clones", optional(integer(1)), None,
@@ -194,6 +215,22 @@ SETTINGS = (
             "pool"),
     Setting("lua", lua_version, "luajit",
             "Lua VM the states run: luajit, 5.1, 5.2, 5.3, 5.4 or 5.5.", "pool", live=False),
+    Setting("lua_path", search_patterns, [],
+            "The site's own Lua module patterns (e.g. lib/?.lua, or a LuaRocks tree's "
+            "share/lua/5.1/?.lua and share/lua/5.1/?/init.lua), searched after the script's "
+            "directory and before LUA_PATH and the system's directories. Relative patterns "
+            "resolve against the config file's directory. In YAML, quote patterns in a [...] "
+            "list or write one '- pattern' per line.", "modules", is_path=True),
+    Setting("lua_cpath", search_patterns, [],
+            "The site's own C module patterns (e.g. a LuaRocks tree's lib/lua/5.1/?.so), "
+            "searched after the script's directory and before LUA_CPATH and the system's "
+            "directories. Relative patterns resolve against the config file's directory.",
+            "modules", is_path=True),
+    Setting("prelude", optional(string), None,
+            "Lua file run in every new state before its script (shared helpers, a framework's "
+            "bootstrap); its globals are the script's. Its errors fail the load like the "
+            "script's own; when it changes, states are reloaded like for a changed script.",
+            "modules", is_path=True),
     # -- responses
     Setting("handler", identifier, "main",
             "Global function called for each request as handler(env, con).", "response"),

@@ -17,9 +17,7 @@ def block():
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
 
 
-def wait(timeout=None):
-    """The next signal; None when `timeout` seconds pass without one."""
-    if timeout is None:
-        return signal.sigwait(HANDLED)
+def wait(timeout):
+    """The next signal, or None after `timeout` seconds without one."""
     info = signal.sigtimedwait(HANDLED, timeout)
-    return None if info is None else info.si_signo
+    return info.si_signo if info is not None else None

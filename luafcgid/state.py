@@ -76,6 +76,11 @@ class LuaState:
         `paths` is the (package.path, package.cpath) pair for this script."""
         self.path = path
         self.signature = file_signature(path)
+        self.prelude = config.prelude
+        try:
+            self.prelude_signature = file_signature(config.prelude) if config.prelude else None
+        except OSError:   # the load reports it as a File Error
+            self.prelude_signature = None
         self.loaded_at = time.time()
         self.last_used = time.monotonic()
         self.requests = 0
@@ -96,6 +101,7 @@ class LuaState:
             "httpstatus": config.httpstatus, "contenttype": config.contenttype,
             "headers": "".join(line + "\r\n" for line in config.headers),
             "buffering": config.buffering,
+            "prelude": config.prelude or "", "libdir": LUA_DIR,
         }))
         try:
             result = self.runtime.execute(_BOOTSTRAP, path.encode(),

@@ -30,7 +30,7 @@ def reloading():
     return notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
 
 
-def watchdog_interval():
+def _watchdog_interval():
     """Seconds between WATCHDOG=1 pings (half of WatchdogSec=), or None when not asked."""
     usec = os.environ.get("WATCHDOG_USEC")
     pid = os.environ.get("WATCHDOG_PID")
@@ -40,6 +40,28 @@ def watchdog_interval():
         return max(int(usec), 1) / 2e6
     except ValueError:
         return None
+
+
+class Watchdog:
+    """WATCHDOG=1 pings (with a fresh STATUS= line) for a main loop that waits at most
+    timeout() between calls to tick(). Does nothing when WatchdogSec= is not set."""
+
+    def __init__(self):
+        self.interval = _watchdog_interval()
+        self._next = time.monotonic()
+
+    def timeout(self, longest):
+        if self.interval is None:
+            return longest
+        return max(0.0, min(longest, self._next - time.monotonic()))
+
+    def tick(self, status, healthy=True):
+        """Ping when due; an unhealthy daemon stays silent so that systemd restarts it."""
+        if self.interval is None or time.monotonic() < self._next:
+            return
+        self._next = time.monotonic() + self.interval
+        if healthy:
+            notify("WATCHDOG=1", f"STATUS={status()}")
 
 
 def listen_socket():

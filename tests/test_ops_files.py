@@ -70,8 +70,7 @@ def site_conf(tmp_path, servers=None):
     port = free_port()
     site = (site.replace("listen 80;", f"listen 127.0.0.1:{port};")
             .replace("listen [::]:80;", "")
-            .replace("root /srv/www;", f"root {tmp_path / 'www'};")
-            .replace("include fastcgi_params;", "include /etc/nginx/fastcgi_params;"))
+            .replace("root /srv/www;", f"root {tmp_path / 'www'};"))
     if servers is not None:
         site = site.replace("server unix:/run/luafcgid/luafcgid.sock;",
                             "".join(f"server {s};\n    " for s in servers))
@@ -86,6 +85,8 @@ def nginx_conf(tmp_path, site):
     d = tmp_path / "nginx"
     d.mkdir(exist_ok=True)
     (d / "site.conf").write_text(site)
+    # the shipped files include fastcgi_params relative to nginx's configuration directory
+    shutil.copy("/etc/nginx/fastcgi_params", d)
     snippet = os.path.join(ROOT, "nginx", "luafcgid.conf")
     extra = ""
     if os.path.exists(snippet):

@@ -1,7 +1,7 @@
 -- Run once in every new Lua state, before its script: builds the request object (`con`),
--- makes relative file names resolve against the script's directory, loads the script and
--- returns the functions the Python side calls per request. Everything here is local, so a
--- script sees only the standard libraries and its own globals.
+-- makes relative file names resolve against the script's directory, runs the prelude, loads
+-- the script and returns the functions the Python side calls per request. Everything here
+-- is local, so a script sees only the standard libraries and its own globals.
 
 local script, dir, config, send, log, opts = ...
 
@@ -157,18 +157,39 @@ local function is_memory_error(message)
   return type(message) == "string" and find(message, "not enough memory", 1, true) ~= nil
 end
 
-local function load_script()
-  local chunk, message = loadfile_absolute(script)
+-- Compiles and runs a Lua file: true and the chunk's first result, or false, an error kind
+-- and its message.
+local function run_file(file, ...)
+  local chunk, message = loadfile_absolute(file)
   if not chunk then
     if is_memory_error(message) then return false, "Memory Error", message end
-    local probe = io_open(script, "rb")
+    local probe = io_open(file, "rb")
     if not probe then return false, "File Error", message end
     probe:close()
     return false, "Syntax Error", message
   end
-  local ok, err = pcall(chunk)
+  local ok, result = pcall(chunk, ...)
   if not ok then
-    return false, is_memory_error(err) and "Memory Error" or "Runtime Error", tostring(err)
+    return false, is_memory_error(result) and "Memory Error" or "Runtime Error", tostring(result)
+  end
+  return true, result
+end
+
+-- The prelude (setting `prelude`) runs first, with the script's path as its argument; then
+-- the script. A script that defines no handler but returns a WSAPI application (a function,
+-- or a table with a `run` function) is served as that application.
+local app_handler
+
+local function load_script()
+  if opts.prelude ~= "" then
+    local ok, kind, message = run_file(opts.prelude, script)
+    if not ok then return false, kind, message end
+  end
+  local ok, result, message = run_file(script)
+  if not ok then return false, result, message end
+  if type(result) == "function" or (type(result) == "table" and type(result.run) == "function") then
+    local wsapi = assert(loadfile_absolute(opts.libdir .. "/luafcgid_wsapi.lua"))()
+    app_handler = wsapi.handler(result, script, dir, log)
   end
   return true
 end
@@ -183,7 +204,10 @@ local function serve(env, input)
   current = c
   local handler = _G[handler_name]
   if type(handler) ~= "function" then
-    return false, "Runtime Error", handler_name .. "() function not found", false
+    handler = app_handler
+    if handler == nil then
+      return false, "Runtime Error", handler_name .. "() function not found", false
+    end
   end
   local ok, err = pcall(handler, env, c)
   if not ok then

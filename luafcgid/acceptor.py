@@ -1,0 +1,102 @@
+"""What a worker waits for: a new connection on the listening socket, or a kept-alive
+connection (FCGI_KEEP_CONN) on which the web server has sent its next request.
+
+A worker that blocked on its own idle kept-alive connection would be lost to every other
+client: nginx caches more upstream connections than there are workers, and requests sent
+on connections no worker watches would wait for a timeout. So idle connections are parked
+in one epoll set shared with the listening socket, and whichever worker is free takes the
+next ready one. EPOLLONESHOT lends a parked connection to exactly one worker;
+EPOLLEXCLUSIVE wakes one worker, not all, for a new connection.
+"""
+
+import errno
+import logging
+import os
+import select
+import threading
+import time
+
+log = logging.getLogger("luafcgid")
+
+# accept() failures that say "not now" rather than "never": back off and try again
+_TRANSIENT = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+_PARKED = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
+
+
+class Acceptor:
+    def __init__(self, sock):
+        self._epoll = select.epoll()
+        self._parked = {}   # fd -> Connection waiting for its next request
+        self._lock = threading.Lock()
+        self._wake_read, self._wake_write = os.pipe()
+        # never drained: once written, it wakes every worker, level-triggered
+        self._epoll.register(self._wake_read, select.EPOLLIN)
+        self.closed = False
+        self.sock = None
+        self.listen_on(sock)
+
+    def listen_on(self, sock):
+        """Accept from `sock` from now on (a reload may rebind)."""
+        sock.setblocking(False)
+        self._epoll.register(sock.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
+        old, self.sock = self.sock, sock
+        if old is not None:
+            self._epoll.unregister(old.fileno())
+
+    def next(self):
+        """Block until there is work: (socket, address) of a new connection, or a parked
+        Connection with a request waiting. None once the acceptor is closed."""
+        while not self.closed:
+            events = self._epoll.poll(-1, 1)
+            for fd, _ in events:
+                if fd == self._wake_read:
+                    return None
+                sock = self.sock
+                if fd == sock.fileno():
+                    try:
+                        return sock.accept()
+                    except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                        continue   # another worker took it, or the client gave up
+                    except OSError as exc:
+                        if exc.errno in _TRANSIENT:
+                            log.error("accept failed: %s; retrying", exc)
+                            time.sleep(0.1)
+                        continue
+                with self._lock:
+                    connection = self._parked.pop(fd, None)
+                if connection is not None:
+                    return connection
+        return None
+
+    def park(self, connection):
+        """Keep an idle connection until its next request arrives."""
+        fd = connection.sock.fileno()
+        with self._lock:
+            if self.closed:
+                connection.close()
+                return
+            connection.parked_at = time.monotonic()
+            self._parked[fd] = connection
+            try:
+                self._epoll.modify(fd, _PARKED)
+            except FileNotFoundError:   # first time parked (or a new socket on a reused fd)
+                self._epoll.register(fd, _PARKED)
+
+    def close_idle(self, max_idle):
+        """Close parked connections idle for more than max_idle seconds."""
+        limit = time.monotonic() - max_idle
+        with self._lock:
+            expired = [fd for fd, c in self._parked.items() if c.parked_at < limit]
+            connections = [self._parked.pop(fd) for fd in expired]
+        for connection in connections:
+            connection.close()
+
+    def close(self):
+        """Wake every worker with None, and close the parked connections."""
+        with self._lock:
+            self.closed = True
+            connections = list(self._parked.values())
+            self._parked.clear()
+        os.write(self._wake_write, b"x")
+        for connection in connections:
+            connection.close()

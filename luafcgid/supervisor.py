@@ -1,0 +1,112 @@
+"""processes > 1: a parent that forks the serving processes and looks after them.
+
+The children share the parent's listening socket; each has its own worker threads, state
+pool and interpreter lock, so Python work runs on every core. The parent starts no
+threads (it forks), restarts a child that dies, passes SIGHUP on (each child re-reads the
+config) and on SIGTERM stops the children, waits for them to drain and removes the socket.
+"""
+
+import logging
+import os
+import signal
+import time
+
+from . import listener, logs, signals, systemd
+from .server import Server
+
+log = logging.getLogger("luafcgid")
+
+_RESPAWN_PAUSE = 1.0   # seconds between restarts of the same child, against crash loops
+
+
+class Supervisor:
+    def __init__(self, config, sock, reread):
+        self.config = config
+        self.sock = sock
+        self.reread = reread
+        self.children = {}   # pid -> process number
+        self.started = {}    # process number -> when it was last started
+        self.stopping = False
+
+    def run(self):
+        signals.block()   # before forking: children inherit the mask and sigwait too
+        for number in range(1, self.config.processes + 1):
+            self._spawn(number)
+        log.info("luafcgid serving on %s with %d processes of %d workers", self.config.listen,
+                 self.config.processes, self.config.workers)
+        status = lambda: f"serving on {self.config.listen} with {len(self.children)} processes"
+        systemd.notify("READY=1", f"STATUS={status()}", f"MAINPID={os.getpid()}")
+        watchdog = systemd.Watchdog()
+        try:
+            while True:
+                signum = signals.wait(timeout=watchdog.timeout(1.0))
+                self._reap()
+                watchdog.tick(status)
+                if signum in signals.STOP:
+                    break
+                if signum == signals.REOPEN:
+                    logs.reopen()
+                    self._signal_all(signal.SIGUSR1)
+                if signum == signals.RELOAD:
+                    systemd.reloading()
+                    if self.reread() is not None:
+                        log.info("SIGHUP: reloading every process")
+                        self._signal_all(signal.SIGHUP)
+                    systemd.notify("READY=1", f"STATUS={status()}")
+        finally:
+            systemd.notify("STOPPING=1")
+            self._stop()
+        return 0
+
+    def _spawn(self, number):
+        pause = self.started.get(number, 0) + _RESPAWN_PAUSE - time.monotonic()
+        if pause > 0:
+            time.sleep(pause)
+        self.started[number] = time.monotonic()
+        pid = os.fork()
+        if pid:
+            self.children[pid] = number
+            return
+        code = 1
+        try:
+            Server(self.config, self.sock, process=number).serve_forever(self.reread)
+            code = 0
+        except BaseException:
+            log.exception("process %d failed", number)
+        finally:
+            logging.shutdown()
+            os._exit(code)
+
+    def _reap(self):
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            number = self.children.pop(pid, None)
+            if number is not None and not self.stopping:
+                log.error("process %d (pid %d) exited with status %d; starting it again",
+                          number, pid, os.waitstatus_to_exitcode(status))
+                self._spawn(number)
+
+    def _signal_all(self, signum):
+        for pid in list(self.children):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def _stop(self):
+        self.stopping = True
+        self._signal_all(signal.SIGTERM)
+        deadline = time.monotonic() + self.config.shutdown_timeout + 5
+        while self.children and time.monotonic() < deadline:
+            self._reap()
+            time.sleep(0.05)
+        if self.children:
+            log.error("processes %s did not stop; killing them", sorted(self.children.values()))
+            self._signal_all(signal.SIGKILL)
+        listener.remove(self.config, self.sock)
+        log.info("stopped")

@@ -1,0 +1,94 @@
+"""Missing scripts, Lua errors and the 500 page, through nginx."""
+
+import os
+
+
+def test_missing_script_is_404_naming_the_file(shared_stack):
+    status, _, body = shared_stack.get("/nowhere.lua")
+    assert status == 404
+    assert shared_stack.site.file("nowhere.lua").encode() in body
+
+
+def test_empty_script_is_404(shared_stack):
+    shared_stack.write("empty_file.lua", "")
+    assert shared_stack.get("/empty_file.lua")[0] == 404
+
+
+def test_directory_named_like_a_script_is_404(shared_stack):
+    os.makedirs(shared_stack.site.file("dir.lua"), exist_ok=True)
+    assert shared_stack.get("/dir.lua")[0] == 404
+
+
+def test_syntax_error_is_500_with_kind_file_and_line(shared_stack):
+    path = shared_stack.write("syntax.lua", "function main(env, con)\n  con:puts('x'\nend\n")
+    status, _, body = shared_stack.get("/syntax.lua")
+    assert status == 500
+    assert b"Syntax Error" in body
+    assert f"{path}:3:".encode() in body
+    assert "Syntax Error: " + path in shared_stack.daemon.log()
+
+
+def test_runtime_error_in_handler_shows_message_with_line(shared_stack):
+    path = shared_stack.write("runtime.lua", """\
+        function main(env, con)
+          local t = nil
+          return t.x
+        end
+    """)
+    status, _, body = shared_stack.get("/runtime.lua")
+    assert status == 500
+    assert b"Runtime Error" in body
+    assert f"{path}:3: attempt to index".encode() in body
+    assert "Runtime Error: " + path + ":3:" in shared_stack.daemon.log()
+
+
+def test_missing_handler_is_a_runtime_error(shared_stack):
+    shared_stack.write("nohandler.lua", "x = 1\n")
+    status, _, body = shared_stack.get("/nohandler.lua")
+    assert status == 500
+    assert b"main() function not found" in body
+
+
+def test_load_time_error_discards_the_state(shared_stack):
+    counter = shared_stack.site.file("loads.txt")
+    shared_stack.write("loadfail.lua", f"""
+        local f = io.open("{counter}", "a"); f:write("x"); f:close()
+        error("broken at load")
+    """)
+    for _ in range(3):
+        status, _, body = shared_stack.get("/loadfail.lua")
+        assert status == 500 and b"broken at load" in body
+    with open(counter) as stream:
+        assert stream.read() == "xxx"   # loaded anew each time: no broken state was kept
+
+
+def test_handler_error_keeps_the_state(shared_stack):
+    shared_stack.write("flaky.lua", """
+        n = 0
+        function main(env, con)
+          n = n + 1
+          if n == 1 then error("first request fails") end
+          con:puts(n)
+        end
+    """)
+    assert shared_stack.get("/flaky.lua")[0] == 500
+    assert shared_stack.get("/flaky.lua")[2] == b"2"
+
+
+def test_showerrors_off_sends_a_plain_500(stack):
+    s = stack(showerrors=False)
+    s.write("secret.lua", 'function main() error("password=hunter2") end')
+    status, _, body = s.get("/secret.lua")
+    assert status == 500
+    assert b"hunter2" not in body and b"Runtime Error" not in body
+    assert b"500 Internal Server Error" in body
+    assert "password=hunter2" in s.daemon.log()
+
+
+def test_error_after_flush_ends_the_response_and_is_logged(shared_stack):
+    shared_stack.write("late.lua", """
+        function main(env, con) con:puts("partial"); con:flush(); error("after flush") end
+    """)
+    status, _, body = shared_stack.get("/late.lua")
+    assert status == 200 and body == b"partial"
+    assert "after flush" in shared_stack.daemon.log()

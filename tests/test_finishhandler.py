@@ -1,0 +1,40 @@
+"""finishhandler runs after the response is complete (the original crashed here)."""
+
+import os
+
+from conftest import wait_for
+
+
+def test_finish_handler_runs_after_the_response_went_out(stack, tmp_path):
+    go, done = tmp_path / "go", tmp_path / "done"
+    s = stack(finishhandler="after")
+    s.write("finish.lua", f"""
+        function main(env, con) con:puts("response") end
+        function after(env, con)
+          -- waits until the test has the whole response: proves it was sent before
+          local deadline = os.time() + 20
+          while not io.open("{go}") and os.time() < deadline do end
+          con:puts("never sent")
+          local f = io.open("{done}", "w"); f:write(env.REQUEST_URI); f:close()
+        end
+    """)
+    for n in range(3):   # the original segfaulted after the first request
+        status, _, body = s.get(f"/finish.lua?n={n}")
+        assert (status, body) == (200, b"response")
+        assert not done.exists()
+        go.write_text("")
+        wait_for(done.exists, what="the finish handler")
+        assert done.read_text() == f"/finish.lua?n={n}"
+        os.unlink(go)
+        os.unlink(done)
+
+
+def test_finish_handler_errors_are_only_logged(stack):
+    s = stack(finishhandler="after")
+    s.write("finish_error.lua", """
+        function main(env, con) con:puts("fine") end
+        function after() error("cleanup failed") end
+    """)
+    assert s.get("/finish_error.lua")[2] == b"fine"
+    assert s.get("/finish_error.lua")[2] == b"fine"
+    wait_for(lambda: "cleanup failed" in s.daemon.log(), what="the log line")
