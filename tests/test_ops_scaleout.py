@@ -25,10 +25,7 @@ def get(port, path):
 def test_stopping_one_of_two_daemons_loses_no_request(tmp_path):
     site = Site(tmp_path / "www")
     site.write("who.lua", "function main(env, con) con:puts(con:config('listen')) end")
-    # nginx keeps worker_processes (2) x keepalive (2) connections open; each holds a
-    # luafcgid worker, so every daemon has more workers than that
-    daemons = [Daemon(tmp_path / f"d{i}", {"listen": f"127.0.0.1:{free_port()}",
-                                           "workers": 6, "states": 6})
+    daemons = [Daemon(tmp_path / f"d{i}", {"listen": f"127.0.0.1:{free_port()}"})
                for i in range(2)]
     for d in daemons:
         d.start()
