@@ -278,12 +278,13 @@ def wsapi_launcher():
     return shutil.which("wsapi.fcgi") or (os.path.exists("/usr/bin/wsapi.fcgi") and "/usr/bin/wsapi.fcgi")
 
 
-def luafcgid_config(tmp):
-    """The shipped etc/luafcgid.yaml with only listen, logfile and pidfile overridden."""
+def luafcgid_config(tmp, settings=()):
+    """The shipped etc/luafcgid.yaml with listen, logfile and pidfile overridden (and the
+    settings given with --set, for scale runs)."""
     base_path = os.path.join(REPO, "etc", "luafcgid.yaml")
     overrides = {"listen": os.path.join(tmp, "luafcgid.sock"),
                  "logfile": os.path.join(tmp, "luafcgid.log"),
-                 "pidfile": os.path.join(tmp, "luafcgid.pid")}
+                 "pidfile": os.path.join(tmp, "luafcgid.pid"), **dict(settings)}
     base = {}
     base_text = ""
     if os.path.exists(base_path):
@@ -308,11 +309,11 @@ def luafcgid_config(tmp):
     return path, overrides["listen"]
 
 
-def start_backend(peer, tmp, servers):
+def start_backend(peer, tmp, servers, luafcgid_settings=()):
     """Start one FastCGI backend, appended to `servers` at once so that it is always stopped;
     returns the Server (the nginx peers have none of their own)."""
     if peer == "luafcgid":
-        conf, sock = luafcgid_config(tmp)
+        conf, sock = luafcgid_config(tmp, luafcgid_settings)
         server = Server("luafcgid", luafcgid_command() + ["-c", conf], tmp, cwd=tmp)
         servers.append(server)
         wait_ready(server, [sock])
@@ -533,6 +534,14 @@ def split_list(value, allowed, what):
     return items
 
 
+def setting(text):
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError("expected KEY=VALUE, got %r" % text)
+    import yaml
+    return key, yaml.safe_load(value)
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description="luafcgid benchmark: luafcgid vs php-fpm, WSAPI and nginx, via wrk")
     p.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run (default 5)")
@@ -545,6 +554,8 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="wrk threads (default nproc)")
     p.add_argument("--markdown", metavar="FILE", help="also write the table as Markdown")
     p.add_argument("--plot", metavar="FILE.png", help="also write a bar chart (needs matplotlib)")
+    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], type=setting,
+                   help="override a luafcgid setting (YAML value), e.g. processes=2; repeatable")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, logs)")
     args = p.parse_args(argv)
     if args.smoke:
@@ -598,7 +609,7 @@ def main(argv=None):
     try:
         for peer in list(peers):
             try:
-                srv = start_backend(peer, tmp, servers)
+                srv = start_backend(peer, tmp, servers, args.set)
             except BenchError as e:
                 log("cannot start %s: %s" % (peer, e))
                 notes.append("%s did not start: %s" % (peer, str(e).splitlines()[0]))
