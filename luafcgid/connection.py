@@ -32,9 +32,10 @@ def set_timeouts(sock, seconds):
 
 class Output:
     """Response bytes for one request, as STDOUT records. A web server that went away
-    makes further writes no-ops, so the script runs on without noticing."""
+    makes further writes no-ops, so the script runs on without noticing. Keeps the first
+    bytes (the Status line) and the byte count for the counters and the access log."""
 
-    __slots__ = ("sock", "request_id", "keep_conn", "ended", "broken")
+    __slots__ = ("sock", "request_id", "keep_conn", "ended", "broken", "head", "sent")
 
     def __init__(self, sock, request_id, keep_conn):
         self.sock = sock
@@ -42,15 +43,23 @@ class Output:
         self.keep_conn = keep_conn
         self.ended = False
         self.broken = False
+        self.head = None
+        self.sent = 0
 
     def write(self, data):
         if data and not self.ended and not self.broken:
+            if self.head is None:
+                self.head = data[:12]
+            self.sent += len(data)
             self._send(fcgi.stream(fcgi.STDOUT, self.request_id, data))
 
     def end(self, data=b""):
         if self.ended:
             return
         self.ended = True
+        if self.head is None:
+            self.head = data[:12]
+        self.sent += len(data)
         if not self.broken:
             self._send(fcgi.stream(fcgi.STDOUT, self.request_id, data)
                        + fcgi.end_request(self.request_id))
@@ -82,17 +91,22 @@ class Connection:
         self._pos = 0
         set_timeouts(sock, server.config.client_timeout)
 
-    def serve(self):
-        """Answer the requests that are ready. True when the connection is idle and kept
-        (park it until its next request); False when it is finished."""
+    def serve(self, worker):
+        """Answer the requests that are ready, counted in `worker` (the serving thread's
+        metrics.WorkerStats). True when the connection is idle and kept (park it until its
+        next request); False when it is finished."""
         try:
             while True:
                 request = self._read_request()
                 if request is None:
                     return False
                 request_id, keep_conn, params, body, too_large = request
-                self.server.responder.respond(
-                    params, body, Output(self.sock, request_id, keep_conn), too_large)
+                out = Output(self.sock, request_id, keep_conn)
+                worker.begin(params)
+                try:
+                    self.server.responder.respond(params, body, out, too_large, worker)
+                finally:
+                    worker.end(out)
                 if not keep_conn or self.server.stopping:
                     return False
                 if len(self._buf) == self._pos:   # nothing more received yet

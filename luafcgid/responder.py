@@ -18,8 +18,10 @@ log = logging.getLogger("luafcgid")
 
 
 class Responder:
-    def __init__(self, config):
+    def __init__(self, config, status=None):
+        """`status` (a status.Status) provides the status and ping pages, if configured."""
         self.config = config
+        self._pages = status.pages(config) if status is not None else {}
         self.pool = StatePool(self._load, config.states, config.max_clones, config.retries)
         self._located = {}   # SCRIPT_FILENAME -> real path, emptied by every sweep
         self._successor = None
@@ -57,7 +59,13 @@ class Responder:
     def forget_locations(self):
         self._located = {}
 
-    def respond(self, params, body, out, body_too_large=False):
+    def respond(self, params, body, out, body_too_large=False, worker=None):
+        """`worker` (a metrics.WorkerStats) is told which state runs the request."""
+        if self._pages:
+            page = self._pages.get(params.get(b"SCRIPT_NAME"))
+            if page is not None:
+                out.end(page(params))
+                return
         script = params.get(b"SCRIPT_FILENAME", b"")
         path = self.locate(script) if script else None
         if path is None:
@@ -73,11 +81,13 @@ class Responder:
             return
         except PoolClosed:
             if self._successor is not None:
-                self._successor.respond(params, body, out, body_too_large)
+                self._successor.respond(params, body, out, body_too_large, worker)
             else:
                 out.end(pages.unavailable())
             return
         discard = False
+        if worker is not None:
+            worker.state = state
         try:
             result = state.serve(params, body, out)
             if result[0]:
@@ -96,6 +106,8 @@ class Responder:
             discard = True
             self._report("Unknown Error", str(exc), out)
         finally:
+            if worker is not None:
+                worker.state = None
             self.pool.release(state, discard)
 
     def _report(self, kind, message, out, headers_sent=False):

@@ -7,6 +7,7 @@ from importlib import resources
 
 from . import vm
 from .settings import BY_NAME
+from .slowlog import main_thread
 
 log = logging.getLogger("luafcgid")
 
@@ -89,6 +90,7 @@ class LuaState:
         self.runtime = module.LuaRuntime(encoding=None, register_eval=False,
                                          register_builtins=False, unpack_returned_tuples=True,
                                          attribute_filter=_deny_attributes)
+        self.lua_thread = main_thread(self.runtime)   # for the slowlog's traceback
         self._channel = _Channel(path)
         values = {name: config.lua_value(name) for name in BY_NAME}
         lua_config = self.runtime.table_from(
