@@ -7,9 +7,9 @@ import sys
 
 import yaml
 
-from . import __version__, config as configuration, daemon, logs, vm
+from . import __version__, config as configuration, daemon, logs, privileges, signals, systemd, vm
 from .listener import ListenError
-from .reference import sample_config, settings_reference
+from .reference import man_page, sample_config, settings_reference
 
 log = logging.getLogger("luafcgid")
 
@@ -62,8 +62,9 @@ def _serve_parser():
 def _settings_parser():
     parser = argparse.ArgumentParser(prog="luafcgid settings",
                                      description="Print the settings reference.")
-    parser.add_argument("--format", choices=("markdown", "yaml"), default="markdown",
-                        help="markdown reference, or the sample config file")
+    parser.add_argument("--format", choices=("markdown", "yaml", "man"), default="markdown",
+                        help="markdown reference, the sample config file, or the "
+                             "luafcgid.yaml(5) manual page")
     return parser
 
 
@@ -98,8 +99,17 @@ def _reread(args):
         for problem in exc.problems:
             log.error("reload refused: %s: %s", exc.source, problem)
         return None
-    logs.setup(config.logfile, to_stderr=not args.daemon)
+    try:
+        _setup_logs(config, args)
+    except OSError as exc:
+        log.error("reload refused: cannot open a log file: %s", exc)
+        return None
     return config
+
+
+def _setup_logs(config, args):
+    logs.setup(config.logfile, to_stderr=not args.daemon, access_log=config.access_log,
+               slowlog=config.slowlog)
 
 
 def run(argv):
@@ -112,17 +122,25 @@ def run(argv):
     if args.check:
         print(f"{config.source}: OK")
         return 0
-    server = Server(config)
+    # from now on a SIGTERM waits for the main loop instead of killing a half-started
+    # daemon that would leave its socket and pidfile behind
+    signals.block()
+    passed = systemd.listen_socket()
+    server = Server(config, passed, inherited=passed is not None)
     try:
-        server.bind()
-    except ListenError as exc:
+        if server.sock is None:
+            server.bind()
+        if args.daemon:
+            daemon.detach()
+        _setup_logs(config, args)
+        if config.pidfile:
+            daemon.write_pidfile(config.pidfile)
+        privileges.drop(config)
+    except (ListenError, privileges.PrivilegeError, OSError) as exc:
         print(f"luafcgid: {exc}", file=sys.stderr)
+        if args.daemon:   # standard error is /dev/null now: the log file is all there is
+            log.error("not started: %s", exc)
         return 1
-    if args.daemon:
-        daemon.detach()
-    logs.setup(config.logfile, to_stderr=not args.daemon)
-    if config.pidfile:
-        daemon.write_pidfile(config.pidfile)
     if config.processes > 1:
         return Supervisor(config, server.sock, lambda: _reread(args)).run()
     server.serve_forever(lambda: _reread(args))
@@ -148,7 +166,8 @@ def serve(argv):
 
 def settings(argv):
     args = _settings_parser().parse_args(argv)
-    print(sample_config() if args.format == "yaml" else settings_reference(), end="")
+    formats = {"markdown": settings_reference, "yaml": sample_config, "man": man_page}
+    print(formats[args.format](), end="")
     return 0
 
 

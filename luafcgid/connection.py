@@ -9,7 +9,7 @@ import socket
 import struct
 import time
 
-from . import fastcgi as fcgi, pages
+from . import fastcgi as fcgi
 
 log = logging.getLogger("luafcgid")
 
@@ -21,11 +21,22 @@ class ClientGone(Exception):
     """The web server closed the connection or stopped sending mid-request."""
 
 
+def set_timeouts(sock, seconds):
+    """Kernel-side send and receive timeouts on a blocking socket. A Python-level timeout
+    (settimeout) would cost a poll() before every recv() and send()."""
+    sock.settimeout(None)
+    whole = int(seconds)
+    timeval = struct.pack("@ll", whole, int((seconds - whole) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
+
 class Output:
     """Response bytes for one request, as STDOUT records. A web server that went away
-    makes further writes no-ops, so the script runs on without noticing."""
+    makes further writes no-ops, so the script runs on without noticing. Keeps the first
+    bytes (the Status line) and the byte count for the counters and the access log."""
 
-    __slots__ = ("sock", "request_id", "keep_conn", "ended", "broken")
+    __slots__ = ("sock", "request_id", "keep_conn", "ended", "broken", "head", "sent")
 
     def __init__(self, sock, request_id, keep_conn):
         self.sock = sock
@@ -33,15 +44,23 @@ class Output:
         self.keep_conn = keep_conn
         self.ended = False
         self.broken = False
+        self.head = None
+        self.sent = 0
 
     def write(self, data):
         if data and not self.ended and not self.broken:
+            if self.head is None:
+                self.head = data[:12]
+            self.sent += len(data)
             self._send(fcgi.stream(fcgi.STDOUT, self.request_id, data))
 
     def end(self, data=b""):
         if self.ended:
             return
         self.ended = True
+        if self.head is None:
+            self.head = data[:12]
+        self.sent += len(data)
         if not self.broken:
             self._send(fcgi.stream(fcgi.STDOUT, self.request_id, data)
                        + fcgi.end_request(self.request_id))
@@ -81,27 +100,25 @@ class Connection:
         self.parked_at = 0.0
         self._buf = bytearray()
         self._pos = 0
-        self._timeout = server.config.client_timeout
         self._deadline = None   # when the request being read must be complete
+        set_timeouts(sock, server.config.client_timeout)
 
-    def serve(self):
-        """Answer the requests that are ready. True when the connection is idle and kept
-        (park it until its next request); False when it is finished."""
+    def serve(self, worker):
+        """Answer the requests that are ready, counted in `worker` (the serving thread's
+        metrics.WorkerStats). True when the connection is idle and kept (park it until its
+        next request); False when it is finished."""
         try:
             while True:
                 request = self._read_request()
                 if request is None:
                     return False
                 request_id, keep_conn, params, body, too_large = request
-                self.sock.settimeout(self._timeout)   # for sending the response
                 out = Output(self.sock, request_id, keep_conn)
-                if params.get(b"SCRIPT_FILENAME"):
-                    self.server.responder.respond(params, body, out, too_large)
-                else:
-                    log.warning("request from %s has no SCRIPT_FILENAME param (is "
-                                "'fastcgi_param SCRIPT_FILENAME' in the web server's config?)",
-                                self.peer)
-                    out.end(pages.bad_request("The request names no script (SCRIPT_FILENAME)."))
+                worker.begin(params)
+                try:
+                    self.server.responder.respond(params, body, out, too_large, worker)
+                finally:
+                    worker.end(out)
                 if not keep_conn or self.server.stopping:
                     return False
                 if len(self._buf) == self._pos:   # nothing more received yet
@@ -127,18 +144,9 @@ class Connection:
             del buf[:self._pos]
             self._pos = 0
         while len(buf) - self._pos < need:
-            if self._deadline is None:
-                wait = self._timeout
-            else:
-                # one deadline for the whole request, so trickling bytes do not extend it
-                wait = self._deadline - time.monotonic()
-                if wait <= 0:
-                    raise ClientGone("request not complete within client_timeout; "
-                                     "connection closed")
             try:
-                self.sock.settimeout(wait)
                 chunk = self.sock.recv(_RECV_SIZE)
-            except socket.timeout:
+            except BlockingIOError:   # SO_RCVTIMEO expired
                 raise ClientGone("no data within client_timeout; connection closed") from None
             except OSError as exc:
                 raise ClientGone(f"connection failed: {exc}") from None
@@ -147,8 +155,14 @@ class Connection:
                     return False
                 raise fcgi.ProtocolError("connection closed in the middle of a record")
             buf += chunk
+            # One deadline for the whole request, checked as bytes arrive, so a client
+            # trickling bytes cannot hold a worker beyond it (a silent one hits SO_RCVTIMEO).
+            now = time.monotonic()
             if self._deadline is None:
-                self._deadline = time.monotonic() + self._timeout
+                self._deadline = now + self.server.config.client_timeout
+            elif now > self._deadline:
+                raise ClientGone("request not complete within client_timeout; "
+                                 "connection closed")
         return True
 
     def _next_record(self):
@@ -180,7 +194,6 @@ class Connection:
         """(request_id, keep_conn, params, body, too_large), or None when the connection
         ends between requests."""
         config = self.server.config
-        self._timeout = config.client_timeout
         self._deadline = None
         request_id = None
         keep_conn = False

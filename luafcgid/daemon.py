@@ -31,6 +31,6 @@ def write_pidfile(path):
         if os.getpid() == pid:
             try:
                 os.unlink(path)
-            except FileNotFoundError:
+            except OSError:   # gone already, or its directory is not ours after dropping root
                 pass
     atexit.register(remove)

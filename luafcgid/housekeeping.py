@@ -57,6 +57,10 @@ class Housekeeper:
         self._observer.start()
         self._thread.start()
 
+    def alive(self):
+        """Whether the heartbeat thread still runs (systemd's watchdog asks)."""
+        return self._thread.is_alive()
+
     def stop(self):
         self._stop.set()
         self._observer.stop()

@@ -93,5 +93,5 @@ def remove(config, sock):
     if config.unix_socket:
         try:
             os.unlink(config.listen)
-        except FileNotFoundError:
+        except OSError:   # gone already, or its directory is not ours after dropping root
             pass

@@ -4,6 +4,7 @@ import textwrap
 
 import yaml
 
+from . import __version__
 from .settings import SETTINGS
 
 SECTIONS = {
@@ -12,6 +13,7 @@ SECTIONS = {
     "modules": "Lua modules",
     "response": "Responses",
     "process": "Process and logs",
+    "status": "Status and ping pages",
     "limits": "Limits and confinement",
     "compatibility": "Accepted for compatibility with the original",
 }
@@ -59,4 +61,35 @@ def settings_reference():
         doc = setting.doc.replace("|", "\\|")
         out.append(f"| `{setting.name}` | `{default}` | {'yes' if setting.live else 'restart'} "
                    f"| {doc} |")
+    return "\n".join(out) + "\n"
+
+
+def _roff(text):
+    """Plain text for roff: backslashes escaped, no line may start with a control dot."""
+    text = text.replace("\\", "\\e").replace("-", "\\-")
+    return "\\&" + text if text.startswith((".", "'")) else text
+
+
+def man_page():
+    """man/man5/luafcgid.yaml.5: the config file's manual page."""
+    out = [f'.TH LUAFCGID.YAML 5 "" "luafcgid {__version__}" "File Formats Manual"',
+           ".SH NAME", "luafcgid.yaml \\- configuration file of luafcgid",
+           ".SH DESCRIPTION",
+           "A YAML mapping of setting names to values. Every setting is optional; relative "
+           "paths resolve against the file's directory. "
+           + _roff("`luafcgid --check -c FILE` names every problem; `luafcgid settings --format "
+                   "yaml` prints a sample file with every default."),
+           ".PP",
+           "SIGHUP re-reads the file; settings marked \\fBrestart\\fR keep their running "
+           "value until luafcgid is restarted. This page is generated from the settings "
+           + _roff("table (`luafcgid settings --format man`).")]
+    section = None
+    for setting in SETTINGS:
+        if setting.section != section:
+            section = setting.section
+            out += [f".SH {SECTIONS[section].upper()}"]
+        default = _yaml_value(setting.default)
+        reload = "" if setting.live else " (\\fBrestart\\fR)"
+        out += [".TP", f"\\fB{setting.name}\\fR: {_roff(default)}{reload}", _roff(setting.doc)]
+    out += [".SH SEE ALSO", "\\fBluafcgid\\fR(1), \\fBnginx\\fR(8)"]
     return "\n".join(out) + "\n"

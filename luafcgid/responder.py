@@ -27,8 +27,10 @@ class Forbidden(Exception):
 
 
 class Responder:
-    def __init__(self, config):
+    def __init__(self, config, status=None):
+        """`status` (a status.Status) provides the status and ping pages, if configured."""
         self.config = config
+        self._pages = status.pages(config) if status is not None else {}
         self.pool = StatePool(self._load, config.states, config.max_clones, config.retries,
                               config.max_requests)
         # resolved once, so a root reached through a symbolic link still matches
@@ -63,24 +65,36 @@ class Responder:
             return None
         if self._roots and not path.startswith(self._roots):
             raise Forbidden(f"{path} is outside every root")
-        if not path.endswith(self.config.extensions):
-            raise Forbidden(f"{path} does not end with one of {', '.join(self.config.extensions)}")
         try:
-            st = os.stat(path)
+            st = os.stat(path)   # not opened: a missing file is a 404 whatever its name
         except OSError:
             return None
         if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
             return None
+        if not path.endswith(self.config.extensions):
+            raise Forbidden(f"{path} does not end with one of {', '.join(self.config.extensions)}")
         self._located[script] = path
         return path
 
     def forget_locations(self):
         self._located = {}
 
-    def respond(self, params, body, out, body_too_large=False):
+    def respond(self, params, body, out, body_too_large=False, worker=None):
+        """`worker` (a metrics.WorkerStats) is told which state runs the request."""
+        if self._pages:
+            page = self._pages.get(params.get(b"SCRIPT_NAME"))
+            if page is not None:
+                out.end(page(params))
+                return
         script = params.get(b"SCRIPT_FILENAME", b"")
+        if not script:
+            uri = params.get(b"REQUEST_URI", b"?").decode(errors="replace")
+            log.warning("request for %s has no SCRIPT_FILENAME param (is 'fastcgi_param "
+                        "SCRIPT_FILENAME' in the web server's config?)", uri)
+            out.end(pages.bad_request("The request names no script (SCRIPT_FILENAME)."))
+            return
         try:
-            path = self.locate(script) if script else None
+            path = self.locate(script)
         except Forbidden as exc:
             log.warning("refused %s: %s", script.decode(errors="replace"), exc)
             out.end(pages.forbidden())
@@ -98,11 +112,13 @@ class Responder:
             return
         except PoolClosed:
             if self._successor is not None:
-                self._successor.respond(params, body, out, body_too_large)
+                self._successor.respond(params, body, out, body_too_large, worker)
             else:
                 out.end(pages.unavailable())
             return
         discard = False
+        if worker is not None:
+            worker.state = state
         try:
             result = state.serve(params, body, out)
             if result[0]:
@@ -124,6 +140,8 @@ class Responder:
             memory = isinstance(exc, vm.load(self.config.lua).LuaMemoryError)
             self._report("Memory Error" if memory else "Unknown Error", f"{path}: {exc}", out)
         finally:
+            if worker is not None:
+                worker.state = None
             self.pool.release(state, discard)
 
     def _report(self, kind, message, out, headers_sent=False):

@@ -2,16 +2,20 @@
 responder and its state pool, the heartbeat; starting them and draining them at stop."""
 
 import logging
+import os
 import socket
 import threading
 import time
 
-from . import listener, signals
+from . import listener, logs, signals, systemd
 from .acceptor import Acceptor
 from .connection import Connection
 from .housekeeping import Housekeeper
+from .metrics import Metrics, current as current_worker
 from .responder import Responder
 from .settings import SETTINGS
+from .slowlog import SlowWatcher
+from .status import Status
 
 log = logging.getLogger("luafcgid")
 
@@ -19,14 +23,20 @@ LISTENER_SETTINGS = ("listen", "backlog", "listen_mode", "listen_owner", "listen
 
 
 class Server:
-    def __init__(self, config, sock=None, process=None):
+    def __init__(self, config, sock=None, process=None, inherited=False):
         """`process` numbers this serving process when a supervisor runs several: they
-        share a listening socket the supervisor owns (binds, rebinds and removes)."""
+        share a listening socket the supervisor owns (binds, rebinds and removes).
+        `inherited`: `sock` was passed by systemd (socket activation); systemd keeps it
+        across restarts, so luafcgid neither replaces it nor removes its file."""
         self.config = config
         self.sock = sock
         self.process = process
-        self.responder = Responder(config)
+        self.inherited = inherited
+        self.metrics = Metrics(config.workers, config.slowlog_timeout)
+        self.status = Status(self)
+        self.responder = Responder(config, self.status)
         self.housekeeper = Housekeeper(self.responder, config.sweep)
+        self.slow_watcher = SlowWatcher(self)
         self.stopping = False
         self.acceptor = None
         self._threads = []
@@ -40,15 +50,26 @@ class Server:
             self.bind()
         self.acceptor = Acceptor(self.sock)
         self.housekeeper.start()
+        self.slow_watcher.start()
         for number in range(1, self.config.workers + 1):
             name = f"worker-{number}" if self.process is None else f"worker-{self.process}.{number}"
             thread = threading.Thread(target=self._work, args=(number,), name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
-        log.info("luafcgid serving on %s with %d workers, %d states, Lua %s",
-                 self.config.listen, self.config.workers, self.config.states, self.config.lua)
+        log.info("luafcgid serving on %s with %d workers, %d states, Lua %s", self.listening(),
+                 self.config.workers, self.config.states, self.config.lua)
+
+    def listening(self):
+        return "the socket systemd passed" if self.inherited else self.config.listen
+
+    def summary(self):
+        """One line for systemd's STATUS=."""
+        requests, failed, _, active = self.metrics.totals()
+        return (f"serving on {self.listening()}: {requests} requests, {failed} failed, "
+                f"{active}/{len(self.metrics.workers)} workers busy")
 
     def _work(self, number):
+        worker = current_worker.stats = self.metrics.workers[number - 1]
         while True:
             work = self.acceptor.next()
             if work is None:
@@ -61,7 +82,7 @@ class Server:
                 connection = Connection(sock, peer, self)
             self._connections[number] = connection
             try:
-                park = connection.serve()
+                park = connection.serve(worker)
             except Exception:
                 log.exception("unexpected error serving %s", connection.peer)
                 park = False
@@ -82,9 +103,9 @@ class Server:
                 log.warning("reload: %s changed; restart luafcgid to apply it", name)
                 setattr(config, name, getattr(self.config, name))
         if any(getattr(config, name) != getattr(self.config, name) for name in LISTENER_SETTINGS):
-            if self.process is not None:
-                log.warning("reload: listener settings changed; with processes > 1 that needs "
-                            "a restart")
+            if self.process is not None or self.inherited:
+                log.warning("reload: listener settings changed; with processes > 1 or a "
+                            "socket passed by systemd that needs a restart")
                 for name in LISTENER_SETTINGS:
                     setattr(config, name, getattr(self.config, name))
         if any(getattr(config, name) != getattr(self.config, name) for name in LISTENER_SETTINGS):
@@ -101,8 +122,9 @@ class Server:
                 if old_config.listen != config.listen:
                     listener.remove(old_config, old_sock)
                 log.info("reload: now listening on %s", config.listen)
+        self.metrics.slow_after = config.slowlog_timeout
         old = self.responder
-        self.responder = Responder(config)
+        self.responder = Responder(config, self.status)
         old.retire(self.responder)
         self.housekeeper.stop()
         self.housekeeper = Housekeeper(self.responder, config.sweep)
@@ -125,11 +147,12 @@ class Server:
         if busy:
             log.warning("%d request(s) still running after shutdown_timeout; exiting anyway", busy)
         self.housekeeper.stop()
+        self.slow_watcher.stop()
         # busy should be 0 here: a state still lent out after draining is a leaked slot
         stats = self.responder.pool.stats()
         log.info("pool at stop: %s", " ".join(f"{k}={v}" for k, v in stats.items()))
         self.responder.pool.close()
-        if self.process is None:
+        if self.process is None and not self.inherited:
             listener.remove(self.config, self.sock)
         else:
             self.sock.close()
@@ -138,20 +161,36 @@ class Server:
     def serve_forever(self, reread):
         """Run until SIGTERM or SIGINT, in the main thread, which takes the signals:
         SIGHUP applies reread() (a Config, or None when the file is bad) and every second
-        the main thread drops kept-alive connections left idle."""
+        the main thread drops kept-alive connections left idle. SIGUSR1 reopens the logs.
+        A lone process tells systemd (if it runs us) READY=1, RELOADING=1, STOPPING=1 and
+        pings its watchdog; under a supervisor, the supervisor does."""
         signals.block()
         self.start()
+        main = self.process is None
+        watchdog = systemd.Watchdog() if main else None
+        if main:
+            systemd.notify("READY=1", f"STATUS={self.summary()}", f"MAINPID={os.getpid()}")
         try:
             while True:
-                signum = signals.wait(timeout=1.0)
+                signum = signals.wait(timeout=watchdog.timeout(1.0) if main else 1.0)
+                if main:
+                    watchdog.tick(self.summary, healthy=self.housekeeper.alive())
                 if signum is None:
                     self.acceptor.close_idle(self.config.client_timeout)
                 elif signum in signals.STOP:
                     break
+                elif signum == signals.REOPEN:
+                    logs.reopen()
                 else:
                     log.info("SIGHUP: reloading the configuration")
+                    if main:
+                        systemd.reloading()
                     config = reread()
                     if config is not None:
                         self.reload(config)
+                    if main:
+                        systemd.notify("READY=1", f"STATUS={self.summary()}")
         finally:
+            if main:
+                systemd.notify("STOPPING=1")
             self.stop()

@@ -6,6 +6,7 @@ sample `etc/luafcgid.yaml` and the config reference (`luafcgid settings`) are al
 this table, so a setting is described here and nowhere else.
 """
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -182,6 +183,29 @@ def ignored(value):
     return value
 
 
+def address_list(value):
+    """Addresses or CIDR networks ("127.0.0.1", "10.0.0.0/8", "::1"), checked; kept as
+    strings so that con:config() hands Lua plain data."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise SettingError(f"expected a list of addresses or networks, got {_type_name(value)}")
+    networks = []
+    for item in value:
+        try:
+            networks.append(str(ipaddress.ip_network(string(item), strict=False)))
+        except ValueError:
+            raise SettingError(f"expected an address or network like 10.0.0.0/8, got {item!r}") from None
+    return tuple(networks)
+
+
+def url_path(value):
+    value = string(value)
+    if not value.startswith("/") or any(c in value for c in "?# \r\n"):
+        raise SettingError(f"expected a path like /status (no query), got {value!r}")
+    return value
+
+
 SETTINGS = (
     # -- listener
     Setting("listen", listen_address, "/run/luafcgid/luafcgid.sock",
@@ -270,6 +294,35 @@ SETTINGS = (
             is_path=True),
     Setting("shutdown_timeout", number(0), 30.0,
             "Seconds in-flight requests are given to finish on SIGTERM.", "process"),
+    Setting("user", optional(string), None,
+            "When started as root: the user to run as after binding the socket and opening "
+            "the logs and the pidfile (which are handed to this user).", "process", live=False,
+            example="luafcgid"),
+    Setting("group", optional(string), None,
+            "Group to run as with user; null means the user's primary group.", "process",
+            live=False),
+    Setting("access_log", optional(string), None,
+            "Access log: one line per request (time, method, URI, status, bytes, seconds, "
+            "script); null for none.", "process", is_path=True,
+            example="/var/log/luafcgid/access.log"),
+    Setting("slowlog", optional(string), None,
+            "Log of requests that ran longer than slowlog_timeout, with the Lua traceback of "
+            "where they were (Lua 5.2 to 5.5; see the manual for LuaJIT and 5.1).", "process",
+            is_path=True, example="/var/log/luafcgid/slow.log"),
+    Setting("slowlog_timeout", optional(number(0.001)), None,
+            "Seconds after which a request counts as slow and is written to the slowlog; "
+            "null for never.", "process", example=5.0),
+    # -- status and ping pages
+    Setting("status_path", optional(url_path), None,
+            "SCRIPT_NAME that answers the status page (plain text; ?json, ?openmetrics) "
+            "instead of a script, like php-fpm's pm.status_path.", "status",
+            example="/luafcgid-status"),
+    Setting("ping_path", optional(url_path), None,
+            "SCRIPT_NAME that answers 'pong', for health checks.", "status",
+            example="/luafcgid-ping"),
+    Setting("status_allow", address_list, ["127.0.0.1", "::1"],
+            "Client addresses or networks (REMOTE_ADDR as the web server passes it) allowed "
+            "to see the status and ping pages; others get 403.", "status"),
     # -- limits
     Setting("max_params", integer(1024), 262144,
             "Most bytes of FastCGI params (the CGI environment) one request may send; more "

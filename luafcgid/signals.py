@@ -9,7 +9,8 @@ import signal
 
 STOP = {signal.SIGTERM, signal.SIGINT}
 RELOAD = signal.SIGHUP
-HANDLED = STOP | {RELOAD}
+REOPEN = signal.SIGUSR1   # reopen the log files (logrotate's postrotate)
+HANDLED = STOP | {RELOAD, REOPEN}
 
 
 def block():

@@ -7,6 +7,7 @@ from importlib import resources
 
 from . import vm
 from .settings import BY_NAME
+from .slowlog import main_thread
 
 log = logging.getLogger("luafcgid")
 
@@ -97,6 +98,7 @@ class LuaState:
                                          register_builtins=False, unpack_returned_tuples=True,
                                          attribute_filter=_deny_attributes,
                                          max_memory=config.memory_limit)
+        self.lua_thread = main_thread(self.runtime)   # for the slowlog's traceback
         self._channel = _Channel(path)
         values = {name: config.lua_value(name) for name in BY_NAME}
         lua_config = self.runtime.table_from(

@@ -11,7 +11,7 @@ import os
 import signal
 import time
 
-from . import listener, signals
+from . import listener, logs, signals, systemd
 from .server import Server
 
 log = logging.getLogger("luafcgid")
@@ -34,16 +34,27 @@ class Supervisor:
             self._spawn(number)
         log.info("luafcgid serving on %s with %d processes of %d workers", self.config.listen,
                  self.config.processes, self.config.workers)
+        status = lambda: f"serving on {self.config.listen} with {len(self.children)} processes"
+        systemd.notify("READY=1", f"STATUS={status()}", f"MAINPID={os.getpid()}")
+        watchdog = systemd.Watchdog()
         try:
             while True:
-                signum = signals.wait(timeout=1.0)
+                signum = signals.wait(timeout=watchdog.timeout(1.0))
                 self._reap()
+                watchdog.tick(status)
                 if signum in signals.STOP:
                     break
-                if signum == signals.RELOAD and self.reread() is not None:
-                    log.info("SIGHUP: reloading every process")
-                    self._signal_all(signal.SIGHUP)
+                if signum == signals.REOPEN:
+                    logs.reopen()
+                    self._signal_all(signal.SIGUSR1)
+                if signum == signals.RELOAD:
+                    systemd.reloading()
+                    if self.reread() is not None:
+                        log.info("SIGHUP: reloading every process")
+                        self._signal_all(signal.SIGHUP)
+                    systemd.notify("READY=1", f"STATUS={status()}")
         finally:
+            systemd.notify("STOPPING=1")
             self._stop()
         return 0
 

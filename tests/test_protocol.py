@@ -151,7 +151,7 @@ MALFORMED = {
                                "longer than its stream"),
     "pair-length-truncated": (_begin() + fcgi.record(fcgi.PARAMS, 1, b"\x01\x80\x00")
                               + fcgi.record(fcgi.PARAMS, 1) + fcgi.record(fcgi.STDIN, 1),
-                              "length truncated"),
+                              "truncated"),
     "params-never-end": (_begin() + b"".join(fcgi.record(fcgi.PARAMS, 1, b"\x01\x01ab")
                                              for _ in range(2000)), "longer than max_params"),
     "content-shorter-than-header": (_begin() + _params_header(1000) + b"x" * 10,

@@ -1,0 +1,86 @@
+"""Request counters, kept per worker thread, and the access log line.
+
+Each worker writes only its own WorkerStats, so the counters need no lock and `+=` cannot
+lose an update; readers (the status page, systemd's STATUS=) add them up and may see a
+request or two late, which is all a status page promises. This runs on every request:
+keep it short.
+"""
+
+import threading
+import time
+
+from .logs import access as access_log
+
+_monotonic = time.monotonic
+
+# the worker thread's own WorkerStats, for code that runs on it without being handed it
+# (the slowlog's Lua hook)
+current = threading.local()
+
+
+class WorkerStats:
+    __slots__ = ("number", "metrics", "requests", "failed", "slow", "started", "params",
+                 "state")
+
+    def __init__(self, number, metrics):
+        self.number = number
+        self.metrics = metrics
+        self.requests = 0       # requests answered
+        self.failed = 0         # answered with a 5xx status
+        self.slow = 0           # ran longer than slowlog_timeout
+        self.started = 0.0      # monotonic start of the request being served; 0.0 when idle
+        self.params = None      # its FastCGI params
+        self.state = None       # the LuaState running it (set by the responder)
+
+    def begin(self, params):
+        self.params = params
+        self.started = _monotonic()
+
+    def end(self, out):
+        """Count the request answered through `out` (a connection.Output)."""
+        seconds = _monotonic() - self.started
+        self.started = 0.0
+        self.requests += 1
+        head = out.head
+        status = int(head[8:11]) if head and head.startswith(b"Status: ") else 200
+        if status >= 500:
+            self.failed += 1
+        slow_after = self.metrics.slow_after
+        if slow_after is not None and seconds > slow_after:
+            self.slow += 1
+        if access_log.handlers:
+            self._log(status, out.sent, seconds)
+        self.params = None
+
+    def _log(self, status, sent, seconds):
+        params = self.params
+        get = params.get
+        access_log.info("%s %s %s %d %d %.6f %s",
+                        time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        get(b"REQUEST_METHOD", b"-").decode(errors="replace"),
+                        get(b"REQUEST_URI", b"-").decode(errors="replace"),
+                        status, sent, seconds,
+                        get(b"SCRIPT_FILENAME", b"-").decode(errors="replace"))
+
+
+class Metrics:
+    """Every worker's counters, and the process's start time."""
+
+    def __init__(self, workers, slow_after):
+        self.started = time.time()
+        self.started_monotonic = _monotonic()
+        self.slow_after = slow_after
+        self.workers = [WorkerStats(number, self) for number in range(1, workers + 1)]
+
+    def uptime(self):
+        return _monotonic() - self.started_monotonic
+
+    def totals(self):
+        """(requests, failed, slow, active workers), summed over the workers."""
+        requests = failed = slow = active = 0
+        for worker in self.workers:
+            requests += worker.requests
+            failed += worker.failed
+            slow += worker.slow
+            active += worker.started != 0.0
+        return requests, failed, slow, active

@@ -1,0 +1,64 @@
+"""Dropping root: after the socket is bound and the logs and the pidfile are open, run as
+`user` (and `group`), before any thread starts (setuid() applies to the calling thread's
+credentials; Python makes it process-wide, and no worker exists yet to miss it)."""
+
+import grp
+import logging
+import os
+import pwd
+import sysconfig
+
+from . import logs, vm
+
+log = logging.getLogger("luafcgid")
+
+
+class PrivilegeError(Exception):
+    pass
+
+
+def _target(config):
+    try:
+        entry = pwd.getpwnam(config.user)
+    except KeyError:
+        raise PrivilegeError(f"user: no such user {config.user!r}") from None
+    gid = entry.pw_gid
+    if config.group:
+        try:
+            gid = grp.getgrnam(config.group).gr_gid
+        except KeyError:
+            raise PrivilegeError(f"group: no such group {config.group!r}") from None
+    return entry.pw_name, entry.pw_uid, gid
+
+
+def drop(config):
+    """Become config.user, handing it the log files and the pidfile first so that SIGUSR1
+    can reopen the logs. Root-owned directories stay root's: a pidfile or socket file in
+    one cannot be removed at exit, which is logged now rather than discovered then."""
+    if not config.user:
+        if config.group:
+            raise PrivilegeError("group: set user too (group only applies with user)")
+        return
+    name, uid, gid = _target(config)
+    if os.geteuid() != 0:
+        if (os.geteuid(), os.getegid()) != (uid, gid):
+            raise PrivilegeError(f"user: only root can switch to {name!r} "
+                                 f"(running as uid {os.geteuid()})")
+        return
+    # Modules imported later would be read as the new user, who may not be allowed to
+    # (e.g. a Python installed under /root): load the Lua VM and sysconfig's data (the
+    # Lua search paths read it) while still root.
+    vm.load(config.lua)
+    sysconfig.get_config_vars()
+    for path in logs.files(config) + ([config.pidfile] if config.pidfile else []):
+        os.chown(path, uid, gid)
+    os.initgroups(name, gid)
+    os.setgid(gid)
+    os.setuid(uid)
+    removable = [config.pidfile] + ([config.listen] if config.unix_socket else [])
+    for path in filter(None, removable):
+        directory = os.path.dirname(path)
+        if not os.access(directory, os.W_OK | os.X_OK):
+            log.warning("%s is not writable by %s: %s will be left behind at exit",
+                        directory, name, path)
+    log.info("running as %s (uid %d, gid %d)", name, uid, gid)

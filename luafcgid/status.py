@@ -1,0 +1,214 @@
+"""The status and ping pages (php-fpm's pm.status_path and ping.path).
+
+The responder answers them when SCRIPT_NAME matches status_path or ping_path, before any
+script lookup. Only clients in status_allow (REMOTE_ADDR as the web server passes it) see
+them. The status page is plain text, JSON with `?json`, or OpenMetrics text (which
+Prometheus reads) with `?openmetrics`.
+"""
+
+import ipaddress
+import json
+import os
+import socket
+import subprocess
+import time
+from collections import defaultdict
+
+from . import pages
+
+OPENMETRICS_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+
+
+def _plain(status, body, content_type="text/plain; charset=utf-8"):
+    return (f"Status: {status}\r\nContent-Type: {content_type}\r\n"
+            f"Cache-Control: no-store\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def accept_queue(sock):
+    """Connections waiting in the listening socket's accept queue, or None where the system
+    does not say. TCP: the rx_queue /proc/net/tcp{,6} shows for a listening socket. Unix
+    sockets: /proc/net/unix has no queue column, but `ss -xl` reads it over sock_diag."""
+    try:
+        inode = str(os.fstat(sock.fileno()).st_ino)
+    except OSError:
+        return None
+    if sock.family == socket.AF_UNIX:
+        try:
+            lines = subprocess.run(["ss", "-xlnH"], capture_output=True, text=True,
+                                   timeout=2, check=True).stdout.splitlines()
+        except (OSError, subprocess.SubprocessError):
+            return None
+        for line in lines:
+            fields = line.split()
+            # u_str LISTEN Recv-Q Send-Q path inode * 0
+            if len(fields) >= 6 and fields[5] == inode:
+                return int(fields[2])
+        return None
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as stream:
+                next(stream)
+                for line in stream:
+                    fields = line.split()
+                    if fields[9] == inode:
+                        return int(fields[4].split(":")[1], 16)
+        except (OSError, IndexError, StopIteration):
+            continue
+    return None
+
+
+def _memory_kb(state):
+    """collectgarbage("count") of an idle state, else None. A busy state's runtime is being
+    used by its worker; lupa's per-runtime lock would make this wait for the request to end,
+    so busy states are skipped. One that turns busy meanwhile only delays this page."""
+    runtime = state.runtime
+    if runtime is None or state.busy:
+        return None
+    try:
+        return float(runtime.eval('collectgarbage("count")'))
+    except Exception:   # the script replaced collectgarbage, or the state is closing
+        return None
+
+
+class Status:
+    def __init__(self, server):
+        self.server = server
+
+    def pages(self, config):
+        """SCRIPT_NAME (bytes) -> page function, for the responder."""
+        allowed = tuple(ipaddress.ip_network(network) for network in config.status_allow)
+        found = {}
+        if config.status_path:
+            found[config.status_path.encode()] = lambda params: self._guarded(
+                allowed, params, self.status_page)
+        if config.ping_path:
+            found[config.ping_path.encode()] = lambda params: self._guarded(
+                allowed, params, lambda _: _plain("200 OK", b"pong\n"))
+        return found
+
+    @staticmethod
+    def _guarded(allowed, params, page):
+        try:
+            peer = ipaddress.ip_address(params.get(b"REMOTE_ADDR", b"").decode())
+        except ValueError:
+            peer = None
+        if getattr(peer, "ipv4_mapped", None):
+            peer = peer.ipv4_mapped
+        if peer is None or not any(peer in network for network in allowed):
+            return pages.response("403 Forbidden")
+        return page(params)
+
+    def snapshot(self):
+        """Everything the status page shows, as plain data."""
+        server = self.server
+        metrics = server.metrics
+        requests, failed, slow, active = metrics.totals()
+        uptime = metrics.uptime()
+        pool = server.responder.pool
+        scripts = defaultdict(lambda: {"clones": 0, "requests": 0, "loaded_at": 0.0,
+                                       "memory_kb": None})
+        for state in pool.states():
+            entry = scripts[state.path]
+            entry["clones"] += 1
+            entry["requests"] += state.requests
+            entry["loaded_at"] = max(entry["loaded_at"], state.loaded_at)
+            memory = _memory_kb(state)
+            if memory is not None:
+                entry["memory_kb"] = (entry["memory_kb"] or 0.0) + memory
+        data = {
+            "pid": os.getpid(),
+            "start_time": metrics.started,
+            "uptime_seconds": round(uptime, 3),
+            "requests": requests,
+            "requests_per_second": round(requests / uptime, 3) if uptime > 0 else 0.0,
+            "failed_requests": failed,
+            "slow_requests": slow,
+            "workers": {"total": len(metrics.workers), "active": active,
+                        "idle": len(metrics.workers) - active},
+            "states": pool.stats(),
+            "scripts": [{"path": path, **entry} for path, entry in sorted(scripts.items())],
+        }
+        queue = accept_queue(server.sock)
+        if queue is not None:   # omitted where the system does not tell
+            data["queue"] = queue
+        return data
+
+    def status_page(self, params):
+        query = params.get(b"QUERY_STRING", b"").split(b"&")
+        data = self.snapshot()
+        if b"json" in query:
+            body = json.dumps(data, indent=1).encode() + b"\n"
+            return _plain("200 OK", body, "application/json")
+        if b"openmetrics" in query:
+            return _plain("200 OK", openmetrics(data).encode(), OPENMETRICS_TYPE)
+        return _plain("200 OK", text(data).encode())
+
+
+def text(data):
+    workers = data["workers"]
+    lines = [f"pid: {data['pid']}",
+             f"start time: {time.strftime('%Y-%m-%dT%H:%M:%S%z', time.localtime(data['start_time']))}",
+             f"uptime seconds: {data['uptime_seconds']}",
+             f"requests: {data['requests']}",
+             f"requests per second: {data['requests_per_second']}",
+             f"failed requests: {data['failed_requests']}",
+             f"slow requests: {data['slow_requests']}",
+             f"active workers: {workers['active']}",
+             f"idle workers: {workers['idle']}",
+             f"total workers: {workers['total']}"]
+    if "queue" in data:
+        lines.append(f"listen queue: {data['queue']}")
+    lines.append(f"states: {data['states']['states']} (created {data['states']['created']}, "
+                 f"evicted {data['states']['evicted']}, flushed {data['states']['flushed']})")
+    for script in data["scripts"]:
+        memory = "-" if script["memory_kb"] is None else f"{script['memory_kb']:.1f} KiB"
+        loaded = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(script["loaded_at"]))
+        lines.append(f"script: {script['path']} clones {script['clones']} requests "
+                     f"{script['requests']} loaded {loaded} memory {memory}")
+    return "\n".join(lines) + "\n"
+
+
+def _label(value):
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def openmetrics(data):
+    """OpenMetrics text: every family has # TYPE and # HELP; counters end in _total."""
+    out = []
+
+    def family(name, kind, help_text, samples):
+        out.append(f"# TYPE luafcgid_{name} {kind}")
+        out.append(f"# HELP luafcgid_{name} {help_text}")
+        suffix = "_total" if kind == "counter" else ""
+        for labels, value in samples:
+            out.append(f"luafcgid_{name}{suffix}{labels} {value}")
+
+    workers = data["workers"]
+    family("start_time_seconds", "gauge", "Unix time the daemon started.",
+           [("", data["start_time"])])
+    family("uptime_seconds", "gauge", "Seconds since the daemon started.",
+           [("", data["uptime_seconds"])])
+    family("requests", "counter", "Requests answered.", [("", data["requests"])])
+    family("failed_requests", "counter", "Requests answered with a 5xx status.",
+           [("", data["failed_requests"])])
+    family("slow_requests", "counter", "Requests that ran longer than slowlog_timeout.",
+           [("", data["slow_requests"])])
+    family("workers", "gauge", "Worker threads by activity.",
+           [('{state="active"}', workers["active"]), ('{state="idle"}', workers["idle"])])
+    if "queue" in data:
+        family("listen_queue", "gauge", "Connections waiting to be accepted.",
+               [("", data["queue"])])
+    family("states", "gauge", "Lua states in the pool.", [("", data["states"]["states"])])
+    scripts = data["scripts"]
+    labels = [f'{{script="{_label(s["path"])}"}}' for s in scripts]
+    family("script_clones", "gauge", "Lua states holding the script.",
+           [(label, s["clones"]) for label, s in zip(labels, scripts)])
+    family("script_requests", "counter", "Requests served by the script's loaded states.",
+           [(label, s["requests"]) for label, s in zip(labels, scripts)])
+    family("script_load_time_seconds", "gauge", "Unix time the script was last loaded.",
+           [(label, s["loaded_at"]) for label, s in zip(labels, scripts)])
+    family("script_memory_bytes", "gauge", "Lua memory of the script's idle states.",
+           [(label, round(s["memory_kb"] * 1024)) for label, s in zip(labels, scripts)
+            if s["memory_kb"] is not None])
+    out.append("# EOF")
+    return "\n".join(out) + "\n"

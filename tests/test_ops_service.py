@@ -1,0 +1,255 @@
+"""Running luafcgid as a service: systemd's notify protocol and socket activation, the
+listening socket's mode, dropping root, the pidfile, --daemon, and the signals."""
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+import yaml
+
+from conftest import ROOT, Daemon, RawClient, Site, split_response, wait_for
+
+LAUNCH = """\
+import os, sys
+os.dup2(int(sys.argv[1]), 3)              # the passed socket is fd 3 (SD_LISTEN_FDS_START)
+os.environ["LISTEN_PID"] = str(os.getpid())  # exec keeps the pid, so it matches
+os.environ["LISTEN_FDS"] = "1"
+os.execv(sys.executable, [sys.executable, "-m", "luafcgid", *sys.argv[2:]])
+"""
+
+
+class Notifications:
+    """A NOTIFY_SOCKET the test owns: the datagrams luafcgid sends, as field dicts."""
+
+    def __init__(self, address):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + address[1:] if address.startswith("@") else address)
+        self.sock.settimeout(15)
+        self.address = address
+
+    def next(self):
+        data = self.sock.recv(4096).decode()
+        return dict(line.split("=", 1) for line in data.split("\n") if line)
+
+    def wait(self, field):
+        while True:
+            message = self.next()
+            if field in message:
+                return message
+
+
+def request(address, script, **params):
+    client = RawClient(address)
+    try:
+        client.request({b"SCRIPT_FILENAME": script.encode(),
+                        **{k.encode(): v.encode() for k, v in params.items()}})
+        return split_response(client.response()[0])
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def activated(tmp_path):
+    """Start luafcgid the way systemd does with luafcgid.socket: a socket bound by the
+    test passed as fd 3, and a NOTIFY_SOCKET to read."""
+    started = []
+
+    def start(notify_address, env=(), **settings):
+        path = str(tmp_path / "systemd.sock")
+        listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listening.bind(path)
+        listening.listen(16)
+        notifications = Notifications(notify_address)
+        config = tmp_path / "luafcgid.yaml"
+        config.write_text(yaml.safe_dump({"listen": str(tmp_path / "not-bound.sock"),
+                                          "logfile": str(tmp_path / "luafcgid.log"),
+                                          **settings}))
+        proc = subprocess.Popen(
+            [sys.executable, "-c", LAUNCH, str(listening.fileno()), "-c", str(config)],
+            pass_fds=(listening.fileno(),), cwd=ROOT,
+            env={**os.environ, "NOTIFY_SOCKET": notify_address, **dict(env)})
+        started.append((proc, listening, notifications))
+        return proc, path, notifications
+
+    yield start
+    for proc, listening, notifications in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        listening.close()
+        notifications.sock.close()
+
+
+def test_socket_activation_and_the_notify_protocol(activated, tmp_path, site):
+    proc, path, notifications = activated(str(tmp_path / "notify.sock"))
+    ready = notifications.wait("READY")
+    assert ready["READY"] == "1" and ready["MAINPID"] == str(proc.pid)
+    assert ready["STATUS"].startswith("serving on the socket systemd passed")
+    site.write("hi.lua", "function main(env, con) con:puts('hi') end")
+    assert request(path, site.file("hi.lua"))[2] == b"hi"
+    assert not os.path.exists(tmp_path / "not-bound.sock")   # `listen` is not bound
+
+    proc.send_signal(signal.SIGHUP)
+    reloading = notifications.wait("RELOADING")
+    assert int(reloading["MONOTONIC_USEC"]) > 0
+    assert notifications.wait("READY")["STATUS"].endswith("workers busy")
+    assert request(path, site.file("hi.lua"))[2] == b"hi"
+
+    proc.send_signal(signal.SIGTERM)
+    assert notifications.wait("STOPPING")["STOPPING"] == "1"
+    assert proc.wait(15) == 0
+    # the socket is systemd's: still there and still listening after luafcgid is gone
+    assert stat.S_ISSOCK(os.stat(path).st_mode)
+    with socket.socket(socket.AF_UNIX) as probe:
+        probe.connect(path)
+
+
+def test_watchdog_pings_on_an_abstract_notify_socket(activated, tmp_path):
+    address = f"@luafcgid-test-{os.getpid()}-{time.monotonic_ns()}"
+    proc, _, notifications = activated(address, env={"WATCHDOG_USEC": "200000"})
+    notifications.wait("READY")
+    pings = [notifications.wait("WATCHDOG") for _ in range(3)]
+    assert all(p["WATCHDOG"] == "1" and "requests" in p["STATUS"] for p in pings)
+
+
+def test_listen_mode_and_group(daemon):
+    d = daemon(listen_mode="0600")
+    assert stat.S_IMODE(os.stat(d.address).st_mode) == 0o600
+    if os.geteuid() == 0:
+        e = daemon(listen_mode="0660", listen_group="nogroup")
+        st = os.stat(e.address)
+        assert stat.S_IMODE(st.st_mode) == 0o660
+        assert st.st_gid == __import__("grp").getgrnam("nogroup").gr_gid
+
+
+def _uid_of(pid):
+    with open(f"/proc/{pid}/status") as stream:
+        for line in stream:
+            if line.startswith("Uid:"):
+                return [int(x) for x in line.split()[1:]]
+
+
+@pytest.fixture
+def open_dir():
+    """A directory every user may read (pytest's tmp_path is root's alone), owned by
+    nobody as /var/log/luafcgid would be by the service user."""
+    path = tempfile.mkdtemp(prefix="luafcgid-ops-")
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+def test_root_drops_to_user_after_binding(open_dir):
+    nobody = pwd.getpwnam("nobody")
+    run = os.path.join(open_dir, "run")
+    os.mkdir(run)
+    os.chown(run, nobody.pw_uid, nobody.pw_gid)
+    site = Site(os.path.join(open_dir, "www"))
+    site.write("who.lua", "function main(env, con) con:puts('served') end")
+    os.chmod(site.path, 0o755)
+    d = Daemon(run, {"user": "nobody", "group": "nogroup",
+                     "pidfile": os.path.join(run, "luafcgid.pid"),
+                     "access_log": os.path.join(run, "access.log")}).start()
+    try:
+        wait_for(lambda: "running as nobody" in d.log(), what="the privilege drop")
+        assert _uid_of(d.proc.pid) == [nobody.pw_uid] * 4
+        assert request(d.address, site.file("who.lua"))[2] == b"served"
+        pidfile = d.settings["pidfile"]
+        with open(pidfile) as stream:
+            assert stream.read() == f"{d.proc.pid}\n"
+        assert os.stat(pidfile).st_uid == nobody.pw_uid
+        for log in ("luafcgid.log", "access.log"):
+            assert os.stat(os.path.join(run, log)).st_uid == nobody.pw_uid
+        # as nobody, SIGUSR1 still reopens the logs
+        os.rename(d.settings["logfile"], d.settings["logfile"] + ".1")
+        d.signal(signal.SIGUSR1)
+        wait_for(lambda: "log files reopened" in d.log(), what="the reopened log")
+    finally:
+        assert d.stop() == 0
+    assert not os.path.exists(d.settings["pidfile"])
+    assert not os.path.exists(d.address)
+
+
+def test_pidfile_is_written_and_removed(daemon, tmp_path):
+    pidfile = str(tmp_path / "run" / "luafcgid.pid")
+    d = daemon(pidfile=pidfile)
+    # the socket listens a moment before the pidfile is written
+    wait_for(lambda: os.path.exists(pidfile), what="the pidfile")
+    with open(pidfile) as stream:
+        assert int(stream.read()) == d.proc.pid
+    assert not [name for name in os.listdir(tmp_path / "run") if name.endswith(".tmp")]
+    assert d.stop() == 0
+    assert not os.path.exists(pidfile)
+
+
+def test_daemon_mode_detaches_and_writes_its_pid(tmp_path, site):
+    d = Daemon(tmp_path / "d", {"pidfile": str(tmp_path / "d" / "luafcgid.pid")},
+               args=["--daemon"])
+    d.start(wait=False)
+    assert d.proc.wait(15) == 0   # the launching process returns at once
+    pidfile = d.settings["pidfile"]
+    wait_for(lambda: os.path.exists(pidfile) and os.path.exists(d.address),
+             what="the detached daemon")
+    with open(pidfile) as stream:
+        pid = int(stream.read())
+    assert pid != d.proc.pid
+    with open(f"/proc/{pid}/stat") as stream:   # not a session leader: no terminal
+        fields = stream.read().rsplit(")", 1)[1].split()
+    assert int(fields[3]) != pid   # session id
+    site.write("hi.lua", "function main(env, con) con:puts('detached') end")
+    assert request(d.address, site.file("hi.lua"))[2] == b"detached"
+    os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: not os.path.exists(pidfile), what="the pidfile to go")
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), what="the daemon to exit")
+
+
+def test_sighup_applies_new_headers_without_failing_a_request(stack):
+    s = stack(headers=["X-Version: 1"])
+    s.write("v.lua", "function main(env, con) con:puts('v') end")
+    assert s.get("/v.lua")[1]["x-version"] == "1"
+    seen, failures, done = [], [], threading.Event()
+
+    def client():
+        while not done.is_set():
+            status, headers, body = s.get("/v.lua")
+            if status != 200 or body != b"v":
+                failures.append((status, body))
+            seen.append(headers.get("x-version"))
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        wait_for(lambda: len(seen) > 5, what="requests before the reload")
+        s.daemon.write_config(headers=["X-Version: 2"])
+        s.daemon.signal(signal.SIGHUP)
+        wait_for(lambda: seen and seen[-1] == "2", what="the new header")
+        count = len(seen)
+        wait_for(lambda: len(seen) > count + 5, what="requests after the reload")
+    finally:
+        done.set()
+        thread.join()
+    assert failures == []
+    assert seen[-1] == "2" and "2" not in seen[:seen.index("2")]
+
+
+def test_sigusr1_reopens_a_rotated_log(daemon, site):
+    d = daemon(access_log=None)
+    logfile = d.settings["logfile"]
+    os.rename(logfile, logfile + ".1")
+    d.signal(signal.SIGUSR1)
+    wait_for(lambda: os.path.exists(logfile), what="the log to be reopened")
+    site.write("log.lua", "function main(env, con) con:log('after rotation'); con:puts('ok') end")
+    assert request(d.address, site.file("log.lua"))[2] == b"ok"
+    wait_for(lambda: "after rotation" in d.log(), what="the line in the new log")
+    with open(logfile + ".1") as stream:
+        assert "after rotation" not in stream.read()

@@ -1,0 +1,180 @@
+"""The status and ping pages, the access log and the slowlog."""
+
+import json
+
+import pytest
+
+from conftest import RawClient, split_response, wait_for
+
+
+def fetch(address, script_name, query="", remote="127.0.0.1", **params):
+    client = RawClient(address)
+    try:
+        client.request({b"SCRIPT_NAME": script_name.encode(), b"QUERY_STRING": query.encode(),
+                        b"REMOTE_ADDR": remote.encode(), b"REQUEST_METHOD": b"GET",
+                        b"REQUEST_URI": f"{script_name}?{query}".encode(),
+                        **{k.encode(): v.encode() for k, v in params.items()}})
+        return split_response(client.response()[0])
+    finally:
+        client.close()
+
+
+def run(address, site, name, remote="127.0.0.1"):
+    return fetch(address, "/" + name, remote=remote, SCRIPT_FILENAME=site.file(name))
+
+
+@pytest.fixture
+def pages(daemon):
+    return daemon(status_path="/status", ping_path="/ping")
+
+
+def test_ping_answers_pong(pages):
+    status, headers, body = fetch(pages.address, "/ping")
+    assert (status, body) == ("200 OK", b"pong\n")
+    assert headers["content-type"].startswith("text/plain")
+
+
+def test_status_and_ping_refuse_a_disallowed_peer(pages):
+    for path in ("/status", "/ping"):
+        assert fetch(pages.address, path, remote="10.1.2.3")[0] == "403 Forbidden"
+        assert fetch(pages.address, path, remote="")[0] == "403 Forbidden"
+    assert fetch(pages.address, "/ping", remote="::1")[0] == "200 OK"
+
+
+def test_status_allow_takes_networks(daemon):
+    d = daemon(ping_path="/ping", status_allow=["10.0.0.0/8"])
+    assert fetch(d.address, "/ping", remote="10.1.2.3")[0] == "200 OK"
+    assert fetch(d.address, "/ping", remote="127.0.0.1")[0] == "403 Forbidden"
+
+
+def test_without_the_settings_the_paths_are_scripts(daemon, site):
+    d = daemon()
+    assert fetch(d.address, "/ping", SCRIPT_FILENAME=site.file("ping"))[0] == "404 Not Found"
+
+
+def test_status_json_counters_move(pages, site):
+    site.write("count.lua", "function main(env, con) con:puts('x') end")
+    site.write("fail.lua", "function main(env, con) error('boom') end")
+    before = json.loads(fetch(pages.address, "/status", "json")[2])
+    for _ in range(5):
+        assert run(pages.address, site, "count.lua")[2] == b"x"
+    assert run(pages.address, site, "fail.lua")[0].startswith("500")
+    # the five, the failure and the first status request; a worker counts its request
+    # just after the client has the response, so the last one may show a moment later
+    wait_for(lambda: json.loads(fetch(pages.address, "/status", "json")[2])["requests"]
+             >= before["requests"] + 7, what="the counters")
+    status, headers, body = fetch(pages.address, "/status", "json")
+    assert headers["content-type"] == "application/json"
+    after = json.loads(body)
+    assert after["failed_requests"] == before["failed_requests"] + 1
+    assert after["uptime_seconds"] >= before["uptime_seconds"]
+    assert after["workers"]["total"] == 3
+    assert after["workers"]["active"] >= 1   # this status request itself
+    assert after["workers"]["active"] + after["workers"]["idle"] == 3
+    assert after["queue"] == 0   # a Unix socket: read through ss
+    script = {s["path"]: s for s in after["scripts"]}[site.file("count.lua")]
+    assert script["clones"] == 1 and script["requests"] == 5
+    assert script["memory_kb"] > 0 and script["loaded_at"] > after["start_time"] - 1
+
+
+def test_status_plain_text(pages, site):
+    site.write("a.lua", "function main(env, con) con:puts('a') end")
+    run(pages.address, site, "a.lua")
+    line = f"script: {site.file('a.lua')} clones 1 requests 1 loaded "
+    # memory shows once the worker has given the state back
+    wait_for(lambda: " KiB" in fetch(pages.address, "/status")[2].decode(), what="the state")
+    status, headers, body = fetch(pages.address, "/status")
+    text = body.decode()
+    assert headers["content-type"].startswith("text/plain")
+    assert int(text.split("\nrequests: ")[1].split("\n")[0]) >= 1
+    assert "idle workers: " in text and "total workers: 3\n" in text
+    assert line in text
+
+
+def _samples(body):
+    """Parsed by prometheus_client's OpenMetrics parser (strict: # EOF, TYPE, _total)."""
+    parser = pytest.importorskip("prometheus_client.openmetrics.parser")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in parser.text_string_to_metric_families(body.decode())
+            for s in family.samples}
+
+
+def test_status_openmetrics(pages, site):
+    site.write("m.lua", "function main(env, con) con:puts('m') end")
+    first = fetch(pages.address, "/status", "openmetrics")
+    assert first[1]["content-type"].startswith("application/openmetrics-text")
+    assert first[2].endswith(b"# EOF\n")
+    for line in first[2].decode().splitlines():
+        assert line.startswith(("luafcgid_", "# HELP luafcgid_", "# TYPE luafcgid_", "# EOF"))
+    for _ in range(3):
+        run(pages.address, site, "m.lua")
+    before = _samples(first[2])
+    wait_for(lambda: _samples(fetch(pages.address, "/status", "openmetrics")[2])[
+        ("luafcgid_requests_total", ())] >= before[("luafcgid_requests_total", ())] + 4,
+        what="the counters")
+    after = _samples(fetch(pages.address, "/status", "openmetrics")[2])
+    script = (("script", site.file("m.lua")),)
+    assert after[("luafcgid_script_requests_total", script)] == 3
+    assert after[("luafcgid_script_memory_bytes", script)] > 0
+    assert after[("luafcgid_workers", (("state", "idle"),))] <= 2
+
+
+def test_tcp_listen_queue_is_read_from_proc(daemon):
+    from conftest import free_port
+    d = daemon(listen=f"127.0.0.1:{free_port()}", status_path="/status")
+    assert json.loads(fetch(d.address, "/status", "json")[2])["queue"] == 0
+
+
+def test_access_log_has_one_line_per_request(daemon, site, tmp_path):
+    access = tmp_path / "access.log"
+    d = daemon(access_log=str(access))
+    site.write("hi.lua", "function main(env, con) con:puts('hello') end")
+    run(d.address, site, "hi.lua")
+    fetch(d.address, "/missing.lua", SCRIPT_FILENAME=site.file("missing.lua"))
+    wait_for(lambda: access.exists() and len(access.read_text().splitlines()) == 2,
+             what="two access log lines")
+    # workers write their lines as they finish: sorted by URI, /hi.lua comes first
+    first, second = sorted((line.split(" ") for line in access.read_text().splitlines()),
+                           key=lambda fields: fields[2])
+    # time, method, URI, status, bytes, seconds, script
+    assert first[1:4] == ["GET", "/hi.lua?", "200"]
+    assert int(first[4]) > len("hello") and float(first[5]) >= 0
+    assert first[6] == site.file("hi.lua")
+    assert second[3] == "404"
+
+
+BUSY = """
+function spin(seconds)
+  local stop = os.time() + seconds
+  while os.time() < stop do end
+end
+function main(env, con)
+  spin(2)
+  con:puts("done")
+end
+"""
+
+
+@pytest.mark.parametrize("lua", ["5.4", "5.3"])
+def test_slowlog_writes_the_lua_traceback_once(daemon, site, tmp_path, lua):
+    slow = tmp_path / "slow.log"
+    d = daemon(lua=lua, slowlog=str(slow), slowlog_timeout=0.2, status_path="/status")
+    site.write("busy.lua", BUSY)
+    assert run(d.address, site, "busy.lua")[2] == b"done"
+    wait_for(lambda: slow.exists() and "traceback" in slow.read_text(), what="the slowlog entry")
+    text = slow.read_text()
+    assert text.count("slow request: GET /busy.lua") == 1
+    assert "busy.lua:4: in function 'spin'" in text   # where it was
+    assert "busy.lua:7: in function 'main'" in text
+    wait_for(lambda: json.loads(fetch(d.address, "/status", "json")[2])["slow_requests"] == 1,
+             what="the slow request count")
+
+
+def test_slowlog_under_luajit_says_why_there_is_no_traceback(daemon, site, tmp_path):
+    slow = tmp_path / "slow.log"
+    d = daemon(lua="luajit", slowlog=str(slow), slowlog_timeout=0.2)
+    site.write("busy.lua", BUSY)
+    assert run(d.address, site, "busy.lua")[2] == b"done"
+    wait_for(lambda: slow.exists() and "no Lua traceback" in slow.read_text(),
+             what="the slowlog entry")
+    assert "slow request: GET /busy.lua" in slow.read_text()
