@@ -2,6 +2,7 @@
 the optional access log and slowlog. SIGUSR1 reopens them all (logrotate's postrotate)."""
 
 import logging
+import os
 import sys
 
 FORMAT = "%(asctime)s %(levelname)s [%(threadName)s] %(message)s"
@@ -27,6 +28,9 @@ def setup(logfile, to_stderr=True, access_log=None, slowlog=None):
     the slowlog only go to their files, and are off when not set."""
     # every file is opened before any logger changes, so a file that cannot be opened
     # (OSError) leaves the logging as it was
+    for path in (logfile, access_log, slowlog):
+        if path:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
     handlers = [logging.FileHandler(logfile, encoding="utf-8")] if logfile else []
     if to_stderr or not logfile:
         handlers.append(logging.StreamHandler(sys.stderr))

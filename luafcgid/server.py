@@ -48,7 +48,7 @@ class Server:
     def start(self):
         if self.sock is None:
             self.bind()
-        self.acceptor = Acceptor(self.sock)
+        self.acceptor = Acceptor(self.sock, self._connect)
         self.housekeeper.start()
         self.slow_watcher.start()
         for number in range(1, self.config.workers + 1):
@@ -68,18 +68,16 @@ class Server:
         return (f"serving on {self.listening()}: {requests} requests, {failed} failed, "
                 f"{active}/{len(self.metrics.workers)} workers busy")
 
+    def _connect(self, sock, address):
+        peer = f"{address[0]}:{address[1]}" if sock.family != socket.AF_UNIX else None
+        return Connection(sock, peer, self)
+
     def _work(self, number):
         worker = current_worker.stats = self.metrics.workers[number - 1]
         while True:
-            work = self.acceptor.next()
-            if work is None:
+            connection = self.acceptor.next()
+            if connection is None:
                 return
-            if isinstance(work, Connection):
-                connection = work
-            else:
-                sock, address = work
-                peer = f"{address[0]}:{address[1]}" if sock.family != socket.AF_UNIX else None
-                connection = Connection(sock, peer, self)
             self._connections[number] = connection
             try:
                 park = connection.serve(worker)

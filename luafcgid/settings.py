@@ -296,22 +296,22 @@ SETTINGS = (
             "Seconds in-flight requests are given to finish on SIGTERM.", "process"),
     Setting("user", optional(string), None,
             "When started as root: the user to run as after binding the socket and opening "
-            "the logs and the pidfile (which are handed to this user).", "process", live=False,
-            example="luafcgid"),
+            "the logs and the pidfile (which are handed to this user), e.g. luafcgid.",
+            "process", live=False),
     Setting("group", optional(string), None,
             "Group to run as with user; null means the user's primary group.", "process",
             live=False),
     Setting("access_log", optional(string), None,
             "Access log: one line per request (time, method, URI, status, bytes, seconds, "
-            "script); null for none.", "process", is_path=True,
-            example="/var/log/luafcgid/access.log"),
+            "script), e.g. /var/log/luafcgid/access.log; null for none.", "process",
+            is_path=True),
     Setting("slowlog", optional(string), None,
             "Log of requests that ran longer than slowlog_timeout, with the Lua traceback of "
-            "where they were (Lua 5.2 to 5.5; see the manual for LuaJIT and 5.1).", "process",
-            is_path=True, example="/var/log/luafcgid/slow.log"),
+            "where they were (Lua 5.2 to 5.5; see the manual for LuaJIT and 5.1), e.g. "
+            "/var/log/luafcgid/slow.log.", "process", is_path=True),
     Setting("slowlog_timeout", optional(number(0.001)), None,
-            "Seconds after which a request counts as slow and is written to the slowlog; "
-            "null for never.", "process", example=5.0),
+            "Seconds after which a request counts as slow and is written to the slowlog, "
+            "e.g. 5; null for never.", "process"),
     # -- status and ping pages
     Setting("status_path", optional(url_path), None,
             "SCRIPT_NAME that answers the status page (plain text; ?json, ?openmetrics) "
