@@ -279,12 +279,13 @@ def wsapi_launcher():
 
 
 def luafcgid_config(tmp, settings=()):
-    """The shipped etc/luafcgid.yaml with listen, logfile and pidfile overridden (and the
-    settings given with --set, for scale runs)."""
+    """The shipped etc/luafcgid.yaml with its paths (listen, logfile, pidfile, roots) pointed
+    at the benchmark's (and the settings given with --set, for scale runs)."""
     base_path = os.path.join(REPO, "etc", "luafcgid.yaml")
     overrides = {"listen": os.path.join(tmp, "luafcgid.sock"),
                  "logfile": os.path.join(tmp, "luafcgid.log"),
-                 "pidfile": os.path.join(tmp, "luafcgid.pid"), **dict(settings)}
+                 "pidfile": os.path.join(tmp, "luafcgid.pid"),
+                 "roots": [os.path.join(BENCH, "www")], **dict(settings)}
     base = {}
     base_text = ""
     if os.path.exists(base_path):
@@ -303,7 +304,7 @@ def luafcgid_config(tmp, settings=()):
               + yaml.safe_dump(base, default_flow_style=False, sort_keys=False))
     except ImportError:  # keep the shipped text, replace the three keys
         lines = [l for l in base_text.splitlines()
-                 if not re.match(r"\s*(listen|logfile|pidfile)\s*:", l)]
+                 if not re.match(r"\s*(listen|logfile|pidfile|roots)\s*:", l)]
         lines += ["%s: %s" % (k, v) for k, v in overrides.items()]
         write(path, "\n".join(lines) + "\n")
     return path, overrides["listen"]
