@@ -4,6 +4,7 @@ responder and its state pool, the heartbeat; starting them and draining them at 
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 
@@ -19,6 +20,7 @@ from .status import Status
 
 log = logging.getLogger("luafcgid")
 
+SWITCH_INTERVAL = 0.001
 LISTENER_SETTINGS = ("listen", "backlog", "listen_mode", "listen_owner", "listen_group")
 
 
@@ -46,6 +48,11 @@ class Server:
         self.sock = listener.bind(self.config)
 
     def start(self):
+        # Python hands its interpreter lock to a waiting thread only every switch interval
+        # (5 ms by default): a request whose worker waited that long in a queue of them set
+        # the p99 latency. At 1 ms, with 256 clients through nginx, p99 fell from 57 to 28 ms
+        # (processes 2, workers 2) and from 49 to 44 ms (processes 1, workers 3).
+        sys.setswitchinterval(SWITCH_INTERVAL)
         if self.sock is None:
             self.bind()
         self.acceptor = Acceptor(self.sock, self._connect)

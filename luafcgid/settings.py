@@ -225,11 +225,13 @@ SETTINGS = (
             "listener"),
     # -- workers and the state pool
     Setting("workers", integer(1), 3,
-            "Worker threads, each serving one request at a time.", "pool", live=False),
+            "Worker threads per process, each serving one request at a time.", "pool",
+            live=False, example=2),
     Setting("processes", integer(1), 1,
             "Serving processes sharing the listening socket, each with its own workers, "
             "states and Python interpreter lock (like php-fpm's static pool, with threads "
-            "inside). workers, states and clones count per process.", "pool", live=False),
+            "inside); one per core is a good start. workers, states and clones count per "
+            "process.", "pool", live=False, example=2),
     Setting("states", integer(1), 5,
             "Most Lua states kept in the pool (at least workers).", "pool"),
     Setting("clones", optional(integer(1)), None,
