@@ -123,34 +123,41 @@ class Daemon:
             return ""
 
 
-NGINX_CONF = """\
-{user}
+def nginx_main_conf(directory, http_body):
+    """A whole nginx.conf for a test: its pid, logs and temporary files under `directory`,
+    `http_body` inside http { }."""
+    user = "user root;" if os.geteuid() == 0 else ""
+    return f"""{user}
 daemon off;
 worker_processes 2;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
+pid {directory}/nginx.pid;
+error_log {directory}/error.log warn;
 events {{ worker_connections 1024; }}
 http {{
     access_log off;
-    client_body_temp_path {dir}/body;
-    fastcgi_temp_path {dir}/fastcgi;
-    proxy_temp_path {dir}/proxy;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
+    client_body_temp_path {directory}/body;
+    fastcgi_temp_path {directory}/fastcgi;
+    proxy_temp_path {directory}/proxy;
+    uwsgi_temp_path {directory}/uwsgi;
+    scgi_temp_path {directory}/scgi;
     client_max_body_size 64m;
+{http_body}
+}}
+"""
+
+
+LUA_SERVER = """\
     {upstream}
     server {{
         listen 127.0.0.1:{port};
         root {root};
         location ~ \\.lua$ {{
-            include {root_conf}/fastcgi_params;
+            include /etc/nginx/fastcgi_params;
             fastcgi_param SCRIPT_FILENAME $document_root$fastcgi_script_name;
             fastcgi_pass {backend};
             {extra}
         }}
-    }}
-}}
-"""
+    }}"""
 
 
 def nginx_binary():
@@ -169,9 +176,8 @@ class Nginx:
         self.port = free_port()
         if isinstance(backend, str) and "/" in backend and not backend.startswith("unix:"):
             backend = f"unix:{backend}"
-        conf = NGINX_CONF.format(
-            user="user root;" if os.geteuid() == 0 else "", dir=self.dir, port=self.port,
-            root=root, root_conf="/etc/nginx", backend=backend, extra=extra, upstream=upstream)
+        conf = nginx_main_conf(self.dir, LUA_SERVER.format(
+            upstream=upstream, port=self.port, root=root, backend=backend, extra=extra))
         self.conf = os.path.join(self.dir, "nginx.conf")
         with open(self.conf, "w") as stream:
             stream.write(conf)

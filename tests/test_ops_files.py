@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, free_port, nginx_binary
+from conftest import ROOT, free_port, nginx_binary, nginx_main_conf
 from luafcgid.reference import man_page
 
 
@@ -93,24 +93,7 @@ def nginx_conf(tmp_path, site):
         extra = (f"server {{ listen 127.0.0.1:{free_port()}; root {tmp_path / 'www'}; "
                  f"include {snippet}; }}")
     conf = d / "nginx.conf"
-    conf.write_text(f"""
-{"user root;" if os.geteuid() == 0 else ""}
-daemon off;
-worker_processes 2;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    client_body_temp_path {d}/body;
-    fastcgi_temp_path {d}/fastcgi;
-    proxy_temp_path {d}/proxy;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    include {d}/site.conf;
-    {extra}
-}}
-""")
+    conf.write_text(nginx_main_conf(d, f"    include {d}/site.conf;\n    {extra}"))
     return str(conf), str(d)
 
 
