@@ -1,7 +1,6 @@
 """Several daemons on 127.0.0.1 ports behind one nginx upstream (the shipped site with its
 upstream listing them): stopping one with SIGTERM while a client runs loses no request."""
 
-import os
 import signal
 import subprocess
 import threading

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from luafcgid import config
-from luafcgid.pool import PoolClosed, StatePool
+from luafcgid.pool import PoolClosed
 from luafcgid.responder import Responder
 from luafcgid.state import ScriptError
 
