@@ -61,7 +61,10 @@ class StatePool:
                     self._cond.wait(0.001)
                     continue
                 if self._total >= self.max_states:
-                    victim = self._choose_victim()
+                    # A clone only displaces another script's clone: evicting a script's
+                    # last state would cost it a reload (about 0.5 ms) to save a wait for
+                    # our own busy state, which ends with its request.
+                    victim = self._choose_victim(clones_only=count > 0)
                     if victim is None:
                         self._cond.wait()
                         continue
@@ -167,7 +170,7 @@ class StatePool:
                 del self._idle[state.path]
         self._total -= 1
 
-    def _choose_victim(self):
+    def _choose_victim(self, clones_only=False):
         """The idle state least worth keeping: idle longest, relative to how popular it is,
         and sooner if its script has other states to fall back on. A hot script's only
         state thus outlives a one-off script's state that was used more recently. The idle
@@ -177,6 +180,8 @@ class StatePool:
         victim, worst = None, -1.0
         for path, idle in self._idle.items():
             clones = len(self._states[path])
+            if clones_only and clones == 1:
+                continue
             for state in idle:
                 score = ((now - state.last_used + 1.0) * clones
                          / (1 + math.log2(1 + state.requests)))
