@@ -25,15 +25,17 @@ LISTENER_SETTINGS = ("listen", "backlog", "listen_mode", "listen_owner", "listen
 
 
 class Server:
-    def __init__(self, config, sock=None, process=None, inherited=False):
+    def __init__(self, config, sock=None, process=None, inherited=False, scoreboard=None):
         """`process` numbers this serving process when a supervisor runs several: they
-        share a listening socket the supervisor owns (binds, rebinds and removes).
+        share a listening socket the supervisor owns (binds, rebinds and removes), and
+        publish their counters on its `scoreboard`.
         `inherited`: `sock` was passed by systemd (socket activation); systemd keeps it
         across restarts, so luafcgid neither replaces it nor removes its file."""
         self.config = config
         self.sock = sock
         self.process = process
         self.inherited = inherited
+        self.scoreboard = scoreboard
         self.metrics = Metrics(config.workers, config.slowlog_timeout)
         self.status = Status(self)
         self.responder = Responder(config, self.status)
@@ -163,6 +165,13 @@ class Server:
             self.sock.close()
         log.info("stopped")
 
+    def publish(self):
+        """Put this process's counters on the supervisor's scoreboard (if there is one)."""
+        if self.scoreboard is not None:
+            requests, failed, slow, active = self.metrics.totals()
+            self.scoreboard.publish(self.process, os.getpid(), requests, failed, slow, active,
+                                    len(self.metrics.workers))
+
     def serve_forever(self, reread):
         """Run until SIGTERM or SIGINT, in the main thread, which takes the signals:
         SIGHUP applies reread() (a Config, or None when the file is bad) and every second
@@ -177,6 +186,7 @@ class Server:
             systemd.notify("READY=1", f"STATUS={self.summary()}", f"MAINPID={os.getpid()}")
         try:
             while True:
+                self.publish()
                 signum = signals.wait(timeout=watchdog.timeout(1.0) if main else 1.0)
                 if main:
                     watchdog.tick(self.summary, healthy=self.housekeeper.alive())

@@ -70,6 +70,22 @@ def _memory_kb(state):
         return None
 
 
+def _whole_pool(data, server):
+    """With processes > 1: the request and worker figures become the sums over every
+    process (this one live, the others as they published them within the last second), and
+    `processes` lists each. States and scripts stay this process's own."""
+    server.publish()
+    processes = [slot for slot in server.scoreboard.read() if slot["pid"]]
+    data["processes"] = processes
+    for key in ("requests", "failed_requests", "slow_requests"):
+        data[key] = sum(slot[key] for slot in processes)
+    total = sum(slot["workers"] for slot in processes)
+    active = sum(slot["active_workers"] for slot in processes)
+    data["workers"] = {"total": total, "active": active, "idle": total - active}
+    uptime = data["uptime_seconds"]
+    data["requests_per_second"] = round(data["requests"] / uptime, 3) if uptime > 0 else 0.0
+
+
 class Status:
     def __init__(self, server):
         self.server = server
@@ -131,6 +147,8 @@ class Status:
         queue = accept_queue(server.sock)
         if queue is not None:   # omitted where the system does not tell
             data["queue"] = queue
+        if server.scoreboard is not None:
+            _whole_pool(data, server)
         return data
 
     def status_page(self, params):
@@ -158,6 +176,10 @@ def text(data):
              f"total workers: {workers['total']}"]
     if "queue" in data:
         lines.append(f"listen queue: {data['queue']}")
+    for slot in data.get("processes", ()):
+        lines.append(f"process {slot['process']}: pid {slot['pid']} requests {slot['requests']} "
+                     f"failed {slot['failed_requests']} slow {slot['slow_requests']} active "
+                     f"workers {slot['active_workers']} of {slot['workers']}")
     lines.append(f"states: {data['states']['states']} (created {data['states']['created']}, "
                  f"evicted {data['states']['evicted']}, flushed {data['states']['flushed']})")
     for script in data["scripts"]:

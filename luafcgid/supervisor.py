@@ -12,6 +12,7 @@ import signal
 import time
 
 from . import listener, logs, signals, systemd
+from .scoreboard import Scoreboard
 from .server import Server
 
 log = logging.getLogger("luafcgid")
@@ -24,6 +25,7 @@ class Supervisor:
         self.config = config
         self.sock = sock
         self.reread = reread
+        self.scoreboard = Scoreboard(config.processes)
         self.children = {}   # pid -> process number
         self.started = {}    # process number -> when it was last started
         self.stopping = False
@@ -69,7 +71,8 @@ class Supervisor:
             return
         code = 1
         try:
-            Server(self.config, self.sock, process=number).serve_forever(self.reread)
+            Server(self.config, self.sock, process=number,
+                   scoreboard=self.scoreboard).serve_forever(self.reread)
             code = 0
         except BaseException:
             log.exception("process %d failed", number)

@@ -62,3 +62,34 @@ def test_sighup_reloads_every_process_and_sigterm_stops_them_all(stack):
     assert s.daemon.stop() == 0
     assert not any(os.path.exists(f"/proc/{pid}") for pid in children)
     assert not os.path.exists(s.daemon.address)
+
+
+def test_the_status_page_reports_every_process(daemon, site):
+    import json
+
+    from conftest import RawClient, split_response
+
+    d = daemon(processes=2, workers=2, states=2, status_path="/status")
+    site.write("n.lua", "function main(env, con) con:puts('n') end")
+    wait_for(lambda: len(_children(d.proc.pid)) == 2, what="two serving processes")
+
+    def get(script_name, script=b""):
+        client = RawClient(d.address)
+        client.request({b"SCRIPT_NAME": script_name, b"SCRIPT_FILENAME": script,
+                        b"REMOTE_ADDR": b"127.0.0.1", b"QUERY_STRING": b"json"})
+        status, _, body = split_response(client.response()[0])
+        client.close()
+        return status, body
+
+    for _ in range(30):
+        assert get(b"/n.lua", site.file("n.lua").encode())[0] == "200 OK"
+
+    def pool_wide():
+        data = json.loads(get(b"/status")[1])
+        return len(data["processes"]) == 2 and data["requests"] >= 30 and data
+
+    wait_for(pool_wide, what="both processes on the scoreboard")
+    data = pool_wide()
+    assert {slot["pid"] for slot in data["processes"]} == set(_children(d.proc.pid))
+    assert data["workers"]["total"] == 4
+    assert sum(slot["requests"] for slot in data["processes"]) == data["requests"]
