@@ -172,8 +172,7 @@ class Connection:
         if version != fcgi.VERSION:
             raise fcgi.ProtocolError(f"unsupported version {version} (not FastCGI?)")
         total = fcgi.HEADER_LEN + length + padding
-        if not self._fill(total):
-            raise fcgi.ProtocolError("connection closed in the middle of a record")
+        self._fill(total)   # the header is buffered, so an EOF here raises ProtocolError
         start = self._pos + fcgi.HEADER_LEN
         content = bytes(self._buf[start:start + length])
         self._pos += total
@@ -226,7 +225,7 @@ class Connection:
                 else:
                     request_id, keep_conn = rid, bool(flags & fcgi.KEEP_CONN)
             elif rtype not in _KNOWN_TYPES:
-                self._reply(fcgi.UNKNOWN_TYPE, 0, bytes((rtype,)) + b"\0" * 7)
+                self._unknown_type(rtype)
             elif rid != request_id:
                 continue   # spec 4.2: records of an inactive request are ignored
             elif rtype == fcgi.PARAMS:
@@ -261,4 +260,7 @@ class Connection:
             self._reply(fcgi.GET_VALUES_RESULT, 0,
                         fcgi.encode_params((k, values[k]) for k in asked if k in values))
         else:
-            self._reply(fcgi.UNKNOWN_TYPE, 0, bytes((rtype,)) + b"\0" * 7)
+            self._unknown_type(rtype)
+
+    def _unknown_type(self, rtype):
+        self._reply(fcgi.UNKNOWN_TYPE, 0, bytes((rtype,)) + b"\0" * 7)

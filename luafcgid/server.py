@@ -44,7 +44,6 @@ class Server:
         self.stopping = False
         self.acceptor = None
         self._threads = []
-        self._connections = {}   # worker number -> Connection being served
 
     def bind(self):
         self.sock = listener.bind(self.config)
@@ -87,14 +86,11 @@ class Server:
             connection = self.acceptor.next()
             if connection is None:
                 return
-            self._connections[number] = connection
             try:
                 park = connection.serve(worker)
             except Exception:
                 log.exception("unexpected error serving %s", connection.peer)
                 park = False
-            finally:
-                del self._connections[number]
             if park and not self.stopping:
                 self.acceptor.park(connection)
             else:

@@ -52,11 +52,10 @@ class _Channel:
     """The Python end of a state's callbacks. Holds no reference to the runtime, so a
     discarded state is freed (and its Lua finalizers run) as soon as the pool drops it."""
 
-    __slots__ = ("out", "script")
+    __slots__ = ("out",)
 
-    def __init__(self, script):
+    def __init__(self):
         self.out = None
-        self.script = script
 
     # Both are reachable from a script (debug.getupvalue on con's methods), so they take
     # nothing but the byte strings runtime.lua passes.
@@ -99,7 +98,7 @@ class LuaState:
                                          attribute_filter=_deny_attributes,
                                          max_memory=config.memory_limit)
         self.lua_thread = main_thread(self.runtime)   # for the slowlog's traceback
-        self._channel = _Channel(path)
+        self._channel = _Channel()
         values = {name: config.lua_value(name) for name in BY_NAME}
         lua_config = self.runtime.table_from(
             to_lua({k: v for k, v in values.items() if v is not None}), recursive=True)
@@ -122,14 +121,13 @@ class LuaState:
             raise ScriptError(result[1].decode(errors="replace"),
                               result[2].decode(errors="replace"))
         self._serve, self._finish = result[1], result[2]
-        self._version = ENV_VERSION
 
     def serve(self, params, body, out):
         """Run the handler. Returns (True, unsent_bytes) or (False, kind, message, sent)."""
         self._channel.out = out
         try:
             env = self.runtime.table_from(params)
-            env[b"LUAFCGID_VERSION"] = self._version
+            env[b"LUAFCGID_VERSION"] = ENV_VERSION
             return self._serve(env, body)
         finally:
             self._channel.out = None
