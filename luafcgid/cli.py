@@ -7,8 +7,8 @@ import sys
 
 import yaml
 
-from . import __version__, config as configuration, daemon, logs, privileges, signals, systemd, vm
-from .listener import ListenError
+from . import (__version__, config as configuration, daemon, listener, logs, privileges,
+               signals, systemd, vm)
 from .reference import man_page, sample_config, settings_reference
 
 log = logging.getLogger("luafcgid")
@@ -126,24 +126,23 @@ def run(argv):
     # daemon that would leave its socket and pidfile behind
     signals.block()
     passed = systemd.listen_socket()
-    server = Server(config, passed, inherited=passed is not None)
     try:
-        if server.sock is None:
-            server.bind()
+        sock = passed if passed is not None else listener.bind(config)
         if args.daemon:
             daemon.detach()
         _setup_logs(config, args)
         if config.pidfile:
             daemon.write_pidfile(config.pidfile)
         privileges.drop(config)
-    except (ListenError, privileges.PrivilegeError, OSError) as exc:
+    except (listener.ListenError, privileges.PrivilegeError, OSError) as exc:
         print(f"luafcgid: {exc}", file=sys.stderr)
         if args.daemon:   # standard error is /dev/null now: the log file is all there is
             log.error("not started: %s", exc)
         return 1
+    # the serving process(es) are made only now: the supervisor's parent serves nothing
     if config.processes > 1:
-        return Supervisor(config, server.sock, lambda: _reread(args)).run()
-    server.serve_forever(lambda: _reread(args))
+        return Supervisor(config, sock, lambda: _reread(args)).run()
+    Server(config, sock, inherited=passed is not None).serve_forever(lambda: _reread(args))
     return 0
 
 

@@ -25,8 +25,8 @@ LISTENER_SETTINGS = ("listen", "backlog", "listen_mode", "listen_owner", "listen
 
 
 class Server:
-    def __init__(self, config, sock=None, process=None, inherited=False, scoreboard=None):
-        """`process` numbers this serving process when a supervisor runs several: they
+    def __init__(self, config, sock, process=None, inherited=False, scoreboard=None):
+        """Serves on the listening socket `sock`. `process` numbers this serving process when a supervisor runs several: they
         share a listening socket the supervisor owns (binds, rebinds and removes), and
         publish their counters on its `scoreboard`.
         `inherited`: `sock` was passed by systemd (socket activation); systemd keeps it
@@ -45,17 +45,12 @@ class Server:
         self.acceptor = None
         self._threads = []
 
-    def bind(self):
-        self.sock = listener.bind(self.config)
-
     def start(self):
         # Python hands its interpreter lock to a waiting thread only every switch interval
         # (5 ms by default): a request whose worker waited that long in a queue of them set
         # the p99 latency. At 1 ms, with 256 clients through nginx, p99 fell from 57 to 28 ms
         # (processes 2, workers 2) and from 49 to 44 ms (processes 1, workers 3).
         sys.setswitchinterval(SWITCH_INTERVAL)
-        if self.sock is None:
-            self.bind()
         self.acceptor = Acceptor(self.sock, self._connect)
         self.housekeeper.start()
         self.slow_watcher.start()
@@ -101,30 +96,15 @@ class Server:
         requests finish on the old one), a new listening socket if its settings changed.
         Settings that need a restart keep their running value, with a warning."""
         for setting in SETTINGS:
-            name = setting.name
-            if not setting.live and getattr(config, name) != getattr(self.config, name):
-                log.warning("reload: %s changed; restart luafcgid to apply it", name)
-                setattr(config, name, getattr(self.config, name))
-        if any(getattr(config, name) != getattr(self.config, name) for name in LISTENER_SETTINGS):
+            if not setting.live and self._keep_running(config, (setting.name,)):
+                log.warning("reload: %s changed; restart luafcgid to apply it", setting.name)
+        if self._changed(config, LISTENER_SETTINGS):
             if self.process is not None or self.inherited:
                 log.warning("reload: listener settings changed; with processes > 1 or a "
                             "socket passed by systemd that needs a restart")
-                for name in LISTENER_SETTINGS:
-                    setattr(config, name, getattr(self.config, name))
-        if any(getattr(config, name) != getattr(self.config, name) for name in LISTENER_SETTINGS):
-            try:
-                sock = listener.bind(config)
-            except listener.ListenError as exc:
-                log.error("reload: %s; still listening on %s", exc, self.config.listen)
-                for name in LISTENER_SETTINGS:
-                    setattr(config, name, getattr(self.config, name))
+                self._keep_running(config, LISTENER_SETTINGS)
             else:
-                old_sock, old_config = self.sock, self.config
-                self.sock = sock
-                self.acceptor.listen_on(sock)
-                if old_config.listen != config.listen:
-                    listener.remove(old_config, old_sock)
-                log.info("reload: now listening on %s", config.listen)
+                self._rebind(config)
         self.metrics.slow_after = config.slowlog_timeout
         old = self.responder
         self.responder = Responder(config, self.status)
@@ -134,6 +114,31 @@ class Server:
         self.housekeeper.start()
         self.config = config
         log.info("reloaded %s", config.source)
+
+    def _changed(self, config, names):
+        return any(getattr(config, name) != getattr(self.config, name) for name in names)
+
+    def _keep_running(self, config, names):
+        """Put the running values of `names` back into `config`; True if any differed."""
+        changed = self._changed(config, names)
+        for name in names:
+            setattr(config, name, getattr(self.config, name))
+        return changed
+
+    def _rebind(self, config):
+        """Listen as `config` says; on failure keep the running socket and its settings."""
+        try:
+            sock = listener.bind(config)
+        except listener.ListenError as exc:
+            log.error("reload: %s; still listening on %s", exc, self.config.listen)
+            self._keep_running(config, LISTENER_SETTINGS)
+            return
+        old_sock, old_config = self.sock, self.config
+        self.sock = sock
+        self.acceptor.listen_on(sock)
+        if old_config.listen != config.listen:
+            listener.remove(old_config, old_sock)
+        log.info("reload: now listening on %s", config.listen)
 
     def stop(self):
         """Stop accepting, let in-flight requests finish (at most shutdown_timeout seconds),
