@@ -140,9 +140,10 @@ def run(argv):
             log.error("not started: %s", exc)
         return 1
     # the serving process(es) are made only now: the supervisor's parent serves nothing
+    inherited = passed is not None
     if config.processes > 1:
-        return Supervisor(config, sock, lambda: _reread(args)).run()
-    Server(config, sock, inherited=passed is not None).serve_forever(lambda: _reread(args))
+        return Supervisor(config, sock, lambda: _reread(args), inherited).run()
+    Server(config, sock, inherited=inherited).serve_forever(lambda: _reread(args))
     return 0
 
 

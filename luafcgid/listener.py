@@ -87,6 +87,11 @@ def bind(config):
     return bind_unix(config) if config.unix_socket else bind_tcp(config)
 
 
+def describe(config, inherited):
+    """Where a daemon listens, for logs and systemd's STATUS=."""
+    return "the socket systemd passed" if inherited else config.listen
+
+
 def remove(config, sock):
     """Close the listening socket and remove its file (Unix sockets we bound)."""
     sock.close()

@@ -63,7 +63,7 @@ class Server:
                  self.config.workers, self.config.states, self.config.lua)
 
     def listening(self):
-        return "the socket systemd passed" if self.inherited else self.config.listen
+        return listener.describe(self.config, self.inherited)
 
     def summary(self):
         """One line for systemd's STATUS=."""

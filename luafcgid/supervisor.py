@@ -21,10 +21,12 @@ _RESPAWN_PAUSE = 1.0   # seconds between restarts of the same child, against cra
 
 
 class Supervisor:
-    def __init__(self, config, sock, reread):
+    def __init__(self, config, sock, reread, inherited=False):
+        """`inherited`: `sock` was passed by systemd, which keeps it (and its file)."""
         self.config = config
         self.sock = sock
         self.reread = reread
+        self.inherited = inherited
         self.scoreboard = Scoreboard(config.processes)
         self.children = {}   # pid -> process number
         self.started = {}    # process number -> when it was last started
@@ -34,9 +36,10 @@ class Supervisor:
         signals.block()   # before forking: children inherit the mask and sigwait too
         for number in range(1, self.config.processes + 1):
             self._spawn(number)
-        log.info("luafcgid serving on %s with %d processes of %d workers", self.config.listen,
+        where = listener.describe(self.config, self.inherited)
+        log.info("luafcgid serving on %s with %d processes of %d workers", where,
                  self.config.processes, self.config.workers)
-        status = lambda: f"serving on {self.config.listen} with {len(self.children)} processes"
+        status = lambda: f"serving on {where} with {len(self.children)} processes"
         systemd.notify("READY=1", f"STATUS={status()}", f"MAINPID={os.getpid()}")
         watchdog = systemd.Watchdog()
         try:
@@ -71,7 +74,7 @@ class Supervisor:
             return
         code = 1
         try:
-            Server(self.config, self.sock, process=number,
+            Server(self.config, self.sock, process=number, inherited=self.inherited,
                    scoreboard=self.scoreboard).serve_forever(self.reread)
             code = 0
         except BaseException:
@@ -111,5 +114,8 @@ class Supervisor:
         if self.children:
             log.error("processes %s did not stop; killing them", sorted(self.children.values()))
             self._signal_all(signal.SIGKILL)
-        listener.remove(self.config, self.sock)
+        if self.inherited:
+            self.sock.close()
+        else:
+            listener.remove(self.config, self.sock)
         log.info("stopped")

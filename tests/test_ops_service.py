@@ -113,6 +113,24 @@ def test_socket_activation_and_the_notify_protocol(activated, tmp_path, site):
         probe.connect(path)
 
 
+def test_a_supervisor_serves_a_passed_socket_and_removes_no_socket_file(activated, tmp_path,
+                                                                         site):
+    # `listen` names another process's socket: with a passed socket it is not ours to remove
+    other = socket.socket(socket.AF_UNIX)
+    other.bind(str(tmp_path / "not-bound.sock"))
+    proc, path, notifications = activated(str(tmp_path / "notify.sock"), processes=2)
+    assert notifications.wait("READY")["READY"] == "1"
+    site.write("hi.lua", "function main(env, con) con:puts('hi') end")
+    assert request(path, site.file("hi.lua"))[2] == b"hi"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 0
+    assert stat.S_ISSOCK(os.stat(path).st_mode)
+    with socket.socket(socket.AF_UNIX) as probe:
+        probe.connect(path)
+    assert os.path.exists(tmp_path / "not-bound.sock")
+    other.close()
+
+
 def test_watchdog_pings_on_an_abstract_notify_socket(activated, tmp_path):
     address = f"@luafcgid-test-{os.getpid()}-{time.monotonic_ns()}"
     proc, _, notifications = activated(address, env={"WATCHDOG_USEC": "200000"})
