@@ -109,6 +109,16 @@ local function failure(err)
   return is_memory_error(err) and "Memory Error" or "Runtime Error", tostring(err)
 end
 
+-- Calls fn(...) under the request deadline: true and its first result, or false, an error
+-- kind and its message.
+local function timed(fn, ...)
+  arm()
+  local ok, result = pcall(fn, ...)
+  deadline = nil
+  if not ok or timed_out then return false, failure(result) end
+  return true, result
+end
+
 -- The request object ---------------------------------------------------------------------
 
 local status_default, contenttype_default, handler_name, finish_name, buffering =
@@ -229,13 +239,7 @@ local function run_file(file, ...)
     probe:close()
     return false, "Syntax Error", message
   end
-  arm()
-  local ok, result = pcall(chunk, ...)
-  deadline = nil
-  if not ok or timed_out then
-    return false, failure(result)
-  end
-  return true, result
+  return timed(chunk, ...)
 end
 
 -- The prelude (setting `prelude`) runs first, with the script's path as its argument; then
@@ -272,12 +276,9 @@ local function serve(env, input)
       return false, "Runtime Error", handler_name .. "() function not found", false
     end
   end
-  arm()
-  local ok, err = pcall(handler, env, c)
-  deadline = nil
-  if not ok or timed_out then
+  local ok, kind, message = timed(handler, env, c)
+  if not ok then
     c.closed = true
-    local kind, message = failure(err)
     return false, kind, message, c.sent
   end
   local payload = concat(c.body, "", 1, c.n)
@@ -294,14 +295,13 @@ local function finish()
   current = nil
   local fn = _G[finish_name]
   if c == nil or type(fn) ~= "function" then return true end
-  arm()
-  local ok, err = pcall(fn, c.env, c)
-  deadline = nil
-  if not ok or timed_out then return false, failure(err) end
+  local ok, kind, message = timed(fn, c.env, c)
+  if not ok then return false, kind, message end
   return true
 end
 
-ours[arm], ours[run_file], ours[load_script], ours[serve], ours[finish] = true, true, true, true, true
+ours[arm], ours[timed], ours[run_file], ours[load_script], ours[serve], ours[finish] =
+  true, true, true, true, true, true
 ours[debug.getinfo(1, "f").func] = true
 local ok, kind, message = load_script()
 if not ok then return false, kind, message end
