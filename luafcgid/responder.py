@@ -121,20 +121,17 @@ class Responder:
             worker.state = state
         try:
             result = state.serve(params, body, out)
-            if result[0]:
-                out.end(result[1])
+            if result.ok:
+                out.end(result.payload)
             else:
-                _, kind, message, sent = result
-                kind, message = kind.decode(), message.decode(errors="replace")
-                discard = kind in _FATAL
-                self._report(kind, message, out, headers_sent=sent)
+                discard = result.kind in _FATAL
+                self._report(result.kind, result.message, out, headers_sent=result.headers_sent)
             if self.config.finishhandler and not discard:
                 finished = state.finish()
-                if not finished[0]:
-                    kind = finished[1].decode()
-                    log.error("%s in %s() of %s: %s", kind, self.config.finishhandler, path,
-                              finished[2].decode(errors="replace"))
-                    discard = kind in _FATAL
+                if not finished.ok:
+                    log.error("%s in %s() of %s: %s", finished.kind, self.config.finishhandler,
+                              path, finished.message)
+                    discard = finished.kind in _FATAL
         except Exception as exc:   # a lupa-level failure outside the script's pcall
             discard = True
             memory = isinstance(exc, vm.load(self.config.lua).LuaMemoryError)

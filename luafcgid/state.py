@@ -4,6 +4,7 @@ import logging
 import os
 import time
 from importlib import resources
+from typing import NamedTuple
 
 from . import vm
 from .settings import BY_NAME
@@ -14,6 +15,28 @@ log = logging.getLogger("luafcgid")
 LUA_DIR = str(resources.files(__package__) / "lua")
 _BOOTSTRAP = (resources.files(__package__) / "lua" / "runtime.lua").read_bytes()
 ENV_VERSION = 2   # env.LUAFCGID_VERSION; the original sent 1
+
+
+class Outcome(NamedTuple):
+    """What a call into the state's runtime (serve or finish) came to."""
+    ok: bool
+    payload: bytes = b""          # response bytes not yet sent (serve)
+    kind: str = ""                # on failure: "Runtime Error", "Timeout Error", ...
+    message: str = ""
+    headers_sent: bool = False    # on failure: the headers already went out
+
+
+def _outcome(values):
+    """runtime.lua returns `true[, payload]` or `false, kind, message[, headers_sent]`;
+    lupa hands back one value as itself and several as a tuple. This is the one place that
+    reads them."""
+    if type(values) is not tuple:
+        values = (values,)
+    if values[0]:
+        return Outcome(True, values[1] if len(values) > 1 else b"")
+    return Outcome(False, kind=values[1].decode(errors="replace"),
+                   message=values[2].decode(errors="replace"),
+                   headers_sent=len(values) > 3 and bool(values[3]))
 
 
 class ScriptError(Exception):
@@ -123,19 +146,18 @@ class LuaState:
         self._serve, self._finish = result[1], result[2]
 
     def serve(self, params, body, out):
-        """Run the handler. Returns (True, unsent_bytes) or (False, kind, message, sent)."""
+        """Run the handler; an Outcome whose payload is the response bytes not yet sent."""
         self._channel.out = out
         try:
             env = self.runtime.table_from(params)
             env[b"LUAFCGID_VERSION"] = ENV_VERSION
-            return self._serve(env, body)
+            return _outcome(self._serve(env, body))
         finally:
             self._channel.out = None
 
     def finish(self):
-        """Run the finish handler for the request just served: (True,) or
-        (False, kind, message)."""
-        return self._finish()
+        """Run the finish handler for the request just served; an Outcome."""
+        return _outcome(self._finish())
 
     def close(self):
         """Drop the runtime; lupa closes the Lua state, so __gc finalizers run now."""
