@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import select
+import socket
 import threading
 import time
 
@@ -22,6 +23,14 @@ log = logging.getLogger("luafcgid")
 _TRANSIENT = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _PARKED = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
 _ACCEPT_BATCH = 64
+
+
+def _has_data(sock):
+    """Whether bytes wait unread on `sock` (False at EOF or on error: nothing to serve)."""
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:
+        return False
 
 
 class Acceptor:
@@ -95,10 +104,12 @@ class Acceptor:
                 self._epoll.register(fd, _PARKED)
 
     def close_idle(self, max_idle):
-        """Close parked connections idle for more than max_idle seconds."""
+        """Close parked connections idle for more than max_idle seconds. One whose next
+        request has arrived is not idle, however long it waits for a free worker."""
         limit = time.monotonic() - max_idle
         with self._lock:
-            expired = [fd for fd, c in self._parked.items() if c.parked_at < limit]
+            expired = [fd for fd, c in self._parked.items()
+                       if c.parked_at < limit and not _has_data(c.sock)]
             connections = [self._parked.pop(fd) for fd in expired]
         for connection in connections:
             connection.close()

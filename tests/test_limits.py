@@ -4,6 +4,7 @@
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -145,6 +146,30 @@ def test_max_requests_recycles_states(stack):
     assert [s.get("/count.lua")[2] for _ in range(5)] == [b"1", b"2", b"1", b"2", b"1"]
     assert s.stop() == 0
     assert "recycled=2" in s.daemon.log()
+
+
+@pytest.mark.parametrize("keepalive", [0, 8], ids=["new-connections", "kept-alive"])
+def test_requests_waiting_for_a_worker_longer_than_client_timeout_are_served(stack, keepalive):
+    """client_timeout is for a client slow to send; time a complete request spends waiting
+    for the daemon's own busy workers must not count against it."""
+    s = stack(workers=1, client_timeout=1, keepalive=keepalive)
+    s.write("slow.lua", """
+        function main(env, con) os.execute("sleep 1.5") con:puts(env.QUERY_STRING) end
+    """)
+    results = {}
+
+    def client(n):
+        try:
+            results[n] = s.get(f"/slow.lua?{n}", timeout=60)[::2]
+        except Exception as exc:   # recorded, and asserted on below
+            results[n] = repr(exc)
+
+    clients = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+    for c in clients:
+        c.start()
+    for c in clients:
+        c.join(120)
+    assert results == {n: (200, str(n).encode()) for n in range(4)}
 
 
 def test_stalled_connections_cannot_hold_every_worker(stack):
