@@ -12,7 +12,7 @@ import stat
 from . import pages, vm
 from .pool import PoolClosed, StatePool
 from .searchpath import search_paths
-from .state import LuaState, ScriptError
+from .state import LuaState, ScriptError, ScriptGone
 
 log = logging.getLogger("luafcgid")
 
@@ -109,6 +109,10 @@ class Responder:
             state = self.pool.acquire(path)
         except ScriptError as exc:
             self._report(exc.kind, exc.message, out)
+            return
+        except ScriptGone:   # deleted since its location was cached
+            self._located.pop(script, None)
+            out.end(pages.not_found(script.decode(errors="replace")))
             return
         except PoolClosed:
             if self._successor is not None:

@@ -48,6 +48,10 @@ class ScriptError(Exception):
         self.message = message
 
 
+class ScriptGone(Exception):
+    """The script's file went away (or became unreadable) since it was located."""
+
+
 def _deny_attributes(obj, name, is_setting):
     # Lua only ever calls the two callbacks it is given; their Python attributes
     # (__globals__, __class__, ...) would be a way out of the sandbox.
@@ -55,9 +59,10 @@ def _deny_attributes(obj, name, is_setting):
 
 
 def to_lua(value):
-    """Plain Python data with str converted to bytes, since states run with encoding=None."""
+    """Plain Python data with str converted to bytes, since states run with encoding=None.
+    Paths are bytes on POSIX: a file name that is not UTF-8 comes back as it was."""
     if isinstance(value, str):
-        return value.encode()
+        return os.fsencode(value)
     if isinstance(value, (list, tuple)):
         return [to_lua(item) for item in value]
     if isinstance(value, dict):
@@ -104,7 +109,10 @@ class LuaState:
         """Load `path`; raises ScriptError when it does not compile or its top level fails.
         `paths` is the (package.path, package.cpath) pair for this script."""
         self.path = path
-        self.signature = file_signature(path)
+        try:
+            self.signature = file_signature(path)
+        except OSError as exc:
+            raise ScriptGone(path) from exc
         self.prelude = config.prelude
         try:
             self.prelude_signature = file_signature(config.prelude) if config.prelude else None
@@ -134,8 +142,8 @@ class LuaState:
             "prelude": config.prelude or "", "libdir": LUA_DIR,
         }))
         try:
-            result = self.runtime.execute(_BOOTSTRAP, path.encode(),
-                                          os.path.dirname(path).encode(), lua_config,
+            result = self.runtime.execute(_BOOTSTRAP, os.fsencode(path),
+                                          os.fsencode(os.path.dirname(path)), lua_config,
                                           self._channel.send, self._channel.log, opts)
         except module.LuaError as exc:   # raised outside the bootstrap's pcall, e.g. no memory
             raise ScriptError("Memory Error" if isinstance(exc, module.LuaMemoryError)

@@ -2,6 +2,8 @@
 
 import os
 
+from conftest import wait_for
+
 
 def test_missing_script_is_404_naming_the_file(shared_stack):
     status, _, body = shared_stack.get("/nowhere.lua")
@@ -92,3 +94,23 @@ def test_error_after_flush_ends_the_response_and_is_logged(shared_stack):
     status, _, body = shared_stack.get("/late.lua")
     assert status == 200 and body == b"partial"
     assert "after flush" in shared_stack.daemon.log()
+
+
+def test_a_script_deleted_after_its_location_was_cached_is_404(stack):
+    # a long sweep keeps the location cached; the file watcher still flushes the state
+    s = stack(sweep=600000)
+    path = s.write("deleted.lua", "function main(env, con) con:puts('here') end")
+    assert s.get("/deleted.lua")[2] == b"here"
+    os.unlink(path)
+    wait_for(lambda: f"reloading {path}" in s.daemon.log(), what="the state to be flushed")
+    status, _, body = s.get("/deleted.lua")
+    assert status == 404 and path.encode() in body
+
+
+def test_a_script_whose_name_is_not_utf8_is_served(stack):
+    s = stack()
+    name = os.path.join(os.fsencode(s.site.path), b"caf\xe9.lua")
+    with open(name, "w") as stream:
+        stream.write("function main(env, con) con:puts(env.SCRIPT_FILENAME) end")
+    status, _, body = s.get("/caf%E9.lua")
+    assert (status, body) == (200, name)
