@@ -108,7 +108,7 @@ class Responder:
         try:
             state = self.pool.acquire(path)
         except ScriptError as exc:
-            self._report(exc.kind, exc.message, out)
+            self._report(exc.kind, path, exc.message, out)
             return
         except ScriptGone:   # deleted since its location was cached
             self._located.pop(script, None)
@@ -129,7 +129,8 @@ class Responder:
                 out.end(result.payload)
             else:
                 discard = result.kind in _FATAL
-                self._report(result.kind, result.message, out, headers_sent=result.headers_sent)
+                self._report(result.kind, path, result.message, out,
+                             headers_sent=result.headers_sent)
             if self.config.finishhandler and not discard:
                 finished = state.finish()
                 if not finished.ok:
@@ -139,14 +140,16 @@ class Responder:
         except Exception as exc:   # a lupa-level failure outside the script's pcall
             discard = True
             memory = isinstance(exc, vm.load(self.config.lua).LuaMemoryError)
-            self._report("Memory Error" if memory else "Unknown Error", f"{path}: {exc}", out)
+            self._report("Memory Error" if memory else "Unknown Error", path, str(exc), out)
         finally:
             if worker is not None:
                 worker.state = None
             self.pool.release(state, discard)
 
-    def _report(self, kind, message, out, headers_sent=False):
-        log.error("%s: %s", kind, message)
+    def _report(self, kind, path, message, out, headers_sent=False):
+        # Lua shortens a long script path in its messages ("...tail/of/it.lua:3:"): the
+        # log line names the script in full
+        log.error("%s in %s: %s", kind, path, message)
         if headers_sent:
             out.end(b"")
         elif self.config.showerrors:

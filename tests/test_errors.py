@@ -27,7 +27,7 @@ def test_syntax_error_is_500_with_kind_file_and_line(shared_stack):
     assert status == 500
     assert b"Syntax Error" in body
     assert f"{path}:3:".encode() in body
-    assert "Syntax Error: " + path in shared_stack.daemon.log()
+    assert f"Syntax Error in {path}: {path}:3:" in shared_stack.daemon.log()
 
 
 def test_runtime_error_in_handler_shows_message_with_line(shared_stack):
@@ -41,7 +41,7 @@ def test_runtime_error_in_handler_shows_message_with_line(shared_stack):
     assert status == 500
     assert b"Runtime Error" in body
     assert f"{path}:3: attempt to index".encode() in body
-    assert "Runtime Error: " + path + ":3:" in shared_stack.daemon.log()
+    assert f"Runtime Error in {path}: {path}:3:" in shared_stack.daemon.log()
 
 
 def test_missing_handler_is_a_runtime_error(shared_stack):

@@ -1,6 +1,11 @@
 """The Lua request API (env and con), end to end through nginx."""
 
 import os
+import re
+
+import pytest
+
+from conftest import RawClient, wait_for
 
 
 def test_hello_through_nginx(shared_stack):
@@ -170,3 +175,52 @@ def test_the_python_bridge_is_unreachable(shared_stack):
         end
     """)
     assert shared_stack.get("/escape.lua")[2] == b"nil nil 0"
+
+
+@pytest.mark.parametrize("value", ["abc", "", "2000 Big", "20 Short", "099 Low"])
+def test_an_invalid_status_is_a_clear_500_and_the_connection_serves_on(stack, tmp_path, value):
+    access_log = tmp_path / "access.log"
+    s = stack(keepalive=8, access_log=str(access_log))
+    path = s.write("bad_status.lua", f"""
+        function main(env, con)
+          if env.QUERY_STRING == "bad" then con:header("Status", "{value}") end
+          con:puts("fine")
+        end
+    """)
+    status, _, body = s.get("/bad_status.lua?bad")
+    assert status == 500 and b"Status" in body
+    assert re.search(rf'Runtime Error in {re.escape(path)}: .*bad_status\.lua:3: con:header: '
+                     rf'invalid Status "{value}"', s.daemon.log())
+    assert s.get("/bad_status.lua")[::2] == (200, b"fine")
+    # the access log line is written once the response went out
+    wait_for(lambda: len(access_log.read_text().splitlines()) == 2, what="two log lines")
+    assert [line.split()[3] for line in access_log.read_text().splitlines()] == ["500", "200"]
+
+
+def _raw_head(address, script):
+    client = RawClient(address)
+    try:
+        client.request({b"SCRIPT_FILENAME": script.encode(), b"REQUEST_METHOD": b"GET"})
+        stdout = client.response()[0]
+    finally:
+        client.close()
+    return stdout.partition(b"\r\n\r\n")[0].split(b"\r\n")
+
+
+def test_a_raw_status_or_content_type_line_replaces_the_default(shared_stack):
+    path = shared_stack.write("raw_status.lua", """
+        function main(env, con)
+          con:header("Status: 404 Not Found")
+          con:header("content-type:text/html")
+          con:header("X-Raw: yes")
+          con:puts("gone")
+        end
+    """)
+    status, headers, body = shared_stack.get("/raw_status.lua")
+    assert (status, headers["content-type"], headers["x-raw"], body) == (
+        404, "text/html", "yes", b"gone")
+    head = _raw_head(shared_stack.daemon.address, path)
+    names = [line.split(b":")[0].lower() for line in head]
+    assert names.count(b"status") == names.count(b"content-type") == 1
+    assert head[:2] == [b"Status: 404 Not Found", b"Content-Type: text/html"]
+    assert b"X-Raw: yes" in head

@@ -7,7 +7,7 @@ local script, dir, config, send, log, opts = ...
 
 local concat, type, tostring, pcall, setmetatable, error, select =
   table.concat, type, tostring, pcall, setmetatable, error, select
-local find, lower, sub = string.find, string.lower, string.sub
+local find, lower, match, sub = string.find, string.lower, string.match, string.sub
 
 python = nil
 package.loaded.python = nil
@@ -155,20 +155,25 @@ end
 function Con:header(name, value)
   not_sent(self, "con:header")
   name = text(name, "con:header", 2)
-  if value == nil then
-    if find(name, "[\r\n]") or not find(name, ":") then
+  if value == nil then   -- one raw "Name: value" line, treated like the two-argument form
+    local raw_name, raw_value = match(name, "^([^:\r\n]+):[ \t]*([^\r\n]-)[ \t]*$")
+    if raw_name == nil then
       error("con:header: expected one 'Name: value' line, got " .. ("%q"):format(name), 2)
     end
-    self.nheaders = self.nheaders + 1
-    self.headers[self.nheaders] = name .. "\r\n"
-    return
-  end
-  value = text(value, "con:header", 2)
-  if find(name, "[\r\n:]") or find(value, "[\r\n]") then
-    error("con:header: header names and values must not contain line breaks", 2)
+    name, value = raw_name, raw_value
+  else
+    value = text(value, "con:header", 2)
+    if find(name, "[\r\n:]") or find(value, "[\r\n]") then
+      error("con:header: header names and values must not contain line breaks", 2)
+    end
   end
   local key = lower(name)
   if key == "status" then
+    -- the web server takes the code from the first three characters
+    if not find(value, "^[1-5]%d%d$") and not find(value, "^[1-5]%d%d ") then
+      error("con:header: invalid Status " .. ("%q"):format(value) ..
+            " (expected a code from 100 to 599, then a reason: \"404 Not Found\")", 2)
+    end
     self.status = value
   elseif key == "content-type" then
     self.contenttype = value
