@@ -14,8 +14,11 @@ Debian packages and by LuaRocks' system tree (/usr/local) for the VM's Lua versi
 
 import os
 import sysconfig
+from importlib import resources
 
-from .state import LUA_DIR
+# luafcgid's public Lua modules. The daemon's own Lua files (runtime.lua, ...) lie one
+# level up, out of reach of require: require("runtime") re-ran the bootstrap.
+MODULE_DIR = str(resources.files(__package__) / "lua" / "modules")
 
 
 def lua_version(choice):
@@ -70,7 +73,7 @@ def search_paths(script_dir, choice, lua_path=(), lua_cpath=(), environ=None):
     default_path, default_cpath = default_paths(choice)
     path = [f"{script_dir}/?.lua", f"{script_dir}/?/init.lua", *lua_path,
             *from_environment("LUA_PATH", choice, default_path, environ),
-            f"{LUA_DIR}/?.lua"]
+            f"{MODULE_DIR}/?.lua"]
     cpath = [f"{script_dir}/?.so", *lua_cpath,
              *from_environment("LUA_CPATH", choice, default_cpath, environ)]
     return ";".join(_unique(path)), ";".join(_unique(cpath))

@@ -296,3 +296,24 @@ def test_luarocks_tree(stack_with_files, tmp_path):
         function main(env, con) con:puts(greet.hello("rock")) end
     """)
     assert s.get("/page.lua")[2] == b"hello, rockrock"
+
+
+def test_the_daemons_own_lua_files_are_out_of_reach_of_require(shared_stack):
+    """require("runtime") found the bootstrap on package.path and ran it again, which broke
+    relative io.open in that state."""
+    shared_stack.write("own_files/data.txt", "beside the script")
+    shared_stack.write("own_files/reach.lua", """
+        local found = {}
+        for _, name in ipairs({"runtime", "luafcgid_wsapi"}) do
+          local ok, err = pcall(require, name)
+          found[#found + 1] = name .. "=" .. tostring(ok)
+        end
+        local module = require("luafcgid")
+        function main(env, con)
+          con:puts(table.concat(found, " "), " ", type(module.urlencode), " ",
+                   io.open("data.txt"):read("*a"))
+        end
+    """)
+    status, _, body = shared_stack.get("/own_files/reach.lua")
+    assert (status, body) == (200, b"runtime=false luafcgid_wsapi=false function "
+                                   b"beside the script")
