@@ -193,6 +193,7 @@ class Server:
                     watchdog.tick(self.summary, healthy=self.housekeeper.alive())
                 if signum is None:
                     self.acceptor.close_idle(self.config.client_timeout)
+                    logs.retry()
                 elif signum in signals.STOP:
                     break
                 elif signum == signals.REOPEN:

@@ -49,6 +49,8 @@ class Supervisor:
                 watchdog.tick(status)
                 if signum in signals.STOP:
                     break
+                if signum is None:
+                    logs.retry()
                 if signum == signals.REOPEN:
                     logs.reopen()
                     self._signal_all(signal.SIGUSR1)

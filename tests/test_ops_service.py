@@ -257,7 +257,8 @@ def test_sighup_applies_new_headers_without_failing_a_request(stack):
         done.set()
         thread.join()
     assert failures == []
-    assert seen[-1] == "2" and "2" not in seen[:seen.index("2")]
+    first = seen.index("2")
+    assert set(seen[:first]) == {"1"} and set(seen[first:]) == {"2"}
 
 
 def test_sigusr1_reopens_a_rotated_log(daemon, site):
@@ -271,3 +272,32 @@ def test_sigusr1_reopens_a_rotated_log(daemon, site):
     wait_for(lambda: "after rotation" in d.log(), what="the line in the new log")
     with open(logfile + ".1") as stream:
         assert "after rotation" not in stream.read()
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_full_disk_under_the_log_stops_no_serving(daemon, site, tmp_path, processes):
+    """SIGUSR1 and SIGHUP while the log cannot be written (here: it is /dev/full) keep the
+    daemon serving and report the failure on standard error; once the log can be written
+    again, SIGUSR1 brings it back."""
+    logfile = str(tmp_path / "full.log")
+    os.symlink("/dev/full", logfile)
+    d = daemon(processes=processes, logfile=logfile)
+    site.write("log.lua", "function main(env, con) con:log(env.QUERY_STRING); con:puts('ok') end")
+    script = site.file("log.lua")
+    assert request(d.address, script, QUERY_STRING="before")[2] == b"ok"
+    d.signal(signal.SIGUSR1)
+    assert request(d.address, script, QUERY_STRING="after-usr1")[2] == b"ok"
+    d.signal(signal.SIGHUP)
+    assert request(d.address, script, QUERY_STRING="after-hup")[2] == b"ok"
+    os.unlink(logfile)   # room again: a new, ordinary file
+    d.signal(signal.SIGUSR1)
+
+    def logged_again():
+        request(d.address, script, QUERY_STRING="logged-again")
+        return "logged-again" in d.log()
+
+    wait_for(logged_again, what="lines in the reopened log")
+    assert d.proc.poll() is None
+    assert d.stop() == 0
+    stderr = d.proc.stdout.read().decode()
+    assert f"cannot write to {logfile}: [Errno 28] No space left on device" in stderr
