@@ -9,6 +9,12 @@ from . import vm
 from .settings import BY_NAME, SETTINGS, SettingError
 
 
+# Settings a reload cannot apply (they keep their running value until a restart), and the
+# listening socket's, which only a lone server owning its socket can apply by rebinding.
+RESTART_ONLY = tuple(setting.name for setting in SETTINGS if not setting.live)
+LISTENER = tuple(setting.name for setting in SETTINGS if setting.section == "listener")
+
+
 class ConfigError(Exception):
     """Every problem found in a config, one per line, each naming its key."""
 
@@ -132,3 +138,12 @@ def load(path, overrides=None):
 def defaults(base_dir=None, **overrides):
     """A Config of the defaults (plus overrides), for `luafcgid serve` and the tests."""
     return from_mapping(dict(overrides), "<defaults>", base_dir)
+
+
+def keep_running(running, new, names):
+    """Put `running`'s values of `names` into the re-read `new`; returns the names whose
+    value differed."""
+    changed = [name for name in names if getattr(new, name) != getattr(running, name)]
+    for name in names:
+        setattr(new, name, getattr(running, name))
+    return changed

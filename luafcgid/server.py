@@ -10,25 +10,26 @@ import time
 
 from . import listener, logs, signals, systemd
 from .acceptor import Acceptor
+from .config import LISTENER, RESTART_ONLY, keep_running
 from .connection import Connection
 from .housekeeping import Housekeeper
 from .metrics import Metrics, current as current_worker
 from .responder import Responder
-from .settings import SETTINGS
 from .slowlog import SlowWatcher
 from .status import Status
 
 log = logging.getLogger("luafcgid")
 
 SWITCH_INTERVAL = 0.001
-LISTENER_SETTINGS = ("listen", "backlog", "listen_mode", "listen_owner", "listen_group")
 
 
 class Server:
-    def __init__(self, config, sock, process=None, inherited=False, scoreboard=None):
-        """Serves on the listening socket `sock`. `process` numbers this serving process when a supervisor runs several: they
-        share a listening socket the supervisor owns (binds, rebinds and removes), and
-        publish their counters on its `scoreboard`.
+    def __init__(self, config, sock, process=None, inherited=False, scoreboard=None,
+                 supervisor=None):
+        """Serves on the listening socket `sock`. `process` numbers this serving process
+        when a supervisor (pid `supervisor`) runs several: they share a listening socket the
+        supervisor owns (binds, rebinds and removes), publish their counters on its
+        `scoreboard`, and stop when it is gone.
         `inherited`: `sock` was passed by systemd (socket activation); systemd keeps it
         across restarts, so luafcgid neither replaces it nor removes its file."""
         self.config = config
@@ -36,6 +37,7 @@ class Server:
         self.process = process
         self.inherited = inherited
         self.scoreboard = scoreboard
+        self.supervisor = supervisor
         self.metrics = Metrics(config.workers, config.slowlog_timeout)
         self.status = Status(self)
         self.responder = Responder(config, self.status)
@@ -95,16 +97,14 @@ class Server:
         """Apply a re-read config: new states for every script (a new pool; in-flight
         requests finish on the old one), a new listening socket if its settings changed.
         Settings that need a restart keep their running value, with a warning."""
-        for setting in SETTINGS:
-            if not setting.live and self._keep_running(config, (setting.name,)):
-                log.warning("reload: %s changed; restart luafcgid to apply it", setting.name)
-        if self._changed(config, LISTENER_SETTINGS):
-            if self.process is not None or self.inherited:
+        for name in keep_running(self.config, config, RESTART_ONLY):
+            log.warning("reload: %s changed; restart luafcgid to apply it", name)
+        if self.process is not None or self.inherited:
+            if keep_running(self.config, config, LISTENER):
                 log.warning("reload: listener settings changed; with processes > 1 or a "
                             "socket passed by systemd that needs a restart")
-                self._keep_running(config, LISTENER_SETTINGS)
-            else:
-                self._rebind(config)
+        elif any(getattr(config, name) != getattr(self.config, name) for name in LISTENER):
+            self._rebind(config)
         self.metrics.slow_after = config.slowlog_timeout
         old = self.responder
         self.responder = Responder(config, self.status)
@@ -115,23 +115,13 @@ class Server:
         self.config = config
         log.info("reloaded %s", config.source)
 
-    def _changed(self, config, names):
-        return any(getattr(config, name) != getattr(self.config, name) for name in names)
-
-    def _keep_running(self, config, names):
-        """Put the running values of `names` back into `config`; True if any differed."""
-        changed = self._changed(config, names)
-        for name in names:
-            setattr(config, name, getattr(self.config, name))
-        return changed
-
     def _rebind(self, config):
         """Listen as `config` says; on failure keep the running socket and its settings."""
         try:
             sock = listener.bind(config)
         except listener.ListenError as exc:
             log.error("reload: %s; still listening on %s", exc, self.config.listen)
-            self._keep_running(config, LISTENER_SETTINGS)
+            keep_running(self.config, config, LISTENER)
             return
         old_sock, old_config = self.sock, self.config
         self.sock = sock
@@ -191,6 +181,9 @@ class Server:
                 signum = signals.wait(timeout=watchdog.timeout(1.0) if main else 1.0)
                 if main:
                     watchdog.tick(self.summary, healthy=self.housekeeper.alive())
+                if self.supervisor is not None and os.getppid() != self.supervisor:
+                    log.error("the supervisor (pid %d) is gone; stopping", self.supervisor)
+                    break
                 if signum is None:
                     self.acceptor.close_idle(self.config.client_timeout)
                     logs.retry()

@@ -12,6 +12,7 @@ import signal
 import time
 
 from . import listener, logs, signals, systemd
+from .config import LISTENER, RESTART_ONLY, keep_running
 from .scoreboard import Scoreboard
 from .server import Server
 
@@ -31,6 +32,7 @@ class Supervisor:
         self.children = {}   # pid -> process number
         self.started = {}    # process number -> when it was last started
         self.stopping = False
+        self.pid = os.getpid()
 
     def run(self):
         signals.block()   # before forking: children inherit the mask and sigwait too
@@ -56,14 +58,23 @@ class Supervisor:
                     self._signal_all(signal.SIGUSR1)
                 if signum == signals.RELOAD:
                     systemd.reloading()
-                    if self.reread() is not None:
-                        log.info("SIGHUP: reloading every process")
-                        self._signal_all(signal.SIGHUP)
+                    self._reload()
                     systemd.notify("READY=1", f"STATUS={status()}")
         finally:
             systemd.notify("STOPPING=1")
             self._stop()
         return 0
+
+    def _reload(self):
+        """Re-read the config, keep it for the processes started from now on, and have
+        every running process re-read it (each warns about what needs a restart)."""
+        config = self.reread()
+        if config is None:
+            return
+        keep_running(self.config, config, RESTART_ONLY + LISTENER)
+        self.config = config
+        log.info("SIGHUP: reloading every process")
+        self._signal_all(signal.SIGHUP)
 
     def _spawn(self, number):
         pause = self.started.get(number, 0) + _RESPAWN_PAUSE - time.monotonic()
@@ -77,7 +88,7 @@ class Supervisor:
         code = 1
         try:
             Server(self.config, self.sock, process=number, inherited=self.inherited,
-                   scoreboard=self.scoreboard).serve_forever(self.reread)
+                   scoreboard=self.scoreboard, supervisor=self.pid).serve_forever(self.reread)
             code = 0
         except BaseException:
             log.exception("process %d failed", number)

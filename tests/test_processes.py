@@ -64,6 +64,64 @@ def test_sighup_reloads_every_process_and_sigterm_stops_them_all(stack):
     assert not os.path.exists(s.daemon.address)
 
 
+PID_PAGE = """
+    local pid = io.open("/proc/self/stat"):read("*l"):match("^(%d+)")
+    function main(env, con) os.execute("sleep 0.2") con:puts(pid) end
+"""
+
+
+def test_a_child_started_after_a_reload_serves_the_reloaded_config(stack):
+    s = stack(processes=2, workers=1, states=1, headers=["X-Version: 1"])
+    s.write("slow_pid.lua", PID_PAGE)
+    parent = s.daemon.proc.pid
+    wait_for(lambda: len(_children(parent)) == 2, what="two serving processes")
+    s.daemon.write_config(headers=["X-Version: 2"])
+    s.daemon.signal(signal.SIGHUP)
+    wait_for(lambda: s.daemon.log().count("reloaded ") == 2, what="both processes to reload")
+    victim = _children(parent)[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: len(_children(parent)) == 2 and victim not in _children(parent),
+             what="the dead process to be replaced")
+    replaced = set(_children(parent))
+    answers = []
+
+    def newcomer_answered():
+        # two requests at once, each holding its process's one worker for a moment, so
+        # that both processes answer
+        threads = [threading.Thread(target=lambda: answers.append(s.get("/slow_pid.lua")))
+                   for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        return {int(body) for _, _, body in answers} == replaced
+
+    wait_for(newcomer_answered, timeout=30, what="both processes, the new one too, to answer")
+    assert {(status, headers["x-version"]) for status, headers, _ in answers} == {(200, "2")}
+
+
+def test_children_stop_when_the_supervisor_dies(stack, daemon):
+    s = stack(processes=2, workers=1, states=1)
+    parent = s.daemon.proc.pid
+    wait_for(lambda: len(_children(parent)) == 2, what="two serving processes")
+    children = _children(parent)
+    os.kill(parent, signal.SIGKILL)
+    s.daemon.proc.wait(10)
+    wait_for(lambda: not any(_running(pid) for pid in children), what="the children to exit")
+    # nothing serves on the socket any more, so a new daemon takes it over
+    again = daemon(listen=s.daemon.settings["listen"])
+    assert again.proc.poll() is None
+
+
+def _running(pid):
+    """Whether `pid` exists and is not a zombie (an exited child nobody reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stream:
+            return stream.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def test_the_status_page_reports_every_process(daemon, site):
     import json
 
