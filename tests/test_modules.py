@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from conftest import ROOT, Stack, wait_for
+from conftest import ROOT, Stack, skip_unless, wait_for
 from ecosystem import lua_headers_dir
 from luafcgid import config, vm
 from luafcgid.searchpath import default_paths, from_environment, search_paths
@@ -40,8 +40,8 @@ int luaopen_%(name)s(lua_State *L) {
 def build_c_module(directory, name):
     """Compile a tiny C module `name` into directory/name.so; skip without gcc or headers."""
     headers = lua_headers_dir()
-    if headers is None or shutil.which("gcc") is None:
-        pytest.skip("needs gcc and the Lua 5.1 headers (apt-get install gcc liblua5.1-0-dev)")
+    skip_unless(headers is not None and shutil.which("gcc") is not None,
+                "needs gcc and the Lua 5.1 headers (apt-get install gcc liblua5.1-0-dev)")
     os.makedirs(directory, exist_ok=True)
     source = os.path.join(directory, f"{name}.c")
     with open(source, "w") as stream:
@@ -84,7 +84,7 @@ def test_search_order():
     path, cpath = path.split(";"), cpath.split(";")
     assert path[:4] == ["/srv/www/?.lua", "/srv/www/?/init.lua", "/site/?.lua", "/env/?.lua"]
     assert "/usr/share/lua/5.1/?.lua" in path
-    assert path[-1].endswith("luafcgid/lua/?.lua")   # require("luafcgid") always works
+    assert path[-1].endswith("luafcgid/lua/modules/?.lua")   # require("luafcgid") always works
     assert cpath == ["/srv/www/?.so", "/site/?.so", "/env/?.so"]
 
 
@@ -272,10 +272,10 @@ build = {
 def test_luarocks_tree(stack_with_files, tmp_path):
     """A rock built and installed offline with `luarocks --tree TREE make`, found through
     lua_path/lua_cpath pointing into TREE."""
-    if shutil.which("luarocks") is None:
-        pytest.skip("luarocks is not installed (apt-get install luarocks)")
-    if lua_headers_dir() is None:
-        pytest.skip("building the rock's C module needs liblua5.1-0-dev")
+    skip_unless(shutil.which("luarocks") is not None,
+                "luarocks is not installed (apt-get install luarocks)")
+    skip_unless(lua_headers_dir() is not None,
+                "building the rock's C module needs liblua5.1-0-dev")
     src, tree = tmp_path / "src", tmp_path / "tree"
     (src / "greet").mkdir(parents=True)
     (src / "greet" / "init.lua").write_text(
