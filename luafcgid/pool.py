@@ -34,6 +34,7 @@ class StatePool:
         self.flushed = 0
         self.discarded = 0   # after a fatal error (memory, timeout)
         self.recycled = 0    # after max_requests
+        self.waiting = 0     # workers waiting for a state (of a busy script, or a free slot)
 
     # -- lending ------------------------------------------------------------------------
 
@@ -53,12 +54,12 @@ class StatePool:
                     return state
                 count = len(self._states.get(path, ())) + self._loading.get(path, 0)
                 if count >= self.max_clones:
-                    self._cond.wait()
+                    self._wait()
                     continue
                 if count and looks < self.retries:
                     # A busy clone may be released in a moment: prefer it to a new clone.
                     looks += 1
-                    self._cond.wait(0.001)
+                    self._wait(0.001)
                     continue
                 if self._total >= self.max_states:
                     # A clone only displaces another script's clone: evicting a script's
@@ -66,7 +67,7 @@ class StatePool:
                     # our own busy state, which ends with its request.
                     victim = self._choose_victim(clones_only=count > 0)
                     if victim is None:
-                        self._cond.wait()
+                        self._wait()
                         continue
                     self._remove(victim)
                     self.evicted += 1
@@ -147,9 +148,17 @@ class StatePool:
                     - sum(self._loading.values()), "loading": sum(self._loading.values()),
                     "scripts": len(self._states), "created": self.created,
                     "evicted": self.evicted, "flushed": self.flushed,
-                    "discarded": self.discarded, "recycled": self.recycled}
+                    "discarded": self.discarded, "recycled": self.recycled,
+                    "waiting": self.waiting}
 
     # -- internals (lock held) ----------------------------------------------------------
+
+    def _wait(self, timeout=None):
+        self.waiting += 1
+        try:
+            self._cond.wait(timeout)
+        finally:
+            self.waiting -= 1
 
     def _loading_done(self, path):
         left = self._loading[path] - 1

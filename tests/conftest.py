@@ -11,12 +11,30 @@ import sys
 import textwrap
 import time
 
+import tempfile
+
 import pytest
 import yaml
+from hypothesis import configuration as hypothesis_configuration
 
 from luafcgid import fastcgi as fcgi
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# hypothesis keeps its example database and caches outside the checkout
+hypothesis_configuration.set_hypothesis_home_dir(
+    os.path.join(tempfile.gettempdir(), "luafcgid-tests-hypothesis"))
+
+
+def skip_unless(available, reason):
+    """Skip a test that needs something missing, visibly, with the reason. Under CI
+    (CI=true), whose .ci/run installs everything the tests use, it fails instead: a skip
+    there means an install step is missing."""
+    if available:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason}; .ci/run should have installed it")
+    pytest.skip(reason)
 
 
 def free_port():

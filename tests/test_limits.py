@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, RawClient, wait_for
+from conftest import ROOT, RawClient, skip_unless, wait_for
 from luafcgid import config as configuration, vm
 from luafcgid.settings import LUA_CHOICES
 
@@ -121,8 +121,7 @@ def test_one_huge_allocation_is_refused(stack, lua):
 def test_memory_limit_holds_on_every_supported_vm(choice):
     # The settings check refuses memory_limit where it would not hold; with the lupa we
     # install it must hold everywhere. One VM per process, so each in its own.
-    if not vm.available(choice):
-        pytest.skip(f"this lupa has no {vm.MODULES[choice]}")
+    skip_unless(vm.available(choice), f"this lupa has no {vm.MODULES[choice]}")
     probe = subprocess.run(
         [sys.executable, "-c", f"from luafcgid import vm; print(vm.limits_memory({choice!r}))"],
         cwd=ROOT, capture_output=True, text=True, timeout=60)

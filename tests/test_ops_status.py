@@ -70,7 +70,6 @@ def test_status_json_counters_move(pages, site):
     assert after["uptime_seconds"] >= before["uptime_seconds"]
     assert after["workers"]["total"] == 3
     assert after["workers"]["active"] >= 1   # this status request itself
-    assert after["workers"]["active"] + after["workers"]["idle"] == 3
     assert after["queue"] == 0   # a Unix socket: read through ss
     script = {s["path"]: s for s in after["scripts"]}[site.file("count.lua")]
     assert script["clones"] == 1 and script["requests"] == 5

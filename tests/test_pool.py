@@ -6,6 +6,8 @@ import threading
 
 import pytest
 
+from conftest import wait_for
+
 from luafcgid import config
 from luafcgid.pool import PoolClosed
 from luafcgid.responder import Responder
@@ -167,13 +169,14 @@ def test_flush_closes_idle_states_and_marks_busy_ones(tmp_path):
 
 
 def test_a_clone_does_not_evict_another_scripts_last_state(tmp_path):
-    pool, paths = make_pool(tmp_path, scripts=2, workers=2, states=2)
+    # no retries: the only wait is the one for the busy state
+    pool, paths = make_pool(tmp_path, scripts=2, workers=2, states=2, retries=0)
     pool.release(pool.acquire(paths[1]))
     busy = pool.acquire(paths[0])   # the pool is full: paths[0] busy, paths[1] idle
     waiter = threading.Thread(target=lambda: pool.release(pool.acquire(paths[0])))
     waiter.start()   # wants a clone of paths[0]: must wait, not evict paths[1]
-    waiter.join(0.2)
-    assert waiter.is_alive()
+    wait_for(lambda: pool.stats()["waiting"] == 1, what="the second worker to wait")
+    assert pool.evicted == 0 and waiter.is_alive()
     pool.release(busy)
     waiter.join(10)
     assert not waiter.is_alive()
