@@ -82,7 +82,8 @@ def _read(args):
     return config
 
 
-def _load(args):
+def _read_or_exit(args):
+    """The config, or exit status 2 with every problem on standard error."""
     try:
         return _read(args)
     except configuration.ConfigError as exc:
@@ -118,7 +119,7 @@ def run(argv):
     from .supervisor import Supervisor
 
     args = _run_parser().parse_args(argv)
-    config = _load(args)
+    config = _read_or_exit(args)
     if args.check:
         print(f"{config.source}: OK")
         return 0
@@ -151,7 +152,7 @@ def serve(argv):
     from . import devserver
 
     args = _serve_parser().parse_args(argv)
-    config = _load(args)
+    config = _read_or_exit(args)
     host, _, port = args.http.rpartition(":")
     logs.setup(None)
     if not os.path.isdir(args.dir):

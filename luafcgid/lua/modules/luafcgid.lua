@@ -18,7 +18,7 @@ local function from_hex(h) return char(tonumber(h, 16)) end
 
 -- "+" is a space, "%XX" a byte (form encoding); malformed escapes are left as they are.
 function M.urldecode(s)
-  s = gsub(tostring(s), "+", " ")
+  s = gsub(tostring(s), "%+", " ")
   return (gsub(s, "%%(%x%x)", from_hex))
 end
 
@@ -72,12 +72,14 @@ function M.escape_html(s)
   return (gsub(tostring(s), "[&<>\"']", html_escapes))
 end
 
+local keywords = {}
+for word in ("and break do else elseif end false for function goto if in local nil not or "
+             .. "repeat return then true until while"):gmatch("%a+") do
+  keywords[word] = true
+end
+
 local function is_identifier(s)
-  return type(s) == "string" and s:match("^[%a_][%w_]*$") ~= nil and not ({
-    ["and"] = 1, ["break"] = 1, ["do"] = 1, ["else"] = 1, ["elseif"] = 1, ["end"] = 1,
-    ["false"] = 1, ["for"] = 1, ["function"] = 1, ["goto"] = 1, ["if"] = 1, ["in"] = 1,
-    ["local"] = 1, ["nil"] = 1, ["not"] = 1, ["or"] = 1, ["repeat"] = 1, ["return"] = 1,
-    ["then"] = 1, ["true"] = 1, ["until"] = 1, ["while"] = 1})[s]
+  return type(s) == "string" and s:match("^[%a_][%w_]*$") ~= nil and not keywords[s]
 end
 
 local function serialize(v, seen)
