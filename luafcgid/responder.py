@@ -12,14 +12,14 @@ import stat
 from . import pages, vm
 from .pool import PoolClosed, StatePool
 from .searchpath import search_paths
-from .state import LuaState, ScriptError, ScriptGone
+from .state import LuaState, Outcome, ScriptError, ScriptGone
 
 log = logging.getLogger("luafcgid")
 
 
 # Errors after which a state is not trusted again: it may have stopped halfway through
 # updating its globals.
-_FATAL = frozenset(("Memory Error", "Timeout Error"))
+_FATAL = frozenset(("Memory Error", "Timeout Error", "Unknown Error"))
 
 
 class Forbidden(Exception):
@@ -120,31 +120,47 @@ class Responder:
             else:
                 out.end(pages.unavailable())
             return
-        discard = False
         if worker is not None:
             worker.state = state
+        result = self._call(state.serve, params, body, out)
+        discard = not result.ok and result.kind in _FATAL
+        if not self.config.finishhandler or discard:
+            # released before the response goes out: a client's next request then finds
+            # the state idle instead of making a clone of it
+            self._release(state, discard, worker)
+            self._answer(result, path, out)
+            return
         try:
-            result = state.serve(params, body, out)
-            if result.ok:
-                out.end(result.payload)
-            else:
-                discard = result.kind in _FATAL
-                self._report(result.kind, path, result.message, out,
-                             headers_sent=result.headers_sent)
-            if self.config.finishhandler and not discard:
-                finished = state.finish()
-                if not finished.ok:
-                    log.error("%s in %s() of %s: %s", finished.kind, self.config.finishhandler,
-                              path, finished.message)
-                    discard = finished.kind in _FATAL
-        except Exception as exc:   # a lupa-level failure outside the script's pcall
-            discard = True
-            memory = isinstance(exc, vm.load(self.config.lua).LuaMemoryError)
-            self._report("Memory Error" if memory else "Unknown Error", path, str(exc), out)
+            self._answer(result, path, out)
+            finished = self._call(state.finish)
+            if not finished.ok:
+                log.error("%s in %s() of %s: %s", finished.kind, self.config.finishhandler,
+                          path, finished.message)
+                discard = finished.kind in _FATAL
         finally:
-            if worker is not None:
-                worker.state = None
-            self.pool.release(state, discard)
+            self._release(state, discard, worker)
+
+    def _call(self, method, *args):
+        """method(*args) of a LuaState: its Outcome, also for a lupa-level failure outside
+        the script's pcall (which leaves the state untrusted)."""
+        try:
+            return method(*args)
+        except Exception as exc:
+            memory = isinstance(exc, vm.load(self.config.lua).LuaMemoryError)
+            return Outcome(False, kind="Memory Error" if memory else "Unknown Error",
+                           message=str(exc))
+
+    def _release(self, state, discard, worker):
+        if worker is not None:
+            worker.state = None
+        self.pool.release(state, discard)
+
+    def _answer(self, result, path, out):
+        if result.ok:
+            out.end(result.payload)
+        else:
+            self._report(result.kind, path, result.message, out,
+                         headers_sent=result.headers_sent)
 
     def _report(self, kind, path, message, out, headers_sent=False):
         # Lua shortens a long script path in its messages ("...tail/of/it.lua:3:"): the

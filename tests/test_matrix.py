@@ -143,9 +143,15 @@ def test_globals_persist_and_the_finish_handler_ran(combination):
         assert prelude == ("prelude" if factors["prelude"] else "-")
     for state, counts in seen.items():
         assert counts == list(range(counts[0], counts[0] + len(counts))), seen
-    # requests one at a time reuse one idle state per serving process
-    assert len(seen) <= factors["processes"], seen
-    assert max(len(counts) for counts in seen.values()) >= 12 // factors["processes"]
+    if factors["finishhandler"]:
+        # a state is busy until its finish handler ran, so the next request may get a
+        # clone; never more than the pool allows (every request in a new state would
+        # mean the globals did not persist)
+        assert len(seen) <= factors["processes"] * 2, seen
+    else:
+        # a state is released before its response goes out, so requests one at a time
+        # reuse one state per serving process
+        assert len(seen) <= factors["processes"], seen
 
 
 def _strict_response(client, request_id):
