@@ -123,6 +123,31 @@ def test_application_errors_are_500_pages(vm_stack):
     assert "the app failed" in s.daemon.log()
 
 
+def test_the_application_is_found_as_the_wsapi_launchers_find_it(vm_stack):
+    """The chunk gets its module name; the application is what it returns, else what it left
+    in package.loaded[name]; a returned string names a module to require."""
+    _, s = vm_stack
+    s.write("modstyle.lua", """
+        local name = ...
+        local M = {}
+        package.loaded[name] = M    -- what module(..., package.seeall) does
+        function M.run(wsapi_env)
+          return 200, {}, coroutine.wrap(function() coroutine.yield("module " .. name) end)
+        end
+    """)
+    s.write("named.lua", 'return "named_app"')
+    s.write("named_app.lua", """
+        local name = ...    -- require's argument
+        return {run = function() return 200, {}, coroutine.wrap(function()
+          coroutine.yield("required " .. name) end) end}
+    """)
+    s.write("nothing.lua", "local x = 1")
+    assert s.get("/modstyle.lua")[:3:2] == (200, b"module modstyle")
+    assert s.get("/named.lua")[:3:2] == (200, b"required named_app")
+    status, _, body = s.get("/nothing.lua")
+    assert status == 500 and b"main() function not found" in body
+
+
 def test_main_wins_over_a_returned_application(vm_stack):
     _, s = vm_stack
     s.write("both.lua", """
@@ -182,3 +207,4 @@ def test_each_chunk_is_sent_as_it_comes(daemon, site):
     assert [r for r in records if r][1:] == [b"two", b"three"]
     status, headers, body = split_response(b"".join(records))
     assert (status, headers["content-type"], body) == ("200 OK", "text/plain", b"onetwothree")
+
