@@ -2,6 +2,8 @@
 
 import os
 
+from conftest import RawClient, split_response
+
 
 def test_hello_through_nginx(shared_stack):
     shared_stack.write("hello.lua", """
@@ -170,3 +172,23 @@ def test_the_python_bridge_is_unreachable(shared_stack):
         end
     """)
     assert shared_stack.get("/escape.lua")[2] == b"nil nil 0"
+
+
+def test_env_content_length_is_the_true_length_of_the_body(shared_stack):
+    """Caddy sends CONTENT_LENGTH=-1 for a chunked request body and Apache none for a large
+    one; env gets the length of the body luafcgid received (what con:gets() returns)."""
+    script = shared_stack.write("length.lua", """
+        function main(env, con) con:puts(tostring(env.CONTENT_LENGTH), "|", #con:gets()) end
+    """)
+    for sent, expected in ((b"-1", b"12|12"), (None, b"12|12"), (b"3", b"12|12")):
+        params = {b"SCRIPT_FILENAME": script.encode(), b"REQUEST_METHOD": b"POST"}
+        if sent is not None:
+            params[b"CONTENT_LENGTH"] = sent
+        client = RawClient(shared_stack.daemon.address)
+        try:
+            client.request(params, body=b"name=Ann+Lee")
+            assert split_response(client.response()[0])[2] == expected, sent
+        finally:
+            client.close()
+    # without a body, what the web server sent (nginx: an empty string)
+    assert shared_stack.get("/length.lua")[2] == b"|0"

@@ -208,3 +208,31 @@ def test_each_chunk_is_sent_as_it_comes(daemon, site):
     status, headers, body = split_response(b"".join(records))
     assert (status, headers["content-type"], body) == ("200 OK", "text/plain", b"onetwothree")
 
+
+@pytest.mark.parametrize("content_length", [b"-1", None], ids=["caddy-chunked", "missing"])
+def test_wsapi_request_reads_a_body_without_a_usable_content_length(vm_stack, content_length):
+    """Caddy sends CONTENT_LENGTH=-1 for a chunked request body, Apache none for a large
+    one; wsapi.request reads CONTENT_LENGTH bytes, so the app and env get the true length."""
+    vm, s = vm_stack
+    require_debian_wsapi(vm)
+    script = s.write("length.lua", """
+        local request = require("wsapi.request")
+        return function(wsapi_env)
+          local req = request.new(wsapi_env)
+          local text = req.POST.name .. "|" .. wsapi_env.CONTENT_LENGTH .. "|" ..
+                       wsapi_env.input.length
+          return 200, {}, coroutine.wrap(function() coroutine.yield(text) end)
+        end
+    """)
+    params = {b"SCRIPT_FILENAME": script.encode(), b"REQUEST_METHOD": b"POST",
+              b"CONTENT_TYPE": b"application/x-www-form-urlencoded"}
+    if content_length is not None:
+        params[b"CONTENT_LENGTH"] = content_length
+    client = RawClient(s.daemon.address)
+    try:
+        client.request(params, body=b"name=Ann+Lee")
+        data, _, _ = client.response()
+    finally:
+        client.close()
+    status, _, body = split_response(data)
+    assert (status, body) == ("200 OK", b"Ann Lee|12|12")

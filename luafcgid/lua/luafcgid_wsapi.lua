@@ -88,8 +88,8 @@ function M.handler(run, script, dir, log)
     for name, value in pairs(env) do wsapi_env[name] = value end
     if wsapi_env.PATH_INFO == "" then wsapi_env.PATH_INFO = "/" end
     if wsapi_env.APP_PATH == "" then wsapi_env.APP_PATH = dir end
-    wsapi_env.input = setmetatable({data = con:gets(), pos = 1}, Input)
-    wsapi_env.input.length = tonumber(env.CONTENT_LENGTH) or #wsapi_env.input.data
+    local input = con:gets()
+    wsapi_env.input = setmetatable({data = input, pos = 1, length = #input}, Input)
     wsapi_env.error = errors
 
     local status, headers, body = run(wsapi_env)
