@@ -16,7 +16,8 @@ import tempfile
 import pytest
 import yaml
 
-from conftest import ROOT, Daemon, Site, can_connect, free_port, nginx_main_conf, wait_for
+from conftest import (ROOT, Daemon, Site, can_connect, free_port, nginx_main_conf,
+                      stop_process, wait_for)
 
 EXAMPLES = os.path.join(ROOT, "examples", "servers")
 NGINX_FILES = os.path.join(ROOT, "nginx")
@@ -83,14 +84,7 @@ class WebServer:
         return self
 
     def stop(self):
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(self.stop_signal)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, self.stop_signal)
 
     def output(self):
         """What the server wrote to its console and its error log."""

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from conftest import RawClient, split_response, wait_for
-from servers import SERVERS, server_stack  # noqa: F401  (a fixture)
+from servers import SERVERS, server_stack  # noqa: F401, F811  (a fixture)
 
 PAGES = {
     "hello.lua": """
@@ -87,10 +87,15 @@ def check_streaming(server, fifo):
             assert chunk, f"the response ended early: {received!r}"
             received += chunk
         assert received == b"first piece\n"
-        fds = []
-        wait_for(lambda: fds.append(open_fifo_for_writing(fifo)) or fds[-1] is not None,
-                 what="the page to wait for its go")
-        os.close(fds[-1])
+        go = None
+
+        def page_waits():
+            nonlocal go
+            go = open_fifo_for_writing(fifo)
+            return go is not None
+
+        wait_for(page_waits, what="the page to wait for its go")
+        os.close(go)
         released = True
         assert response.read() == b"second piece\n"
     finally:
