@@ -4,8 +4,7 @@ local pages = {
   {"counter.lua", "globals persist between requests"},
   {"form.lua", "a form posting to itself"},
   {"module.lua?a=1&a=2&b=x+y", "the luafcgid Lua module"},
-  {"guestbook.lua", "a SQLite connection kept in the state (needs lua-sql-sqlite3)"},
-  {"guestbook.lua", "a guestbook in SQLite (LuaSQL), one connection per state"},
+  {"guestbook.lua", "a guestbook in SQLite (LuaSQL, needs lua-sql-sqlite3), one connection per state"},
 }
 
 function main(env, con)

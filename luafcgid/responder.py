@@ -22,6 +22,20 @@ log = logging.getLogger("luafcgid")
 _FATAL = frozenset(("Memory Error", "Timeout Error", "Unknown Error"))
 
 
+def apache_script_filename(script):
+    """The path in a SCRIPT_FILENAME as Apache sends it: mod_proxy_fcgi (with its default
+    ProxyFCGIBackendType FPM) and mod_proxy_balancer send "proxy:fcgi://HOST/path" (with
+    "?query" after a RewriteRule). Stripped the way php-fpm does (fpm_main.c,
+    init_request_info): from the first "/" after the host, up to any "?"."""
+    for prefix in (b"proxy:fcgi://", b"proxy:balancer://"):
+        if script[:len(prefix)].lower() == prefix:
+            slash = script.find(b"/", len(prefix))
+            if slash >= 0:
+                script = script[slash:]
+            return script.partition(b"?")[0]
+    return script
+
+
 class Forbidden(Exception):
     """A script outside the configured roots or without an allowed extension."""
 
@@ -87,6 +101,8 @@ class Responder:
                 out.end(page(params))
                 return
         script = params.get(b"SCRIPT_FILENAME", b"")
+        if script[:6].lower() == b"proxy:":
+            script = params[b"SCRIPT_FILENAME"] = apache_script_filename(script)
         if not script:
             uri = params.get(b"REQUEST_URI", b"?").decode(errors="replace")
             log.warning("request for %s has no SCRIPT_FILENAME param (is 'fastcgi_param "

@@ -159,6 +159,11 @@ class LuaState:
         try:
             env = self.runtime.table_from(params)
             env[b"LUAFCGID_VERSION"] = ENV_VERSION
+            if body:
+                # The body's true length, as received: for a chunked request body Caddy
+                # sends -1 and Apache none, and readers that trust CONTENT_LENGTH
+                # (wsapi.request) would see an empty form.
+                env[b"CONTENT_LENGTH"] = b"%d" % len(body)
             return _outcome(self._serve(env, body))
         finally:
             self._channel.out = None

@@ -178,6 +178,18 @@ LUA_SERVER = """\
     }}"""
 
 
+def stop_process(proc, signum, timeout=10):
+    """Ask a server process to stop with `signum`; kill it if it has not within `timeout`."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signum)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def nginx_binary():
     path = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
     if path is None:
@@ -211,13 +223,7 @@ class Nginx:
         return self
 
     def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, signal.SIGQUIT)
 
     def request(self, path, method="GET", body=None, headers=None, timeout=30):
         """(status, headers dict with lower-case names, body bytes) through nginx."""

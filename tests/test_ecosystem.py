@@ -3,6 +3,7 @@ end through nginx; the guestbook example; Lua finalizers when states are closed.
 
 import json
 import os
+import re
 import shutil
 import socket
 import sqlite3
@@ -236,3 +237,13 @@ def test_close_runs_finalizers_at_once_without_the_cycle_collector(tmp_path):
                          text=True, check=True).stdout.split("\n")
     assert out[:3] == ["False ['closed']", "True ['closed', 'closed']",
                        "True ['closed', 'closed', 'closed']"]
+
+
+def test_the_example_index_links_each_example_once(stack):
+    s = stack()
+    shutil.copy(os.path.join(EXAMPLES, "index.lua"), s.site.file("index.lua"))
+    status, _, body = s.get("/index.lua")
+    assert status == 200
+    pages = [href.split("?")[0] for href in re.findall(r'href="([^"]+)"', body.decode())]
+    assert len(pages) == len(set(pages)) >= 5, pages
+    assert all(os.path.exists(os.path.join(EXAMPLES, page)) for page in pages), pages

@@ -61,10 +61,13 @@ def test_rc_script_is_valid_sh():
 
 
 def site_conf(tmp_path, servers=None):
-    """The shipped site with its paths and listen port moved into `tmp_path`; `servers`
-    replaces the upstream's server line."""
-    with open(os.path.join(ROOT, "nginx", "luafcgid-site.conf")) as stream:
-        site = stream.read()
+    """The shipped upstream and site, as nginx's http context includes them, with their
+    paths and listen port moved into `tmp_path`; `servers` replaces the upstream's server
+    line."""
+    site = ""
+    for name in ("luafcgid-upstream.conf", "luafcgid-site.conf"):
+        with open(os.path.join(ROOT, "nginx", name)) as stream:
+            site += stream.read()
     port = free_port()
     site = (site.replace("listen 80;", f"listen 127.0.0.1:{port};")
             .replace("listen [::]:80;", "")
@@ -100,6 +103,9 @@ def test_nginx_accepts_the_shipped_site(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "test is successful" in result.stderr
-    with open(os.path.join(ROOT, "nginx", "luafcgid-site.conf")) as stream:
-        text = stream.read()
-    assert "keepalive " in text and "fastcgi_keep_conn on;" in text
+    with open(os.path.join(ROOT, "nginx", "luafcgid-upstream.conf")) as stream:
+        assert "keepalive " in stream.read()
+    for name in ("luafcgid-site.conf", "luafcgid.conf"):
+        with open(os.path.join(ROOT, "nginx", name)) as stream:
+            text = stream.read()
+        assert "fastcgi_pass luafcgid;" in text and "fastcgi_keep_conn on;" in text

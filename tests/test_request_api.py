@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from conftest import RawClient, wait_for
+from conftest import RawClient, split_response, wait_for
 
 
 def test_hello_through_nginx(shared_stack):
@@ -224,3 +224,23 @@ def test_a_raw_status_or_content_type_line_replaces_the_default(shared_stack):
     assert names.count(b"status") == names.count(b"content-type") == 1
     assert head[:2] == [b"Status: 404 Not Found", b"Content-Type: text/html"]
     assert b"X-Raw: yes" in head
+
+
+def test_env_content_length_is_the_true_length_of_the_body(shared_stack):
+    """Caddy sends CONTENT_LENGTH=-1 for a chunked request body and Apache none for a large
+    one; env gets the length of the body luafcgid received (what con:gets() returns)."""
+    script = shared_stack.write("length.lua", """
+        function main(env, con) con:puts(tostring(env.CONTENT_LENGTH), "|", #con:gets()) end
+    """)
+    for sent, expected in ((b"-1", b"12|12"), (None, b"12|12"), (b"3", b"12|12")):
+        params = {b"SCRIPT_FILENAME": script.encode(), b"REQUEST_METHOD": b"POST"}
+        if sent is not None:
+            params[b"CONTENT_LENGTH"] = sent
+        client = RawClient(shared_stack.daemon.address)
+        try:
+            client.request(params, body=b"name=Ann+Lee")
+            assert split_response(client.response()[0])[2] == expected, sent
+        finally:
+            client.close()
+    # without a body, what the web server sent (nginx: an empty string)
+    assert shared_stack.get("/length.lua")[2] == b"|0"

@@ -123,6 +123,31 @@ def test_application_errors_are_500_pages(vm_stack):
     assert "the app failed" in s.daemon.log()
 
 
+def test_the_application_is_found_as_the_wsapi_launchers_find_it(vm_stack):
+    """The chunk gets its module name; the application is what it returns, else what it left
+    in package.loaded[name]; a returned string names a module to require."""
+    _, s = vm_stack
+    s.write("modstyle.lua", """
+        local name = ...
+        local M = {}
+        package.loaded[name] = M    -- what module(..., package.seeall) does
+        function M.run(wsapi_env)
+          return 200, {}, coroutine.wrap(function() coroutine.yield("module " .. name) end)
+        end
+    """)
+    s.write("named.lua", 'return "named_app"')
+    s.write("named_app.lua", """
+        local name = ...    -- require's argument
+        return {run = function() return 200, {}, coroutine.wrap(function()
+          coroutine.yield("required " .. name) end) end}
+    """)
+    s.write("nothing.lua", "local x = 1")
+    assert s.get("/modstyle.lua")[:3:2] == (200, b"module modstyle")
+    assert s.get("/named.lua")[:3:2] == (200, b"required named_app")
+    status, _, body = s.get("/nothing.lua")
+    assert status == 500 and b"main() function not found" in body
+
+
 def test_main_wins_over_a_returned_application(vm_stack):
     _, s = vm_stack
     s.write("both.lua", """
@@ -182,3 +207,32 @@ def test_each_chunk_is_sent_as_it_comes(daemon, site):
     assert [r for r in records if r][1:] == [b"two", b"three"]
     status, headers, body = split_response(b"".join(records))
     assert (status, headers["content-type"], body) == ("200 OK", "text/plain", b"onetwothree")
+
+
+@pytest.mark.parametrize("content_length", [b"-1", None], ids=["caddy-chunked", "missing"])
+def test_wsapi_request_reads_a_body_without_a_usable_content_length(vm_stack, content_length):
+    """Caddy sends CONTENT_LENGTH=-1 for a chunked request body, Apache none for a large
+    one; wsapi.request reads CONTENT_LENGTH bytes, so the app and env get the true length."""
+    vm, s = vm_stack
+    require_debian_wsapi(vm)
+    script = s.write("length.lua", """
+        local request = require("wsapi.request")
+        return function(wsapi_env)
+          local req = request.new(wsapi_env)
+          local text = req.POST.name .. "|" .. wsapi_env.CONTENT_LENGTH .. "|" ..
+                       wsapi_env.input.length
+          return 200, {}, coroutine.wrap(function() coroutine.yield(text) end)
+        end
+    """)
+    params = {b"SCRIPT_FILENAME": script.encode(), b"REQUEST_METHOD": b"POST",
+              b"CONTENT_TYPE": b"application/x-www-form-urlencoded"}
+    if content_length is not None:
+        params[b"CONTENT_LENGTH"] = content_length
+    client = RawClient(s.daemon.address)
+    try:
+        client.request(params, body=b"name=Ann+Lee")
+        data, _, _ = client.response()
+    finally:
+        client.close()
+    status, _, body = split_response(data)
+    assert (status, body) == ("200 OK", b"Ann Lee|12|12")

@@ -1,5 +1,5 @@
 -- Serving a WSAPI application (https://keplerproject.github.io/wsapi/) through `con`.
--- Loaded by runtime.lua when a script returns an application instead of defining a handler.
+-- Loaded by runtime.lua when a script is an application instead of defining a handler.
 --
 -- The application gets wsapi_env: every CGI variable of the request (a missing one reads as
 -- ""), plus `input` (input:read(n) over the request body) and `error` (error:write(...) goes
@@ -80,17 +80,16 @@ function ErrorStream:flush() return self end
 
 local function empty_string() return "" end
 
--- The handler(env, con) that runs `app` for one request.
-function M.handler(app, script, dir, log)
-  local run = type(app) == "function" and app or app.run
+-- The handler(env, con) that runs the application's `run` function for one request.
+function M.handler(run, script, dir, log)
   local errors = setmetatable({script = script, log = log}, ErrorStream)
   return function(env, con)
     local wsapi_env = setmetatable({}, {__index = empty_string})
     for name, value in pairs(env) do wsapi_env[name] = value end
     if wsapi_env.PATH_INFO == "" then wsapi_env.PATH_INFO = "/" end
     if wsapi_env.APP_PATH == "" then wsapi_env.APP_PATH = dir end
-    wsapi_env.input = setmetatable({data = con:gets(), pos = 1}, Input)
-    wsapi_env.input.length = tonumber(env.CONTENT_LENGTH) or #wsapi_env.input.data
+    local input = con:gets()
+    wsapi_env.input = setmetatable({data = input, pos = 1, length = #input}, Input)
     wsapi_env.error = errors
 
     local status, headers, body = run(wsapi_env)

@@ -247,9 +247,27 @@ local function run_file(file, ...)
   return timed(chunk, ...)
 end
 
+-- A script that defines no handler is served as a WSAPI application if it is one, found the
+-- way WSAPI's own launchers find it (Debian lua-wsapi, wsapi/common.lua: require_file and
+-- normalize_app): the chunk runs with its module name (the file name without its extension)
+-- as `...`, so that `module(..., package.seeall)` works; the application is what the chunk
+-- returns or, when it returns nothing, package.loaded[name] (where module() put it): a
+-- function, a table with `run`, or the name of a module to require. Unlike the launchers,
+-- package.loaded[name] is not set to true before the chunk runs: a page named like a library
+-- it requires (socket.lua requiring "socket") would get `true` from require.
+local modname = sub(script, (find(script, "[^/]*$")))
+modname = string.match(modname, "^(.+)%.[^.]*$") or modname
+
+local function application(result)
+  if result == nil then result = package.loaded[modname] end
+  if type(result) == "string" then result = require(result) end
+  if type(result) == "function" then return result end
+  if type(result) == "table" and type(result.run) == "function" then return result.run end
+  return nil
+end
+
 -- The prelude (setting `prelude`) runs first, with the script's path as its argument; then
--- the script. A script that defines no handler but returns a WSAPI application (a function,
--- or a table with a `run` function) is served as that application.
+-- the script.
 local app_handler
 
 local function load_script()
@@ -257,11 +275,15 @@ local function load_script()
     local ok, kind, message = run_file(opts.prelude, script)
     if not ok then return false, kind, message end
   end
-  local ok, result, message = run_file(script)
+  local ok, result, message = run_file(script, modname)
   if not ok then return false, result, message end
-  if type(result) == "function" or (type(result) == "table" and type(result.run) == "function") then
-    local wsapi = assert(loadfile_absolute(opts.libdir .. "/luafcgid_wsapi.lua"))()
-    app_handler = wsapi.handler(result, script, dir, log)
+  if type(_G[handler_name]) ~= "function" then
+    local found, run, failed = timed(application, result)
+    if not found then return false, run, failed end
+    if run ~= nil then
+      local wsapi = assert(loadfile_absolute(opts.libdir .. "/luafcgid_wsapi.lua"))()
+      app_handler = wsapi.handler(run, script, dir, log)
+    end
   end
   return true
 end
