@@ -1,14 +1,16 @@
 """The `luafcgid` command."""
 
 import argparse
+import functools
 import logging
 import os
 import sys
 
 import yaml
 
-from . import (__version__, config as configuration, daemon, listener, logs, privileges,
-               signals, systemd, vm)
+from . import (__version__, config as configuration, daemon, logs, privileges, signals,
+               systemd, vm)
+from .listener import Listener, ListenError
 from .reference import man_page, sample_config, settings_reference
 
 log = logging.getLogger("luafcgid")
@@ -115,6 +117,7 @@ def _setup_logs(config, args):
 
 def run(argv):
     # these import lupa and watchdog: not needed for --help or --check
+    from . import mainloop
     from .server import Server
     from .supervisor import Supervisor
 
@@ -128,23 +131,23 @@ def run(argv):
     signals.block()
     passed = systemd.listen_socket()
     try:
-        sock = passed if passed is not None else listener.bind(config)
+        listening = Listener.passed(passed) if passed is not None else Listener.bind(config)
         if args.daemon:
             daemon.detach()
         _setup_logs(config, args)
         if config.pidfile:
             daemon.write_pidfile(config.pidfile)
         privileges.drop(config)
-    except (listener.ListenError, privileges.PrivilegeError, OSError) as exc:
+    except (ListenError, privileges.PrivilegeError, OSError) as exc:
         print(f"luafcgid: {exc}", file=sys.stderr)
         if args.daemon:   # standard error is /dev/null now: the log file is all there is
             log.error("not started: %s", exc)
         return 1
     # the serving process(es) are made only now: the supervisor's parent serves nothing
-    inherited = passed is not None
+    reread = functools.partial(_reread, args)
     if config.processes > 1:
-        return Supervisor(config, sock, lambda: _reread(args), inherited).run()
-    Server(config, sock, inherited=inherited).serve_forever(lambda: _reread(args))
+        return Supervisor(config, listening, reread).run()
+    mainloop.run(Server(config, listening, reread))
     return 0
 
 

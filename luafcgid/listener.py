@@ -83,20 +83,40 @@ def bind_tcp(config):
     return sock
 
 
-def bind(config):
-    return bind_unix(config) if config.unix_socket else bind_tcp(config)
+class Listener:
+    """The listening socket, and whether luafcgid owns its file.
 
+    luafcgid owns a socket it bound: it removes the file at stop. It does not own one that
+    systemd passed (systemd keeps it across restarts), nor, in a supervisor's serving
+    process, the supervisor's (the supervisor removes it)."""
 
-def describe(config, inherited):
-    """Where a daemon listens, for logs and systemd's STATUS=."""
-    return "the socket systemd passed" if inherited else config.listen
+    def __init__(self, sock, path=None, owned=True, description=None):
+        self.sock = sock
+        self.path = path              # the Unix socket's file, if any
+        self.owned = owned
+        self.description = description or path or "%s:%s" % sock.getsockname()[:2]
 
+    @classmethod
+    def bind(cls, config):
+        """Bind `listen` as the config says; ListenError says why not."""
+        if config.unix_socket:
+            return cls(bind_unix(config), config.listen, description=config.listen)
+        return cls(bind_tcp(config), description=config.listen)
 
-def remove(config, sock):
-    """Close the listening socket and remove its file (Unix sockets we bound)."""
-    sock.close()
-    if config.unix_socket:
-        try:
-            os.unlink(config.listen)
-        except OSError:   # gone already, or its directory is not ours after dropping root
-            pass
+    @classmethod
+    def passed(cls, sock):
+        """A socket systemd passed (socket activation)."""
+        return cls(sock, owned=False, description="the socket systemd passed")
+
+    def shared(self):
+        """This socket as a serving process of a supervisor sees it: not its to remove."""
+        return Listener(self.sock, self.path, owned=False, description=self.description)
+
+    def close(self):
+        """Close the socket, and remove its file if it is ours."""
+        self.sock.close()
+        if self.owned and self.path:
+            try:
+                os.unlink(self.path)
+            except OSError:   # gone already, or its directory is not ours after dropping root
+                pass

@@ -7,9 +7,11 @@ import mmap
 import struct
 import time
 
-_SLOT = struct.Struct("=QQQQQQd")
+_SLOT = struct.Struct("=QQQQQQdd")
+# updated: Unix time, for people; beat: CLOCK_MONOTONIC (one clock for every process on the
+# machine), for the supervisor's hang check, which a change of the wall clock must not fool
 FIELDS = ("pid", "requests", "failed_requests", "slow_requests", "active_workers", "workers",
-          "updated")
+          "updated", "beat")
 
 
 class Scoreboard:
@@ -20,7 +22,7 @@ class Scoreboard:
 
     def publish(self, number, pid, requests, failed, slow, active, workers):
         _SLOT.pack_into(self._memory, (number - 1) * _SLOT.size, pid, requests, failed, slow,
-                        active, workers, time.time())
+                        active, workers, time.time(), time.monotonic())
 
     def read(self):
         """One dict per process, numbered from 1; a slot not yet written has pid 0."""

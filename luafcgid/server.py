@@ -8,11 +8,11 @@ import sys
 import threading
 import time
 
-from . import listener, logs, signals, systemd
 from .acceptor import Acceptor
 from .config import LISTENER, RESTART_ONLY, keep_running
 from .connection import Connection
 from .housekeeping import Housekeeper
+from .listener import Listener, ListenError
 from .metrics import Metrics, current as current_worker
 from .responder import Responder
 from .slowlog import SlowWatcher
@@ -24,18 +24,18 @@ SWITCH_INTERVAL = 0.001
 
 
 class Server:
-    def __init__(self, config, sock, process=None, inherited=False, scoreboard=None,
+    """A serving process, as a role of mainloop.run."""
+
+    def __init__(self, config, listener, reread, process=None, scoreboard=None,
                  supervisor=None):
-        """Serves on the listening socket `sock`. `process` numbers this serving process
-        when a supervisor (pid `supervisor`) runs several: they share a listening socket the
-        supervisor owns (binds, rebinds and removes), publish their counters on its
-        `scoreboard`, and stop when it is gone.
-        `inherited`: `sock` was passed by systemd (socket activation); systemd keeps it
-        across restarts, so luafcgid neither replaces it nor removes its file."""
+        """Serves on `listener` (a listener.Listener); a reload applies reread() (a Config,
+        or None when the file is bad). `process` numbers this serving process when a
+        supervisor (pid `supervisor`) runs several: they serve on the supervisor's listener,
+        publish their counters on its `scoreboard`, and stop when it is gone."""
         self.config = config
-        self.sock = sock
+        self.listener = listener
+        self.reread = reread
         self.process = process
-        self.inherited = inherited
         self.scoreboard = scoreboard
         self.supervisor = supervisor
         self.metrics = Metrics(config.workers, config.slowlog_timeout)
@@ -53,7 +53,7 @@ class Server:
         # the p99 latency. At 1 ms, with 256 clients through nginx, p99 fell from 57 to 28 ms
         # (processes 2, workers 2) and from 49 to 44 ms (processes 1, workers 3).
         sys.setswitchinterval(SWITCH_INTERVAL)
-        self.acceptor = Acceptor(self.sock, self._connect)
+        self.acceptor = Acceptor(self.listener.sock, self._connect)
         self.housekeeper.start()
         self.slow_watcher.start()
         for number in range(1, self.config.workers + 1):
@@ -61,17 +61,35 @@ class Server:
             thread = threading.Thread(target=self._work, args=(number,), name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
-        log.info("luafcgid serving on %s with %d workers, %d states, Lua %s", self.listening(),
-                 self.config.workers, self.config.states, self.config.lua)
-
-    def listening(self):
-        return listener.describe(self.config, self.inherited)
+        self.publish()
+        log.info("luafcgid serving on %s with %d workers, %d states, Lua %s",
+                 self.listener.description, self.config.workers, self.config.states,
+                 self.config.lua)
 
     def summary(self):
         """One line for systemd's STATUS=."""
         requests, failed, _, active = self.metrics.totals()
-        return (f"serving on {self.listening()}: {requests} requests, {failed} failed, "
-                f"{active}/{len(self.metrics.workers)} workers busy")
+        return (f"serving on {self.listener.description}: {requests} requests, {failed} "
+                f"failed, {active}/{len(self.metrics.workers)} workers busy")
+
+    def healthy(self):
+        return self.housekeeper.alive()
+
+    def tick(self):
+        if self.supervisor is not None and os.getppid() != self.supervisor:
+            log.error("the supervisor (pid %d) is gone; stopping", self.supervisor)
+            return False
+        self.publish()
+        self.acceptor.close_idle(self.config.client_timeout)
+        return True
+
+    def reopen(self):
+        pass   # the logs are all there is to reopen
+
+    def reload(self):
+        config = self.reread()
+        if config is not None:
+            self.apply(config)
 
     def _connect(self, sock, address):
         peer = f"{address[0]}:{address[1]}" if sock.family != socket.AF_UNIX else None
@@ -93,13 +111,13 @@ class Server:
             else:
                 connection.close()
 
-    def reload(self, config):
+    def apply(self, config):
         """Apply a re-read config: new states for every script (a new pool; in-flight
         requests finish on the old one), a new listening socket if its settings changed.
         Settings that need a restart keep their running value, with a warning."""
         for name in keep_running(self.config, config, RESTART_ONLY):
             log.warning("reload: %s changed; restart luafcgid to apply it", name)
-        if self.process is not None or self.inherited:
+        if not self.listener.owned:
             if keep_running(self.config, config, LISTENER):
                 log.warning("reload: listener settings changed; with processes > 1 or a "
                             "socket passed by systemd that needs a restart")
@@ -118,16 +136,16 @@ class Server:
     def _rebind(self, config):
         """Listen as `config` says; on failure keep the running socket and its settings."""
         try:
-            sock = listener.bind(config)
-        except listener.ListenError as exc:
+            new = Listener.bind(config)
+        except ListenError as exc:
             log.error("reload: %s; still listening on %s", exc, self.config.listen)
             keep_running(self.config, config, LISTENER)
             return
-        old_sock, old_config = self.sock, self.config
-        self.sock = sock
-        self.acceptor.listen_on(sock)
-        if old_config.listen != config.listen:
-            listener.remove(old_config, old_sock)
+        old, self.listener = self.listener, new
+        self.acceptor.listen_on(new.sock)
+        # A new listener on the same path would have found the old one serving and
+        # refused, so the old file is not the new one's.
+        old.close()
         log.info("reload: now listening on %s", config.listen)
 
     def stop(self):
@@ -150,10 +168,7 @@ class Server:
         stats = self.responder.pool.stats()
         log.info("pool at stop: %s", " ".join(f"{k}={v}" for k, v in stats.items()))
         self.responder.pool.close()
-        if self.process is None and not self.inherited:
-            listener.remove(self.config, self.sock)
-        else:
-            self.sock.close()
+        self.listener.close()
         log.info("stopped")
 
     def publish(self):
@@ -162,45 +177,3 @@ class Server:
             requests, failed, slow, active = self.metrics.totals()
             self.scoreboard.publish(self.process, os.getpid(), requests, failed, slow, active,
                                     len(self.metrics.workers))
-
-    def serve_forever(self, reread):
-        """Run until SIGTERM or SIGINT, in the main thread, which takes the signals:
-        SIGHUP applies reread() (a Config, or None when the file is bad) and every second
-        the main thread drops kept-alive connections left idle. SIGUSR1 reopens the logs.
-        A lone process tells systemd (if it runs us) READY=1, RELOADING=1, STOPPING=1 and
-        pings its watchdog; under a supervisor, the supervisor does."""
-        signals.block()
-        self.start()
-        main = self.process is None
-        watchdog = systemd.Watchdog() if main else None
-        if main:
-            systemd.notify("READY=1", f"STATUS={self.summary()}", f"MAINPID={os.getpid()}")
-        try:
-            while True:
-                self.publish()
-                signum = signals.wait(timeout=watchdog.timeout(1.0) if main else 1.0)
-                if main:
-                    watchdog.tick(self.summary, healthy=self.housekeeper.alive())
-                if self.supervisor is not None and os.getppid() != self.supervisor:
-                    log.error("the supervisor (pid %d) is gone; stopping", self.supervisor)
-                    break
-                if signum is None:
-                    self.acceptor.close_idle(self.config.client_timeout)
-                    logs.retry()
-                elif signum in signals.STOP:
-                    break
-                elif signum == signals.REOPEN:
-                    logs.reopen()
-                else:
-                    log.info("SIGHUP: reloading the configuration")
-                    if main:
-                        systemd.reloading()
-                    config = reread()
-                    if config is not None:
-                        self.reload(config)
-                    if main:
-                        systemd.notify("READY=1", f"STATUS={self.summary()}")
-        finally:
-            if main:
-                systemd.notify("STOPPING=1")
-            self.stop()

@@ -296,6 +296,10 @@ SETTINGS = (
             is_path=True),
     Setting("shutdown_timeout", number(0), 30.0,
             "Seconds in-flight requests are given to finish on SIGTERM.", "process"),
+    Setting("process_timeout", number(2), 30.0,
+            "With processes > 1: a serving process whose main loop has not reported to the "
+            "supervisor for this many seconds (it does every second) is hung; the supervisor "
+            "kills it and starts another.", "process"),
     Setting("user", optional(string), None,
             "When started as root: the user to run as after binding the socket and opening "
             "the logs and the pidfile (which are handed to this user), e.g. luafcgid.",

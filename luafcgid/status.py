@@ -144,7 +144,7 @@ class Status:
             "states": pool.stats(),
             "scripts": [{"path": path, **entry} for path, entry in sorted(scripts.items())],
         }
-        queue = accept_queue(server.sock)
+        queue = accept_queue(server.listener.sock)
         if queue is not None:   # omitted where the system does not tell
             data["queue"] = queue
         if server.scoreboard is not None:

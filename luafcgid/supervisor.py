@@ -1,9 +1,12 @@
-"""processes > 1: a parent that forks the serving processes and looks after them.
+"""processes > 1: the supervisor, which alone owns process life (the arbiter).
 
-The children share the parent's listening socket; each has its own worker threads, state
-pool and interpreter lock, so Python work runs on every core. The parent starts no
-threads (it forks), restarts a child that dies, passes SIGHUP on (each child re-reads the
-config) and on SIGTERM stops the children, waits for them to drain and removes the socket.
+The serving processes it forks share its listening socket; each has its own worker threads,
+state pool and interpreter lock, so Python work runs on every core. The supervisor starts
+no threads (it forks). It keeps the current config (re-read on SIGHUP) for every process it
+starts, passes SIGHUP and SIGUSR1 on, replaces a process that dies or stops reporting on
+the scoreboard (hung), backs off from one that fails at boot and gives up after a few
+failures in a row, and on SIGTERM stops them all, waits for them to drain and closes the
+listener. It runs in mainloop.run as a role.
 """
 
 import logging
@@ -11,90 +14,120 @@ import os
 import signal
 import time
 
-from . import listener, logs, signals, systemd
+from . import mainloop
 from .config import LISTENER, RESTART_ONLY, keep_running
 from .scoreboard import Scoreboard
 from .server import Server
 
 log = logging.getLogger("luafcgid")
 
-_RESPAWN_PAUSE = 1.0   # seconds between restarts of the same child, against crash loops
+# A process that exits before it first reported failed at boot: it is started again after
+# 1, 2, 4 ... seconds, and after this many failures in a row the supervisor gives up.
+BOOT_FAILURES = 4
 
 
 class Supervisor:
-    def __init__(self, config, sock, reread, inherited=False):
-        """`inherited`: `sock` was passed by systemd, which keeps it (and its file)."""
+    def __init__(self, config, listener, reread):
+        """Forks config.processes serving processes on `listener` (a listener.Listener);
+        a reload applies reread() (a Config, or None when the file is bad)."""
         self.config = config
-        self.sock = sock
+        self.listener = listener
         self.reread = reread
-        self.inherited = inherited
         self.scoreboard = Scoreboard(config.processes)
         self.children = {}   # pid -> process number
-        self.started = {}    # process number -> when it was last started
+        self.born = {}       # process number -> (pid, monotonic time it was started)
+        self.due = {}        # process number -> monotonic time to start it (again)
+        self.failures = {}   # process number -> boot failures in a row
         self.stopping = False
+        self.exit_code = 0
         self.pid = os.getpid()
 
     def run(self):
-        signals.block()   # before forking: children inherit the mask and sigwait too
+        """Serve until stopped; the exit status."""
+        mainloop.run(self)
+        return self.exit_code
+
+    # -- the role ---------------------------------------------------------------------------
+
+    def start(self):
         for number in range(1, self.config.processes + 1):
             self._spawn(number)
-        where = listener.describe(self.config, self.inherited)
-        log.info("luafcgid serving on %s with %d processes of %d workers", where,
-                 self.config.processes, self.config.workers)
-        status = lambda: f"serving on {where} with {len(self.children)} processes"
-        systemd.notify("READY=1", f"STATUS={status()}", f"MAINPID={os.getpid()}")
-        watchdog = systemd.Watchdog()
-        try:
-            while True:
-                signum = signals.wait(timeout=watchdog.timeout(1.0))
-                self._reap()
-                watchdog.tick(status)
-                if signum in signals.STOP:
-                    break
-                if signum is None:
-                    logs.retry()
-                if signum == signals.REOPEN:
-                    logs.reopen()
-                    self._signal_all(signal.SIGUSR1)
-                if signum == signals.RELOAD:
-                    systemd.reloading()
-                    self._reload()
-                    systemd.notify("READY=1", f"STATUS={status()}")
-        finally:
-            systemd.notify("STOPPING=1")
-            self._stop()
-        return 0
+        log.info("luafcgid serving on %s with %d processes of %d workers",
+                 self.listener.description, self.config.processes, self.config.workers)
 
-    def _reload(self):
-        """Re-read the config, keep it for the processes started from now on, and have
-        every running process re-read it (each warns about what needs a restart)."""
+    def summary(self):
+        return f"serving on {self.listener.description} with {len(self.children)} processes"
+
+    def healthy(self):
+        return True
+
+    def tick(self):
+        self._reap()
+        self._kill_hung()
+        now = time.monotonic()
+        for number, when in list(self.due.items()):
+            if when <= now:
+                del self.due[number]
+                self._spawn(number)
+        return self.exit_code == 0
+
+    def reopen(self):
+        self._signal_all(signal.SIGUSR1)
+
+    def reload(self):
+        """Keep the re-read config for the processes started from now on, and have every
+        running process re-read it (each warns about what needs a restart)."""
         config = self.reread()
         if config is None:
             return
         keep_running(self.config, config, RESTART_ONLY + LISTENER)
         self.config = config
-        log.info("SIGHUP: reloading every process")
+        log.info("reloading every process")
         self._signal_all(signal.SIGHUP)
 
+    def stop(self):
+        self.stopping = True
+        self._signal_all(signal.SIGTERM)
+        deadline = time.monotonic() + self.config.shutdown_timeout + 5
+        while self.children and time.monotonic() < deadline:
+            self._reap()
+            time.sleep(0.05)
+        if self.children:
+            log.error("processes %s did not stop; killing them", sorted(self.children.values()))
+            self._signal_all(signal.SIGKILL)
+        self.listener.close()
+        log.info("stopped")
+
+    # -- process life ---------------------------------------------------------------------
+
     def _spawn(self, number):
-        pause = self.started.get(number, 0) + _RESPAWN_PAUSE - time.monotonic()
-        if pause > 0:
-            time.sleep(pause)
-        self.started[number] = time.monotonic()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:   # e.g. the process limit: like a failure at boot
+            log.error("cannot start process %d: %s", number, exc)
+            self._failed_at_boot(number, 1)
+            return
         if pid:
             self.children[pid] = number
+            self.born[number] = (pid, time.monotonic())
             return
         code = 1
         try:
-            Server(self.config, self.sock, process=number, inherited=self.inherited,
-                   scoreboard=self.scoreboard, supervisor=self.pid).serve_forever(self.reread)
+            mainloop.run(Server(self.config, self.listener.shared(), self.reread,
+                                process=number, scoreboard=self.scoreboard,
+                                supervisor=self.pid), service=False)
             code = 0
         except BaseException:
             log.exception("process %d failed", number)
         finally:
             logging.shutdown()
             os._exit(code)
+
+    def _reported(self, number, pid):
+        """Whether process `number` (pid `pid`) has reported on the scoreboard: the
+        monotonic time it last did, or None."""
+        slot = self.scoreboard.read()[number - 1]
+        return slot["beat"] if slot["pid"] == pid else None
 
     def _reap(self):
         while self.children:
@@ -105,10 +138,44 @@ class Supervisor:
             if pid == 0:
                 return
             number = self.children.pop(pid, None)
-            if number is not None and not self.stopping:
+            if number is None or self.stopping:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            if self._reported(number, pid) is None:
+                log.error("process %d (pid %d) exited with status %d before it was ready",
+                          number, pid, code)
+                self._failed_at_boot(number, code)
+            else:
                 log.error("process %d (pid %d) exited with status %d; starting it again",
-                          number, pid, os.waitstatus_to_exitcode(status))
-                self._spawn(number)
+                          number, pid, code)
+                self.failures.pop(number, None)
+                self.due[number] = time.monotonic()
+
+    def _failed_at_boot(self, number, code):
+        failures = self.failures[number] = self.failures.get(number, 0) + 1
+        if failures >= BOOT_FAILURES:
+            log.error("process %d failed at boot %d times in a row; giving up (exit status %d)",
+                      number, failures, code)
+            self.exit_code = code or 1
+            return
+        pause = 2.0 ** (failures - 1)
+        log.error("starting process %d again in %g s", number, pause)
+        self.due[number] = time.monotonic() + pause
+
+    def _kill_hung(self):
+        """SIGKILL a process whose main loop has not reported for process_timeout seconds
+        (its reaping then starts it again)."""
+        now = time.monotonic()
+        for pid, number in self.children.items():
+            born_pid, born_at = self.born[number]
+            beat = self._reported(number, pid)
+            # a kill below moves born_at, so it is not repeated before the reaping
+            silent = now - max(born_at, beat or 0.0)
+            if silent > self.config.process_timeout:
+                log.error("process %d (pid %d) has not reported for %.1f s; killing it",
+                          number, pid, silent)
+                os.kill(pid, signal.SIGKILL)
+                self.born[number] = (born_pid, now)
 
     def _signal_all(self, signum):
         for pid in list(self.children):
@@ -116,19 +183,3 @@ class Supervisor:
                 os.kill(pid, signum)
             except ProcessLookupError:
                 pass
-
-    def _stop(self):
-        self.stopping = True
-        self._signal_all(signal.SIGTERM)
-        deadline = time.monotonic() + self.config.shutdown_timeout + 5
-        while self.children and time.monotonic() < deadline:
-            self._reap()
-            time.sleep(0.05)
-        if self.children:
-            log.error("processes %s did not stop; killing them", sorted(self.children.values()))
-            self._signal_all(signal.SIGKILL)
-        if self.inherited:
-            self.sock.close()
-        else:
-            listener.remove(self.config, self.sock)
-        log.info("stopped")

@@ -151,3 +151,16 @@ def test_the_status_page_reports_every_process(daemon, site):
     assert {slot["pid"] for slot in data["processes"]} == set(_children(d.proc.pid))
     assert data["workers"]["total"] == 4
     assert sum(slot["requests"] for slot in data["processes"]) == data["requests"]
+
+
+def test_a_hung_process_is_replaced(stack):
+    s = stack(processes=2, workers=1, states=1, process_timeout=2)
+    s.write("pid.lua", PID_PAGE)
+    parent = s.daemon.proc.pid
+    wait_for(lambda: len(_children(parent)) == 2, what="two serving processes")
+    hung = _children(parent)[0]
+    os.kill(hung, signal.SIGSTOP)   # its main loop stops reporting on the scoreboard
+    wait_for(lambda: not _running(hung) and len(_children(parent)) == 2, timeout=30,
+             what="the hung process to be replaced")
+    assert f"(pid {hung}) has not reported for" in s.daemon.log()
+    assert all(s.get("/pid.lua")[0] == 200 for _ in range(10))
