@@ -5,7 +5,7 @@ import os
 import time
 from importlib import resources
 
-from . import vm
+from . import vm, workdir
 from .settings import BY_NAME
 from .slowlog import main_thread
 
@@ -109,6 +109,7 @@ class LuaState:
             "headers": "".join(line + "\r\n" for line in config.headers),
             "buffering": config.buffering, "timeout": config.request_timeout,
             "prelude": config.prelude or "", "libdir": LUA_DIR,
+            "rewrite_paths": not workdir.per_thread(),
         }))
         try:
             result = self.runtime.execute(_BOOTSTRAP, path.encode(),
