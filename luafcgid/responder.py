@@ -108,7 +108,7 @@ class Responder:
             return
         if self._per_thread:   # before acquire: a state's script loads on this thread
             try:
-                workdir.enter(os.path.dirname(path))
+                workdir.enter(path)
             except OSError as exc:
                 self._report("File Error", f"{path}: cannot change into its directory: {exc}",
                              out)
