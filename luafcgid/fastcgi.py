@@ -57,9 +57,23 @@ def stream(rtype, request_id, data):
     """`data` as as many records of `rtype` as it needs (no terminating empty record)."""
     if len(data) <= STDOUT_CHUNK:
         return record(rtype, request_id, data) if data else b""
+    return b"".join(stream_parts(rtype, request_id, data))
+
+
+def stream_parts(rtype, request_id, data):
+    """The same records as stream() as a list of buffers for socket.sendmsg: each record's
+    header, a memoryview of its slice of `data` (not a copy) and its padding."""
     view = memoryview(data)
-    return b"".join(record(rtype, request_id, bytes(view[i:i + STDOUT_CHUNK]))
-                    for i in range(0, len(data), STDOUT_CHUNK))
+    parts = []
+    for start in range(0, len(data), STDOUT_CHUNK):
+        piece = view[start:start + STDOUT_CHUNK]
+        length = len(piece)
+        padding = -length & 7
+        parts.append(HEADER.pack(VERSION, rtype, request_id, length, padding))
+        parts.append(piece)
+        if padding:
+            parts.append(b"\0" * padding)
+    return parts
 
 
 def end_request(request_id, app_status=0, protocol_status=REQUEST_COMPLETE):

@@ -9,7 +9,7 @@ import logging
 import os
 import stat
 
-from . import pages, vm
+from . import pages, vm, workdir
 from .pool import PoolClosed, StatePool
 from .searchpath import search_paths
 from .state import LuaState, Outcome, ScriptError, ScriptGone
@@ -51,6 +51,7 @@ class Responder:
         self._roots = tuple(os.path.join(os.path.realpath(root), "") for root in config.roots)
         self._located = {}   # SCRIPT_FILENAME -> real path, emptied by every sweep
         self._successor = None
+        self._per_thread = workdir.per_thread()
         self.on_load = None   # called with a script's path after a state of it loaded
 
     def retire(self, successor):
@@ -121,6 +122,13 @@ class Responder:
         if body_too_large:
             out.end(pages.too_large(self.config.maxpost))
             return
+        if self._per_thread:   # before acquire: a state's script loads on this thread
+            try:
+                workdir.enter(path)
+            except OSError as exc:
+                self._report("File Error", f"{path}: cannot change into its directory: {exc}",
+                             out)
+                return
         try:
             state = self.pool.acquire(path)
         except ScriptError as exc:

@@ -1,6 +1,7 @@
 """Real parts for the tests: a luafcgid daemon process, a real nginx in front of it on
 loopback, and clients (HTTP through nginx, libfcgi's cgi-fcgi, raw FastCGI records)."""
 
+import errno
 import http.client
 import os
 import shutil
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import tempfile
@@ -81,7 +83,10 @@ class Site:
 
 
 class Daemon:
-    """`python -m luafcgid -c CONFIG` as a child process."""
+    """`python -m luafcgid -c CONFIG` as a child process, run through `launcher` (a command
+    prefix) if one is set."""
+
+    launcher = ()
 
     def __init__(self, workdir, settings=(), args=()):
         self.workdir = str(workdir)
@@ -109,7 +114,7 @@ class Daemon:
     def start(self, wait=True):
         self.write_config()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "luafcgid", "-c", self.config_path, *self.args],
+            [*self.launcher, sys.executable, "-m", "luafcgid", "-c", self.config_path, *self.args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
         if wait:
             wait_for(lambda: can_connect(self.address) or self.proc.poll() is not None,
@@ -298,6 +303,52 @@ def shared_stack(tmp_path_factory):
     s = Stack(tmp_path_factory.mktemp("shared")).start()
     yield s
     s.stop()
+
+
+class Fifo:
+    """Holds a page where it reads the FIFO, until release(): an event, not a delay."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        os.mkfifo(self.path)
+
+    def release(self):
+        """Let the page go on; False if no page was waiting (nothing to release)."""
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:   # no reader
+                return False
+            raise
+        os.write(fd, b"go")
+        os.close(fd)
+        return True
+
+
+class InThread:
+    """function(*args) running on a thread of its own; result() joins it."""
+
+    def __init__(self, function, *args):
+        self._outcome = {}
+        self._thread = threading.Thread(target=self._run, args=(function, args))
+        self._thread.start()
+
+    def _run(self, function, args):
+        try:
+            self._outcome["value"] = function(*args)
+        except BaseException as exc:   # re-raised by result()
+            self._outcome["error"] = exc
+
+    def done(self):
+        return not self._thread.is_alive()
+
+    def result(self, timeout=60):
+        """The function's return value, or its exception raised here."""
+        self._thread.join(timeout)
+        assert self.done(), "the function did not finish"
+        if "error" in self._outcome:
+            raise self._outcome["error"]
+        return self._outcome["value"]
 
 
 # -- FastCGI clients ---------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """`luafcgid serve`: the development HTTP front over the same pool."""
 
+import glob
 import http.client
+import os
 import signal
 import subprocess
 import sys
@@ -75,3 +77,21 @@ def test_the_readme_quick_start_serves_the_examples():
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(15)
+
+
+def test_pages_run_in_their_own_directory(devserver):
+    """C modules' relative paths too: each connection's thread changes into the page's
+    directory, and static files are still served from the root."""
+    root, request = devserver
+    if not glob.glob("/usr/lib/*/lua/5.1/luasql/sqlite3.so"):
+        pytest.skip("lua-sql-sqlite3 is not installed (apt-get install lua-sql-sqlite3)")
+    (root / "app").mkdir()
+    (root / "app" / "notes.lua").write_text("""
+        local db = assert(require("luasql.sqlite3").sqlite3():connect("app.db"))
+        assert(db:execute("CREATE TABLE IF NOT EXISTS notes (note TEXT)"))
+        function main(env, con) con:puts(require("lfs").currentdir()) end
+    """)
+    (root / "style.css").write_text("body {}")
+    assert request("/app/notes.lua")[2].decode() == os.path.realpath(root / "app")
+    assert (root / "app" / "app.db").exists()
+    assert request("/style.css")[2] == b"body {}"

@@ -1,9 +1,12 @@
 """Unbuffered output, large bodies and kept-alive FastCGI connections."""
 
+import http.client
 import os
 import threading
 
-from conftest import RawClient, split_response, wait_for
+import pytest
+
+from conftest import Fifo, InThread, RawClient, split_response, wait_for
 
 
 def _peak_rss_kb(pid):
@@ -51,6 +54,64 @@ def test_a_64_mib_unbuffered_response_uses_bounded_memory(stack):
     assert body[:16] == b"0123456789abcdef" and body[-16:] == b"0123456789abcdef"
     grown_mib = (_peak_rss_kb(s.daemon.proc.pid) - before) / 1024
     assert grown_mib < 32, f"peak RSS grew by {grown_mib:.0f} MiB for a 64 MiB response"
+
+
+BIG_PAGE = """
+local mib = string.rep("0123456789abcdef", 65536)
+function main(env, con)
+  con:header("Content-Type", "application/octet-stream")
+  for i = 1, 64 do con:puts(mib) end
+  con:flush()                                    -- the first 64 MiB go out now
+  local f = assert(io.open("{marker}", "w")); f:close()
+  local fifo = assert(io.open("{fifo}", "r")); fifo:read("*a"); fifo:close()
+  for i = 1, 64 do con:puts(mib) end             -- the last 64 MiB with the response's end
+end
+"""
+
+
+def _read_counting(port, path):
+    """(status, length, first 16 bytes, last 16 bytes) of a response read in pieces."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        length, first, last = 0, b"", b""
+        while True:
+            piece = response.read(1 << 20)
+            if not piece:
+                return response.status, length, first, last
+            first = first or piece[:16]
+            last = (last + piece)[-16:]
+            length += len(piece)
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("vm", ["luajit", "5.4"])
+def test_a_128_mib_buffered_response_is_never_copied_whole(stack, tmp_path, vm):
+    """The body crosses from Lua to the socket in bounded pieces: the daemon's peak memory
+    grows by far less than the response, while a neighbour page keeps being served."""
+    s = stack(lua=vm, workers=2, shutdown_timeout=5)
+    marker, fifo = tmp_path / "half-sent", Fifo(tmp_path / "fifo")
+    s.write("big.lua", BIG_PAGE.format(marker=marker, fifo=fifo.path))
+    s.write("hello.lua", "function main(env, con) con:puts('hello') end")
+    assert s.get("/hello.lua")[0] == 200
+    before = _peak_rss_kb(s.daemon.proc.pid)
+    big = InThread(_read_counting, s.nginx.port, "/big.lua")
+    try:
+        wait_for(lambda: marker.exists() or big.done(), timeout=60,
+                 what="the first half to be sent")
+        assert marker.exists(), f"the page ended early: {big.result()[:2]}"
+        neighbours = [s.get("/hello.lua")[0] for _ in range(20)]
+        assert neighbours == [200] * 20
+    finally:
+        released = fifo.release()
+    status, length, first, last = big.result()
+    assert released and (status, length) == (200, 128 << 20)
+    assert first == last == b"0123456789abcdef"
+    grown_mib = (_peak_rss_kb(s.daemon.proc.pid) - before) / 1024
+    assert grown_mib < 64, f"peak RSS grew by {grown_mib:.0f} MiB for a 128 MiB response"
+    assert s.daemon.proc.poll() is None and s.get("/hello.lua")[0] == 200
 
 
 def test_a_5_mib_buffered_response_and_request_body(stack):

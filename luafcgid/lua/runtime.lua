@@ -1,5 +1,6 @@
 -- Run once in every new Lua state, before its script: builds the request object (`con`),
--- makes relative file names resolve against the script's directory, runs the prelude, loads
+-- makes relative file names resolve against the script's directory (where the working
+-- directory cannot do it), runs the prelude, loads
 -- the script and returns the functions the Python side calls per request. Everything here
 -- is local, so a script sees only the standard libraries and its own globals.
 
@@ -12,35 +13,40 @@ local find, lower, match, sub = string.find, string.lower, string.match, string.
 python = nil
 package.loaded.python = nil
 
--- Relative names resolve against the script's directory, as if each state had its own
--- working directory: the process's one is shared by every thread and never changed.
-local function resolve(name)
-  if type(name) == "string" and sub(name, 1, 1) ~= "/" then
-    return dir .. "/" .. name
+-- Relative names resolve against the script's directory. Where the daemon could give each
+-- worker thread its own working directory (Linux) the thread is in that directory while the
+-- script runs; elsewhere the process's one is shared, so Lua's file functions are rewritten
+-- to put the script's directory in front of a relative name (C modules do not see this).
+local loadfile_absolute, io_open = loadfile, io.open
+if opts.rewrite_paths then
+  local function resolve(name)
+    if type(name) == "string" and sub(name, 1, 1) ~= "/" then
+      return dir .. "/" .. name
+    end
+    return name
   end
-  return name
-end
 
-local function relative_first(fn)
-  return function(name, ...) return fn(resolve(name), ...) end
-end
-
-local function relative_first_or_none(fn)
-  return function(...)
-    if select("#", ...) == 0 then return fn() end
-    return fn(resolve((...)), select(2, ...))
+  local function relative_first(fn)
+    return function(name, ...) return fn(resolve(name), ...) end
   end
-end
 
-local loadfile_absolute, io_open, os_rename = loadfile, io.open, os.rename
-io.open = relative_first(io.open)
-io.lines = relative_first_or_none(io.lines)
-io.input = relative_first_or_none(io.input)
-io.output = relative_first_or_none(io.output)
-os.remove = relative_first(os.remove)
-os.rename = function(from, to, ...) return os_rename(resolve(from), resolve(to), ...) end
-dofile = relative_first_or_none(dofile)
-loadfile = relative_first_or_none(loadfile)
+  local function relative_first_or_none(fn)
+    return function(...)
+      if select("#", ...) == 0 then return fn() end
+      return fn(resolve((...)), select(2, ...))
+    end
+  end
+
+  local os_rename = os.rename
+  io.open = relative_first(io.open)
+  io.lines = relative_first_or_none(io.lines)
+  io.input = relative_first_or_none(io.input)
+  io.output = relative_first_or_none(io.output)
+  os.remove = relative_first(os.remove)
+  os.rename = function(from, to, ...) return os_rename(resolve(from), resolve(to), ...) end
+  dofile = relative_first_or_none(dofile)
+  loadfile = relative_first_or_none(loadfile)
+end
 package.path = opts.path
 package.cpath = opts.cpath
 
@@ -183,17 +189,54 @@ function Con:header(name, value)
   end
 end
 
+-- Response bytes cross to Python in strings of at most CHUNK bytes, so that no response is
+-- ever copied whole outside this state (whose memory memory_limit bounds): three 100 MiB
+-- responses took the daemon from 20 MiB to 1.8 GiB when they crossed whole.
+local CHUNK = opts.chunk
+
+-- Hands the buffered body to Python, after the head if it has not gone out yet, in strings
+-- of at most CHUNK bytes, and returns the last of them instead of sending it.
+local function drain(c)
+  local body, n = c.body, c.n
+  c.body, c.n, c.size = {}, 0, 0
+  local group, count, size = {}, 0, 0
+  if not c.sent then
+    group[1] = head(c)
+    count, size = 1, #group[1]
+  end
+  for i = 1, n do
+    local s = body[i]
+    body[i] = nil   -- collectable once sent
+    local len, at = #s, 1
+    while size + len - at + 1 > CHUNK do
+      local stop = at + CHUNK - size - 1
+      count = count + 1
+      group[count] = sub(s, at, stop)
+      send(count == 1 and group[1] or concat(group, "", 1, count))
+      count, size, at = 0, 0, stop + 1
+    end
+    if at <= len then
+      count = count + 1
+      group[count] = at == 1 and s or sub(s, at)
+      size = size + len - at + 1
+    end
+  end
+  return concat(group, "", 1, count)
+end
+
+function Con:flush()
+  if self.closed then return end
+  local rest = drain(self)
+  if rest ~= "" then send(rest) end
+end
+
 local function put(c, s)
   if c.closed then return end
-  if buffering then
-    local n = c.n + 1
-    c.body[n] = s
-    c.n = n
-  elseif c.sent then
-    send(s)
-  else
-    send(head(c) .. s)
-  end
+  local n = c.n + 1
+  c.body[n] = s
+  c.n = n
+  c.size = c.size + #s
+  if not buffering then Con.flush(c) end
 end
 
 function Con:puts(s, ...)
@@ -203,19 +246,9 @@ function Con:puts(s, ...)
   end
 end
 
-function Con:flush()
-  if self.closed then return end
-  local payload = concat(self.body, "", 1, self.n)
-  self.n = 0
-  self.body = {}
-  if not self.sent then
-    payload = head(self) .. payload
-  end
-  if payload ~= "" then send(payload) end
-end
-
 function Con:reset()
   self.n = 0
+  self.size = 0
   self.body = {}
 end
 
@@ -293,7 +326,7 @@ local current
 -- Returns true and the response bytes not yet sent, or false, an error kind, its message and
 -- whether the headers already went out (then a 500 page can no longer be sent).
 local function serve(env, input)
-  local c = setmetatable({env = env, input = input, n = 0, body = {}, nheaders = 0,
+  local c = setmetatable({env = env, input = input, n = 0, size = 0, body = {}, nheaders = 0,
                           headers = {}, sent = false, closed = false}, Con)
   current = c
   local handler = _G[handler_name]
@@ -308,9 +341,19 @@ local function serve(env, input)
     c.closed = true
     return false, kind, message, c.sent
   end
-  local payload = concat(c.body, "", 1, c.n)
+  local payload
+  if c.size <= CHUNK then   -- the common case: one string, one crossing
+    payload = concat(c.body, "", 1, c.n)
+    if not c.sent then payload = head(c) .. payload end
+  else
+    local sent = c.size
+    payload = drain(c)
+    -- Sending left at least the response's size in garbage, which an idle state would keep
+    -- until its next requests. A collection costs in proportion to the heap: collect when
+    -- the response was at least a quarter of it.
+    if sent * 4 >= collectgarbage("count") * 1024 then collectgarbage() end
+  end
   c.body = nil
-  if not c.sent then payload = head(c) .. payload end
   c.closed = true
   return true, payload
 end
