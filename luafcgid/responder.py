@@ -126,7 +126,7 @@ class Responder:
             try:
                 workdir.enter(path)
             except OSError as exc:
-                self._report("File Error", f"{path}: cannot change into its directory: {exc}",
+                self._report("File Error", path, f"cannot change into its directory: {exc}",
                              out)
                 return
         try:
