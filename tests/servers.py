@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from conftest import (ROOT, Daemon, Site, can_connect, free_port, nginx_main_conf,
-                      stop_process, wait_for)
+                      skip_unless, stop_process, wait_for)
 
 EXAMPLES = os.path.join(ROOT, "examples", "servers")
 NGINX_FILES = os.path.join(ROOT, "nginx")
@@ -61,9 +61,8 @@ class WebServer:
     @classmethod
     def executable(cls):
         path = shutil.which(cls.binary, path="/usr/sbin:/usr/bin:/sbin:/bin")
-        if path is None:
-            pytest.skip(f"{cls.name} is not installed (Debian package {cls.package}; "
-                        ".ci/run installs it from .ci/packages-servers.txt)")
+        skip_unless(path is not None, f"{cls.name} is not installed (Debian package "
+                    f"{cls.package}; .ci/run installs it from .ci/packages-servers.txt)")
         return path
 
     def command(self, executable):
@@ -239,7 +238,7 @@ def group_of(user):
     try:
         return grp.getgrgid(pwd.getpwnam(user).pw_gid).gr_name
     except KeyError:
-        pytest.skip(f"user {user} does not exist (created by the server's Debian package)")
+        skip_unless(False, f"user {user} does not exist (created by the server's Debian package)")
 
 
 class ServerStack:

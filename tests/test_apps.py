@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 
+from conftest import skip_unless
 from servers import Nginx, started
 
 ORBIT = "/usr/share/doc/lua-orbit"
@@ -17,9 +18,9 @@ CGILUA_EXAMPLES = "/usr/share/doc/lua-cgi/examples"
 
 
 def packaged(path, package):
-    if not os.path.exists(path):
-        pytest.skip(f"{path} is missing: install Debian's {package} (.ci/packages-servers.txt; "
-                    "a dpkg path-exclude for /usr/share/doc or /usr/share/man drops it too)")
+    skip_unless(os.path.exists(path), f"{path} is missing: install Debian's {package} "
+                "(.ci/packages-servers.txt; a dpkg path-exclude for /usr/share/doc or "
+                "/usr/share/man drops it too)")
     return path
 
 

@@ -6,7 +6,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
 
 from conftest import ROOT, free_port, nginx_binary, nginx_main_conf, skip_unless
 from luafcgid.reference import man_page

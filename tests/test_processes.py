@@ -1,10 +1,13 @@
 """processes > 1: several serving processes share one listening socket."""
 
 import os
+import re
 import signal
 import threading
 
-from conftest import wait_for
+import pytest
+
+from conftest import Daemon, wait_for
 
 
 def _children(pid):
@@ -164,3 +167,18 @@ def test_a_hung_process_is_replaced(stack):
              what="the hung process to be replaced")
     assert f"(pid {hung}) has not reported for" in s.daemon.log()
     assert all(s.get("/pid.lua")[0] == 200 for _ in range(10))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to run the daemon as nobody")
+def test_a_process_that_fails_at_boot_is_given_up_on(tmp_path):
+    """Past its user's process limit (RLIMIT_NPROC, which counts threads and binds once root
+    is dropped) a serving process cannot start its threads, every time: the supervisor
+    backs off, then gives up and exits with the process's status instead of restarting it
+    every second for ever."""
+    d = Daemon(tmp_path, {"processes": 2, "workers": 2, "user": "nobody", "group": "nogroup"})
+    d.launcher = ("prlimit", "--nproc=2")
+    d.start(wait=False)
+    assert d.proc.wait(60) == 1
+    log = d.log()
+    assert "before it was ready" in log or "cannot start process" in log
+    assert re.search(r"process \d failed at boot 4 times in a row; giving up", log)

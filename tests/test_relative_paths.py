@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, Fifo, InThread, Stack, wait_for
+from conftest import ROOT, Fifo, InThread, Stack, skip_unless, wait_for
 from ecosystem import require_debian_modules
 from unshare_refused import supported as seccomp_supported
 
@@ -66,8 +66,8 @@ def test_luasql_opens_app_db_next_to_the_script(stack, vm):
 @pytest.mark.parametrize("vm", ["luajit", "5.1"])
 def test_dbi_opens_app_db_next_to_the_script(stack, vm):
     require_debian_modules(vm)
-    if not os.path.exists(DBI_MODULE):
-        pytest.skip("lua-dbi-sqlite3 is not installed (apt-get install lua-dbi-sqlite3)")
+    skip_unless(os.path.exists(DBI_MODULE),
+                "lua-dbi-sqlite3 is not installed (apt-get install lua-dbi-sqlite3)")
     s = stack(lua=vm)
     s.write("shop/orders.lua", """
         local DBI = require("DBI")
