@@ -111,8 +111,8 @@ class _Handler(SimpleHTTPRequestHandler):
 
 def serve(config, root, address):
     """Serve `root` over HTTP on (host, port) until interrupted."""
-    responder = Responder(config)
-    housekeeper = Housekeeper(responder, config.sweep)
+    housekeeper = Housekeeper(config.sweep)
+    responder = Responder(config, on_load=housekeeper.watch)
     handler = type("Handler", (_Handler,), {"responder": responder})
     root = os.path.abspath(root)
 
@@ -123,7 +123,7 @@ def serve(config, root, address):
             handler(request, client_address, self, directory=root)
 
     httpd = Server(address, handler)
-    housekeeper.start()
+    housekeeper.start(responder)
     log.info("development server: http://%s:%d/ serving %s (not for production)",
              *httpd.server_address[:2], root)
     try:

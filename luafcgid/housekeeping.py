@@ -13,19 +13,7 @@ import threading
 from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
 
-from .state import file_signature
-
 log = logging.getLogger("luafcgid")
-
-
-def _changed(state):
-    """Whether the state's script, or the prelude it ran, changed since it loaded."""
-    try:
-        if state.prelude and file_signature(state.prelude) != state.prelude_signature:
-            return True
-        return file_signature(state.path) != state.signature
-    except OSError:
-        return True
 
 
 class _ScriptEvents(FileSystemEventHandler):
@@ -39,9 +27,12 @@ class _ScriptEvents(FileSystemEventHandler):
 
 
 class Housekeeper:
-    def __init__(self, responder, sweep_ms):
-        self.responder = responder
-        self.pool = responder.pool
+    """The heartbeat thread and the file watcher, for one responder's states: watch(path)
+    is the responder's on_load, start(responder) begins."""
+
+    def __init__(self, sweep_ms):
+        self.responder = None
+        self.pool = None
         self.interval = sweep_ms / 1000.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
@@ -50,10 +41,10 @@ class Housekeeper:
         self._handler = _ScriptEvents(self)
         self._watches = {}   # directory -> watchdog watch
         self._watches_lock = threading.Lock()
-        # watch a new script's directory as soon as it loads, not at the next sweep
-        responder.on_load = self.watch
 
-    def start(self):
+    def start(self, responder):
+        self.responder = responder
+        self.pool = responder.pool
         self._observer.start()
         self._thread.start()
 
@@ -72,7 +63,7 @@ class Housekeeper:
         # (the snapshot keeps its states alive, so their ids stay unique meanwhile)
         snapshot = self.pool.states()
         changed = {id(s) for s in snapshot
-                   if (path is None or path in (s.path, s.prelude)) and _changed(s)}
+                   if (path is None or path in (s.path, s.prelude)) and s.changed_on_disk()}
         if not changed:
             return 0
         flushed = self.pool.flush(lambda s: id(s) in changed)
@@ -91,7 +82,8 @@ class Housekeeper:
                     self._observer.unschedule(watch)
 
     def watch(self, script):
-        """Watch the directory of a script that was just loaded."""
+        """Watch the directory of a script that was just loaded (at once, not at the next
+        sweep)."""
         directory = os.path.dirname(script)
         with self._watches_lock:
             if directory in self._watches:

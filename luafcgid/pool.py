@@ -136,6 +136,30 @@ class StatePool:
             self._cond.notify_all()
         self.flush()
 
+    def inspect(self, state, look):
+        """look(state) with `state` lent to the caller, if it is idle now; else None (a busy
+        state's runtime belongs to its worker: Lua is not for two threads at once)."""
+        with self._cond:
+            idle = self._idle.get(state.path)
+            if not idle or state not in idle:
+                return None
+            place = idle.index(state)   # kept: a look is not a use
+            idle.remove(state)
+            state.busy = True
+        try:
+            return look(state)
+        finally:
+            with self._cond:
+                state.busy = False
+                drop = state.stale or self._closed
+                if drop:
+                    self._remove(state)
+                else:
+                    self._idle.setdefault(state.path, []).insert(place, state)
+                self._cond.notify_all()
+            if drop:
+                state.close()
+
     def states(self):
         """A snapshot list of every loaded state (busy or idle)."""
         with self._cond:

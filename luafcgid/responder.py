@@ -41,18 +41,20 @@ class Forbidden(Exception):
 
 
 class Responder:
-    def __init__(self, config, status=None):
-        """`status` (a status.Status) provides the status and ping pages, if configured."""
+    def __init__(self, config, status=None, on_load=None):
+        """`status` (a status.Status) provides the status and ping pages, if configured;
+        on_load(path) is called after a state of a script loaded."""
         self.config = config
-        self._pages = status.pages(config) if status is not None else {}
         self.pool = StatePool(self._load, config.states, config.max_clones, config.retries,
                               config.max_requests)
+        # SCRIPT_NAME -> page (the status and ping pages), answered before any script
+        self._routes = status.routes(config, self.pool) if status is not None else {}
         # resolved once, so a root reached through a symbolic link still matches
         self._roots = tuple(os.path.join(os.path.realpath(root), "") for root in config.roots)
         self._located = {}   # SCRIPT_FILENAME -> real path, emptied by every sweep
         self._successor = None
         self._per_thread = workdir.per_thread()
-        self.on_load = None   # called with a script's path after a state of it loaded
+        self.on_load = on_load
 
     def retire(self, successor):
         """After a reload: requests that reach this responder late go to its successor;
@@ -96,8 +98,8 @@ class Responder:
 
     def respond(self, params, body, out, body_too_large=False, worker=None):
         """`worker` (a metrics.WorkerStats) is told which state runs the request."""
-        if self._pages:
-            page = self._pages.get(params.get(b"SCRIPT_NAME"))
+        if self._routes:
+            page = self._routes.get(params.get(b"SCRIPT_NAME"))
             if page is not None:
                 out.end(page(params))
                 return

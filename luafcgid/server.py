@@ -39,9 +39,10 @@ class Server:
         self.scoreboard = scoreboard
         self.supervisor = supervisor
         self.metrics = Metrics(config.workers, config.slowlog_timeout)
-        self.status = Status(self)
-        self.responder = Responder(config, self.status)
-        self.housekeeper = Housekeeper(self.responder, config.sweep)
+        self.status = Status(self.metrics, lambda: self.listener.sock, scoreboard,
+                             self.publish)
+        self.housekeeper = Housekeeper(config.sweep)
+        self.responder = Responder(config, self.status, on_load=self.housekeeper.watch)
         self.slow_watcher = SlowWatcher(self)
         self.stopping = False
         self.acceptor = None
@@ -54,7 +55,7 @@ class Server:
         # (processes 2, workers 2) and from 49 to 44 ms (processes 1, workers 3).
         sys.setswitchinterval(SWITCH_INTERVAL)
         self.acceptor = Acceptor(self.listener.sock, self._connect)
-        self.housekeeper.start()
+        self.housekeeper.start(self.responder)
         self.slow_watcher.start()
         for number in range(1, self.config.workers + 1):
             name = f"worker-{number}" if self.process is None else f"worker-{self.process}.{number}"
@@ -124,12 +125,13 @@ class Server:
         elif any(getattr(config, name) != getattr(self.config, name) for name in LISTENER):
             self._rebind(config)
         self.metrics.slow_after = config.slowlog_timeout
-        old = self.responder
-        self.responder = Responder(config, self.status)
+        housekeeper = Housekeeper(config.sweep)
+        old, self.responder = self.responder, Responder(config, self.status,
+                                                        on_load=housekeeper.watch)
         old.retire(self.responder)
         self.housekeeper.stop()
-        self.housekeeper = Housekeeper(self.responder, config.sweep)
-        self.housekeeper.start()
+        self.housekeeper = housekeeper
+        housekeeper.start(self.responder)
         self.config = config
         log.info("reloaded %s", config.source)
 

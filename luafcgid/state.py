@@ -158,6 +158,16 @@ class LuaState:
                               result[2].decode(errors="replace"))
         self._serve, self._finish = result[1], result[2]
 
+    def changed_on_disk(self):
+        """Whether the script, or the prelude it ran, changed (or went) since this state
+        loaded."""
+        try:
+            if self.prelude and file_signature(self.prelude) != self.prelude_signature:
+                return True
+            return file_signature(self.path) != self.signature
+        except OSError:
+            return True
+
     def serve(self, params, body, out):
         """Run the handler; an Outcome whose payload is the response bytes not yet sent."""
         self._channel.out = out

@@ -58,24 +58,18 @@ def accept_queue(sock):
 
 
 def _memory_kb(state):
-    """collectgarbage("count") of an idle state, else None. A busy state's runtime is being
-    used by its worker; lupa's per-runtime lock would make this wait for the request to end,
-    so busy states are skipped. One that turns busy meanwhile only delays this page."""
-    runtime = state.runtime
-    if runtime is None or state.busy:
-        return None
+    """collectgarbage("count") of a state the pool lent for inspection."""
     try:
-        return float(runtime.eval('collectgarbage("count")'))
-    except Exception:   # the script replaced collectgarbage, or the state is closing
+        return float(state.runtime.eval('collectgarbage("count")'))
+    except Exception:   # the script replaced collectgarbage
         return None
 
 
-def _whole_pool(data, server):
+def _whole_pool(data, scoreboard):
     """With processes > 1: the request and worker figures become the sums over every
     process (this one live, the others as they published them within the last second), and
     `processes` lists each. States and scripts stay this process's own."""
-    server.publish()
-    processes = [slot for slot in server.scoreboard.read() if slot["pid"]]
+    processes = [slot for slot in scoreboard.read() if slot["pid"]]
     data["processes"] = processes
     for key in ("requests", "failed_requests", "slow_requests"):
         data[key] = sum(slot[key] for slot in processes)
@@ -87,16 +81,22 @@ def _whole_pool(data, server):
 
 
 class Status:
-    def __init__(self, server):
-        self.server = server
+    def __init__(self, metrics, sock, scoreboard=None, publish=None):
+        """The figures of `metrics` (a metrics.Metrics), the accept queue of sock() (the
+        listening socket), and with processes > 1 every process's from `scoreboard`, on
+        which publish() puts this one's first."""
+        self.metrics = metrics
+        self.sock = sock
+        self.scoreboard = scoreboard
+        self.publish = publish
 
-    def pages(self, config):
-        """SCRIPT_NAME (bytes) -> page function, for the responder."""
+    def routes(self, config, pool):
+        """SCRIPT_NAME (bytes) -> page function, for a responder whose states are `pool`."""
         allowed = tuple(ipaddress.ip_network(network) for network in config.status_allow)
         found = {}
         if config.status_path:
             found[config.status_path.encode()] = lambda params: self._guarded(
-                allowed, params, self.status_page)
+                allowed, params, lambda params: self.status_page(params, pool))
         if config.ping_path:
             found[config.ping_path.encode()] = lambda params: self._guarded(
                 allowed, params, lambda _: _plain("200 OK", b"pong\n"))
@@ -114,13 +114,11 @@ class Status:
             return pages.response("403 Forbidden")
         return page(params)
 
-    def snapshot(self):
+    def snapshot(self, pool):
         """Everything the status page shows, as plain data."""
-        server = self.server
-        metrics = server.metrics
+        metrics = self.metrics
         requests, failed, slow, active = metrics.totals()
         uptime = metrics.uptime()
-        pool = server.responder.pool
         scripts = defaultdict(lambda: {"clones": 0, "requests": 0, "loaded_at": 0.0,
                                        "memory_kb": None})
         for state in pool.states():
@@ -128,7 +126,7 @@ class Status:
             entry["clones"] += 1
             entry["requests"] += state.requests
             entry["loaded_at"] = max(entry["loaded_at"], state.loaded_at)
-            memory = _memory_kb(state)
+            memory = pool.inspect(state, _memory_kb)
             if memory is not None:
                 entry["memory_kb"] = (entry["memory_kb"] or 0.0) + memory
         data = {
@@ -144,16 +142,17 @@ class Status:
             "states": pool.stats(),
             "scripts": [{"path": path, **entry} for path, entry in sorted(scripts.items())],
         }
-        queue = accept_queue(server.listener.sock)
+        queue = accept_queue(self.sock())
         if queue is not None:   # omitted where the system does not tell
             data["queue"] = queue
-        if server.scoreboard is not None:
-            _whole_pool(data, server)
+        if self.scoreboard is not None:
+            self.publish()
+            _whole_pool(data, self.scoreboard)
         return data
 
-    def status_page(self, params):
+    def status_page(self, params, pool):
         query = params.get(b"QUERY_STRING", b"").split(b"&")
-        data = self.snapshot()
+        data = self.snapshot(pool)
         if b"json" in query:
             body = json.dumps(data, indent=1).encode() + b"\n"
             return _plain("200 OK", body, "application/json")

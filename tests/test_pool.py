@@ -182,3 +182,19 @@ def test_a_clone_does_not_evict_another_scripts_last_state(tmp_path):
     assert not waiter.is_alive()
     assert sorted(s.path for s in pool.states()) == sorted(paths)
     assert pool.evicted == 0
+
+
+def test_inspect_lends_only_an_idle_state_and_puts_it_back(tmp_path):
+    pool, paths = make_pool(tmp_path, scripts=1, workers=2, states=2)
+    first = pool.acquire(paths[0])
+    second = pool.acquire(paths[0])   # a clone
+    pool.release(first)
+    assert pool.inspect(second, lambda s: "looked") is None   # busy: its worker's
+    seen = []
+    assert pool.inspect(first, lambda s: seen.append(s.busy) or "looked") == "looked"
+    assert seen == [True] and not first.busy
+    pool.release(second)
+    assert pool.acquire(paths[0]) is second   # the look did not make `first` the most recent
+    # flushed while lent: closed once the look ends, never handed out
+    assert pool.inspect(first, lambda s: pool.flush(lambda t: t is s)) == 1
+    assert first.runtime is None and pool.states() == [second]
