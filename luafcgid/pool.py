@@ -48,6 +48,8 @@ class StatePool:
                 idle = self._idle.get(path)
                 if idle:
                     state = idle.pop()
+                    if not idle:   # an empty list left here outlived its script's states
+                        del self._idle[path]
                     state.busy = True
                     state.requests += 1
                     return state
