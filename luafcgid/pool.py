@@ -15,10 +15,13 @@ class PoolClosed(Exception):
 
 
 class StatePool:
-    def __init__(self, create, states, clones, retries, max_requests=0):
-        """`create(path)` builds a loaded state (or raises); the pool only calls it outside
-        its lock. A state is closed after `max_requests` requests (0: never)."""
+    def __init__(self, create, states, clones, retries, max_requests=0,
+                 close=lambda state: state.close()):
+        """`create(path, *context)` builds a loaded state (or raises); the pool only calls it
+        outside its lock. `close(state)` closes a state the pool lets go of. A state is
+        closed after `max_requests` requests (0: never)."""
         self._create = create
+        self._close = close
         self.max_states = states
         self.max_clones = clones
         self.retries = retries
@@ -37,8 +40,9 @@ class StatePool:
 
     # -- lending ------------------------------------------------------------------------
 
-    def acquire(self, path):
-        """An idle state of `path`, marked busy; may create one, evict another or wait."""
+    def acquire(self, path, *context):
+        """An idle state of `path`, marked busy; may create one (with `context` passed to
+        create), evict another or wait."""
         victim = None
         looks = 0
         with self._cond:
@@ -76,9 +80,9 @@ class StatePool:
                 self._loading[path] = self._loading.get(path, 0) + 1
                 break
         if victim is not None:
-            victim.close()
+            self._close(victim)
         try:
-            state = self._create(path)
+            state = self._create(path, *context)
         except BaseException:
             with self._cond:
                 self._total -= 1
@@ -108,7 +112,7 @@ class StatePool:
                 self._idle.setdefault(state.path, []).append(state)
             self._cond.notify_all()
         if drop:
-            state.close()
+            self._close(state)
 
     # -- flushing -----------------------------------------------------------------------
 
@@ -127,7 +131,7 @@ class StatePool:
             self.flushed += len(chosen)
             self._cond.notify_all()
         for state in closing:
-            state.close()
+            self._close(state)
         return len(chosen)
 
     def close(self):

@@ -10,6 +10,7 @@ import os
 import stat
 
 from . import pages, vm
+from .closer import Closer
 from .pool import PoolClosed, StatePool
 from .searchpath import search_paths
 from .state import LuaState, ScriptError
@@ -27,12 +28,14 @@ class Forbidden(Exception):
 
 
 class Responder:
-    def __init__(self, config, status=None):
-        """`status` (a status.Status) provides the status and ping pages, if configured."""
+    def __init__(self, config, status=None, closer=None):
+        """`status` (a status.Status) provides the status and ping pages, if configured;
+        `closer` (a closer.Closer) closes the states the pool lets go of."""
         self.config = config
         self._pages = status.pages(config) if status is not None else {}
+        self._closer = closer or Closer(config.lua, config.request_timeout)
         self.pool = StatePool(self._load, config.states, config.max_clones, config.retries,
-                              config.max_requests)
+                              config.max_requests, self._closer.close)
         # resolved once, so a root reached through a symbolic link still matches
         self._roots = tuple(os.path.join(os.path.realpath(root), "") for root in config.roots)
         self._located = {}   # SCRIPT_FILENAME -> real path, emptied by every sweep
@@ -45,10 +48,15 @@ class Responder:
         self._successor = successor
         self.pool.close()
 
-    def _load(self, path):
+    def _load(self, path, window=None):
         config = self.config
         paths = search_paths(os.path.dirname(path), config.lua, config.lua_path, config.lua_cpath)
         state = LuaState(path, config, paths)
+        try:
+            state.load(window)
+        except BaseException:
+            self._closer.close(state)   # its top level may have made finalizers
+            raise
         if self.on_load is not None:
             self.on_load(path)
         return state
@@ -79,8 +87,9 @@ class Responder:
     def forget_locations(self):
         self._located = {}
 
-    def respond(self, params, body, out, body_too_large=False, worker=None):
-        """`worker` (a metrics.WorkerStats) is told which state runs the request."""
+    def respond(self, params, body, out, body_too_large=False, worker=None, window=None):
+        """`window` (a deadline.Window; by default `worker`'s) watches every call into
+        Lua for request_timeout."""
         if self._pages:
             page = self._pages.get(params.get(b"SCRIPT_NAME"))
             if page is not None:
@@ -105,22 +114,35 @@ class Responder:
         if body_too_large:
             out.end(pages.too_large(self.config.maxpost))
             return
+        if window is None and worker is not None:
+            window = worker.window
+        if window is not None:
+            window.params = params
+            if hasattr(out, "abandon"):
+                window.abandon = lambda: out.abandon(self._error_page(
+                    "Timeout Error", f"{path}: request_timeout ({self.config.request_timeout:g}"
+                    " s) exceeded; the request could not be stopped"))
         try:
-            state = self.pool.acquire(path)
+            self._run(path, params, body, out, window)
+        finally:
+            if window is not None:
+                window.params = window.abandon = None
+
+    def _run(self, path, params, body, out, window):
+        try:
+            state = self.pool.acquire(path, window)
         except ScriptError as exc:
             self._report(exc.kind, exc.message, out)
             return
         except PoolClosed:
             if self._successor is not None:
-                self._successor.respond(params, body, out, body_too_large, worker)
+                self._successor.respond(params, body, out, window=window)
             else:
                 out.end(pages.unavailable())
             return
         discard = False
-        if worker is not None:
-            worker.state = state
         try:
-            result = state.serve(params, body, out)
+            result = state.serve(params, body, out, window)
             if result[0]:
                 out.end(result[1])
             else:
@@ -129,7 +151,7 @@ class Responder:
                 discard = kind in _FATAL
                 self._report(kind, message, out, headers_sent=sent)
             if self.config.finishhandler and not discard:
-                finished = state.finish()
+                finished = state.finish(window)
                 if not finished[0]:
                     kind = finished[1].decode()
                     log.error("%s in %s() of %s: %s", kind, self.config.finishhandler, path,
@@ -140,15 +162,13 @@ class Responder:
             memory = isinstance(exc, vm.load(self.config.lua).LuaMemoryError)
             self._report("Memory Error" if memory else "Unknown Error", f"{path}: {exc}", out)
         finally:
-            if worker is not None:
-                worker.state = None
             self.pool.release(state, discard)
 
     def _report(self, kind, message, out, headers_sent=False):
         log.error("%s: %s", kind, message)
-        if headers_sent:
-            out.end(b"")
-        elif self.config.showerrors:
-            out.end(pages.server_error(kind, message))
-        else:
-            out.end(pages.server_error())
+        out.end(b"" if headers_sent else self._error_page(kind, message))
+
+    def _error_page(self, kind, message):
+        if self.config.showerrors:
+            return pages.server_error(kind, message)
+        return pages.server_error()

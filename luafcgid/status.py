@@ -57,19 +57,6 @@ def accept_queue(sock):
     return None
 
 
-def _memory_kb(state):
-    """collectgarbage("count") of an idle state, else None. A busy state's runtime is being
-    used by its worker; lupa's per-runtime lock would make this wait for the request to end,
-    so busy states are skipped. One that turns busy meanwhile only delays this page."""
-    runtime = state.runtime
-    if runtime is None or state.busy:
-        return None
-    try:
-        return float(runtime.eval('collectgarbage("count")'))
-    except Exception:   # the script replaced collectgarbage, or the state is closing
-        return None
-
-
 def _whole_pool(data, server):
     """With processes > 1: the request and worker figures become the sums over every
     process (this one live, the others as they published them within the last second), and
@@ -128,7 +115,7 @@ class Status:
             entry["clones"] += 1
             entry["requests"] += state.requests
             entry["loaded_at"] = max(entry["loaded_at"], state.loaded_at)
-            memory = _memory_kb(state)
+            memory = state.memory_kb()
             if memory is not None:
                 entry["memory_kb"] = (entry["memory_kb"] or 0.0) + memory
         data = {
