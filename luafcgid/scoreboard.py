@@ -1,15 +1,16 @@
 """With processes > 1: every serving process's request counters, in memory the supervisor
 shares with the processes it forks, so that whichever process answers the status page can
-report the whole pool (as php-fpm's scoreboard does). Each process writes only its own slot,
-once a second from its main thread."""
+report the whole pool (as php-fpm's scoreboard does), and the supervisor sees which process
+has a worker stuck in Lua (deadline.py). Each process writes only its own slot, once a second
+from its main thread."""
 
 import mmap
 import struct
 import time
 
-_SLOT = struct.Struct("=QQQQQQd")
+_SLOT = struct.Struct("=QQQQQQdQ")
 FIELDS = ("pid", "requests", "failed_requests", "slow_requests", "active_workers", "workers",
-          "updated")
+          "updated", "stuck_workers")
 
 
 class Scoreboard:
@@ -18,9 +19,9 @@ class Scoreboard:
         # anonymous and MAP_SHARED (mmap's default): the forked children share the pages
         self._memory = mmap.mmap(-1, _SLOT.size * processes)
 
-    def publish(self, number, pid, requests, failed, slow, active, workers):
+    def publish(self, number, pid, requests, failed, slow, active, workers, stuck):
         _SLOT.pack_into(self._memory, (number - 1) * _SLOT.size, pid, requests, failed, slow,
-                        active, workers, time.time())
+                        active, workers, time.time(), stuck)
 
     def read(self):
         """One dict per process, numbered from 1; a slot not yet written has pid 0."""

@@ -209,7 +209,7 @@ class Server:
         if self.scoreboard is not None:
             requests, failed, slow, active = self.metrics.totals()
             self.scoreboard.publish(self.process, os.getpid(), requests, failed, slow, active,
-                                    len(self.metrics.workers))
+                                    len(self.metrics.workers), len(self.watcher.stuck()))
 
     def serve_forever(self, reread):
         """Run until SIGTERM or SIGINT, in the main thread, which takes the signals:

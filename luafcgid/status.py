@@ -68,7 +68,8 @@ def _whole_pool(data, server):
         data[key] = sum(slot[key] for slot in processes)
     total = sum(slot["workers"] for slot in processes)
     active = sum(slot["active_workers"] for slot in processes)
-    data["workers"] = {"total": total, "active": active, "idle": total - active}
+    data["workers"] = {"total": total, "active": active, "idle": total - active,
+                       "stuck": sum(slot["stuck_workers"] for slot in processes)}
     uptime = data["uptime_seconds"]
     data["requests_per_second"] = round(data["requests"] / uptime, 3) if uptime > 0 else 0.0
 
@@ -106,6 +107,7 @@ class Status:
         server = self.server
         metrics = server.metrics
         requests, failed, slow, active = metrics.totals()
+        stuck = server.watcher.stuck()
         uptime = metrics.uptime()
         pool = server.responder.pool
         scripts = defaultdict(lambda: {"clones": 0, "requests": 0, "loaded_at": 0.0,
@@ -127,7 +129,9 @@ class Status:
             "failed_requests": failed,
             "slow_requests": slow,
             "workers": {"total": len(metrics.workers), "active": active,
-                        "idle": len(metrics.workers) - active},
+                        "idle": len(metrics.workers) - active, "stuck": len(stuck)},
+            # workers given up on, stuck in Lua past request_timeout (deadline.py)
+            "stuck": stuck,
             "states": pool.stats(),
             "scripts": [{"path": path, **entry} for path, entry in sorted(scripts.items())],
         }
@@ -160,13 +164,18 @@ def text(data):
              f"slow requests: {data['slow_requests']}",
              f"active workers: {workers['active']}",
              f"idle workers: {workers['idle']}",
-             f"total workers: {workers['total']}"]
+             f"total workers: {workers['total']}",
+             f"stuck workers: {workers['stuck']}"]
     if "queue" in data:
         lines.append(f"listen queue: {data['queue']}")
     for slot in data.get("processes", ()):
         lines.append(f"process {slot['process']}: pid {slot['pid']} requests {slot['requests']} "
                      f"failed {slot['failed_requests']} slow {slot['slow_requests']} active "
-                     f"workers {slot['active_workers']} of {slot['workers']}")
+                     f"workers {slot['active_workers']} of {slot['workers']} stuck "
+                     f"{slot['stuck_workers']}")
+    for stuck in data["stuck"]:
+        lines.append(f"stuck: {stuck['worker']} running {stuck['request']} for "
+                     f"{stuck['seconds']} s")
     lines.append(f"states: {data['states']['states']} (created {data['states']['created']}, "
                  f"evicted {data['states']['evicted']}, flushed {data['states']['flushed']})")
     for script in data["scripts"]:
@@ -204,6 +213,8 @@ def openmetrics(data):
            [("", data["slow_requests"])])
     family("workers", "gauge", "Worker threads by activity.",
            [('{state="active"}', workers["active"]), ('{state="idle"}', workers["idle"])])
+    family("stuck_workers", "gauge", "Workers stuck in Lua past request_timeout, which could "
+           "not stop them.", [("", workers["stuck"])])
     if "queue" in data:
         family("listen_queue", "gauge", "Connections waiting to be accepted.",
                [("", data["queue"])])

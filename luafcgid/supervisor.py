@@ -2,8 +2,10 @@
 
 The children share the parent's listening socket; each has its own worker threads, state
 pool and interpreter lock, so Python work runs on every core. The parent starts no
-threads (it forks), restarts a child that dies, passes SIGHUP on (each child re-reads the
-config) and on SIGTERM stops the children, waits for them to drain and removes the socket.
+threads (it forks), restarts a child that dies, replaces a child with a worker stuck in Lua
+(as php-fpm's master kills a child past request_terminate_timeout), passes SIGHUP on (each
+child re-reads the config) and on SIGTERM stops the children, waits for them to drain and
+removes the socket.
 """
 
 import logging
@@ -30,6 +32,7 @@ class Supervisor:
         self.scoreboard = Scoreboard(config.processes)
         self.children = {}   # pid -> process number
         self.started = {}    # process number -> when it was last started
+        self.replacing = {}  # pid -> when it was told to stop, for being stuck
         self.stopping = False
 
     def run(self):
@@ -46,6 +49,7 @@ class Supervisor:
             while True:
                 signum = signals.wait(timeout=watchdog.timeout(1.0))
                 self._reap()
+                self._replace_stuck()
                 watchdog.tick(status)
                 if signum in signals.STOP:
                     break
@@ -97,12 +101,34 @@ class Supervisor:
                           number, pid, os.waitstatus_to_exitcode(status))
                 self._spawn(number)
 
+    def _replace_stuck(self):
+        """A child whose scoreboard slot shows a worker stuck in Lua (deadline.py) is told to
+        stop, which lets its other requests finish; one still there after shutdown_timeout
+        (and 5 s) is killed. _reap starts its successor."""
+        now = time.monotonic()
+        for slot in self.scoreboard.read():
+            pid = slot["pid"]
+            if slot["stuck_workers"] and pid in self.children and pid not in self.replacing:
+                log.error("process %d (pid %d) has %d worker(s) stuck in Lua; replacing it",
+                          slot["process"], pid, slot["stuck_workers"])
+                self.replacing[pid] = now
+                self._kill(pid, signal.SIGTERM)
+        for pid, since in list(self.replacing.items()):
+            if pid not in self.children:
+                del self.replacing[pid]
+            elif now - since > self.config.shutdown_timeout + 5:
+                self._kill(pid, signal.SIGKILL)
+
+    @staticmethod
+    def _kill(pid, signum):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
     def _signal_all(self, signum):
         for pid in list(self.children):
-            try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
+            self._kill(pid, signum)
 
     def _stop(self):
         self.stopping = True
