@@ -118,7 +118,7 @@ def _setup_logs(config, args):
 def run(argv):
     # these import lupa and watchdog: not needed for --help or --check
     from . import mainloop
-    from .server import Server
+    from .server import Server, exit_leaving_lua
     from .supervisor import Supervisor
 
     args = _run_parser().parse_args(argv)
@@ -147,7 +147,8 @@ def run(argv):
     reread = functools.partial(_reread, args)
     if config.processes > 1:
         return Supervisor(config, listening, reread).run()
-    mainloop.run(Server(config, listening, reread))
+    if not mainloop.run(Server(config, listening, reread)):
+        exit_leaving_lua()
     return 0
 
 

@@ -7,6 +7,7 @@ One worker thread runs one connection at a time. Requests are not multiplexed
 import logging
 import socket
 import struct
+import threading
 import time
 
 from . import fastcgi as fcgi
@@ -35,9 +36,11 @@ def set_timeouts(sock, seconds):
 class Output:
     """Response bytes for one request, as STDOUT records. A web server that went away
     makes further writes no-ops, so the script runs on without noticing. Keeps the first
-    bytes (the Status line) and the byte count for the counters and the access log."""
+    bytes (the Status line) and the byte count for the counters and the access log.
+    Written by the worker, and by the request_timeout watcher when it gives up on the
+    request (abandon); a lock keeps their records whole."""
 
-    __slots__ = ("sock", "request_id", "keep_conn", "ended", "broken", "head", "sent")
+    __slots__ = ("sock", "request_id", "keep_conn", "ended", "broken", "head", "sent", "lock")
 
     def __init__(self, sock, request_id, keep_conn):
         self.sock = sock
@@ -47,15 +50,34 @@ class Output:
         self.broken = False
         self.head = None
         self.sent = 0
+        self.lock = threading.Lock()
 
     def write(self, data):
-        if data and not self.ended and not self.broken:
-            if self.head is None:
-                self.head = data[:12]
-            self.sent += len(data)
-            self._send_records(data)
+        with self.lock:
+            if data and not self.ended and not self.broken:
+                if self.head is None:
+                    self.head = data[:12]
+                self.sent += len(data)
+                self._send_records(data)
 
     def end(self, data=b""):
+        with self.lock:
+            self._end(data)
+
+    def abandon(self, page):
+        """From another thread: complete the response now, with `page` unless part of it
+        went out already, and close the connection after it (its worker is busy for good).
+        False while the worker is writing: try again."""
+        if not self.lock.acquire(blocking=False):
+            return False
+        try:
+            self.keep_conn = False
+            self._end(b"" if self.sent else page)
+        finally:
+            self.lock.release()
+        return True
+
+    def _end(self, data):
         if self.ended:
             return
         self.ended = True

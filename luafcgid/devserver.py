@@ -4,14 +4,20 @@ serves static files too, runs a thread per connection and speaks HTTP/1.0."""
 
 import logging
 import os
+import threading
+import time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
-from . import __version__
+from . import __version__, vm
+from .closer import Closer
+from .deadline import Watcher
 from .housekeeping import Housekeeper
 from .responder import Responder
 
 log = logging.getLogger("luafcgid")
+
+_request = threading.local()   # the deadline.Window of the request a thread serves
 
 
 class _HttpOutput:
@@ -80,7 +86,8 @@ class _Handler(SimpleHTTPRequestHandler):
         too_large = length > maxpost
         body = b"" if too_large else self.rfile.read(length)
         self.close_connection = True
-        self.responder.respond(self._params(script, length), body, _HttpOutput(self), too_large)
+        self.responder.respond(self._params(script, length), body, _HttpOutput(self), too_large,
+                               window=_request.window)
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = _run
 
@@ -112,18 +119,29 @@ class _Handler(SimpleHTTPRequestHandler):
 def serve(config, root, address):
     """Serve `root` over HTTP on (host, port) until interrupted."""
     housekeeper = Housekeeper(config.sweep)
-    responder = Responder(config, on_load=housekeeper.watch)
+    closer = Closer(config.lua, config.request_timeout)
+    responder = Responder(config, closer=closer, on_load=housekeeper.watch)
+    watcher = Watcher(lambda: config)
     handler = type("Handler", (_Handler,), {"responder": responder})
     root = os.path.abspath(root)
 
     class Server(ThreadingHTTPServer):
         daemon_threads = True
 
+        def process_request(self, request, client_address):
+            vm.start_thread(config.lua, self.process_request_thread, "request",
+                            (request, client_address))
+
         def finish_request(self, request, client_address):
-            handler(request, client_address, self, directory=root)
+            _request.window = watcher.window(threading.current_thread().name)
+            try:
+                handler(request, client_address, self, directory=root)
+            finally:
+                watcher.remove(_request.window)
 
     httpd = Server(address, handler)
     housekeeper.start(responder)
+    watcher.start()
     log.info("development server: http://%s:%d/ serving %s (not for production)",
              *httpd.server_address[:2], root)
     try:
@@ -131,4 +149,6 @@ def serve(config, root, address):
     finally:
         httpd.server_close()
         housekeeper.stop()
+        watcher.stop()
         responder.pool.close()
+        closer.drain(time.monotonic() + config.shutdown_timeout)

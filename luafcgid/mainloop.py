@@ -20,8 +20,9 @@ TICK = 1.0   # seconds between ticks
 
 
 def run(role, service=True):
-    """Run `role` until a stop signal (or its tick() says so), then stop it. `service`:
-    this process is the one systemd (if any) started and watches."""
+    """Run `role` until a stop signal (or its tick() says so), then stop it; returns what
+    its stop() returned. `service`: this process is the one systemd (if any) started and
+    watches."""
     signals.block()   # before any thread or child starts: they inherit the mask
     role.start()
     watchdog = systemd.Watchdog() if service else None
@@ -51,4 +52,5 @@ def run(role, service=True):
     finally:
         if service:
             systemd.notify("STOPPING=1")
-        role.stop()
+        stopped = role.stop()
+    return stopped

@@ -20,7 +20,7 @@ current = threading.local()
 
 class WorkerStats:
     __slots__ = ("number", "metrics", "requests", "failed", "slow", "started", "params",
-                 "state")
+                 "window")
 
     def __init__(self, number, metrics):
         self.number = number
@@ -30,7 +30,7 @@ class WorkerStats:
         self.slow = 0           # ran longer than slowlog_timeout
         self.started = 0.0      # monotonic start of the request being served; 0.0 when idle
         self.params = None      # its FastCGI params
-        self.state = None       # the LuaState running it (set by the responder)
+        self.window = None      # its deadline.Window (set by the server)
 
     def begin(self, params):
         self.params = params
@@ -71,6 +71,12 @@ class Metrics:
         self.started_monotonic = _monotonic()
         self.slow_after = slow_after
         self.workers = [WorkerStats(number, self) for number in range(1, workers + 1)]
+
+    def add_worker(self):
+        """Counters for one more worker (in place of one stuck in Lua: server.py)."""
+        worker = WorkerStats(len(self.workers) + 1, self)
+        self.workers.append(worker)
+        return worker
 
     def uptime(self):
         return _monotonic() - self.started_monotonic

@@ -15,10 +15,13 @@ class PoolClosed(Exception):
 
 
 class StatePool:
-    def __init__(self, create, states, clones, retries, max_requests=0):
-        """`create(path)` builds a loaded state (or raises); the pool only calls it outside
-        its lock. A state is closed after `max_requests` requests (0: never)."""
+    def __init__(self, create, states, clones, retries, max_requests=0,
+                 close=lambda state: state.close()):
+        """`create(path, *context)` builds a loaded state (or raises); the pool only calls it
+        outside its lock. `close(state)` closes a state the pool lets go of. A state is
+        closed after `max_requests` requests (0: never)."""
         self._create = create
+        self._close = close
         self.max_states = states
         self.max_clones = clones
         self.retries = retries
@@ -38,8 +41,9 @@ class StatePool:
 
     # -- lending ------------------------------------------------------------------------
 
-    def acquire(self, path):
-        """An idle state of `path`, marked busy; may create one, evict another or wait."""
+    def acquire(self, path, *context):
+        """An idle state of `path`, marked busy; may create one (with `context` passed to
+        create), evict another or wait."""
         victim = None
         looks = 0
         with self._cond:
@@ -49,6 +53,8 @@ class StatePool:
                 idle = self._idle.get(path)
                 if idle:
                     state = idle.pop()
+                    if not idle:   # an empty list left here outlived its script's states
+                        del self._idle[path]
                     state.busy = True
                     state.requests += 1
                     return state
@@ -75,9 +81,9 @@ class StatePool:
                 self._loading[path] = self._loading.get(path, 0) + 1
                 break
         if victim is not None:
-            victim.close()
+            self._close(victim)
         try:
-            state = self._create(path)
+            state = self._create(path, *context)
         except BaseException:
             with self._cond:
                 self._total -= 1
@@ -107,7 +113,7 @@ class StatePool:
                 self._idle.setdefault(state.path, []).append(state)
             self._cond.notify_all()
         if drop:
-            state.close()
+            self._close(state)
 
     # -- flushing -----------------------------------------------------------------------
 
@@ -126,7 +132,7 @@ class StatePool:
             self.flushed += len(chosen)
             self._cond.notify_all()
         for state in closing:
-            state.close()
+            self._close(state)
         return len(chosen)
 
     def close(self):
@@ -145,6 +151,8 @@ class StatePool:
                 return None
             place = idle.index(state)   # kept: a look is not a use
             idle.remove(state)
+            if not idle:
+                del self._idle[state.path]
             state.busy = True
         try:
             return look(state)
@@ -158,7 +166,7 @@ class StatePool:
                     self._idle.setdefault(state.path, []).insert(place, state)
                 self._cond.notify_all()
             if drop:
-                state.close()
+                self._close(state)
 
     def states(self):
         """A snapshot list of every loaded state (busy or idle)."""

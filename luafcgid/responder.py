@@ -10,6 +10,7 @@ import os
 import stat
 
 from . import pages, vm, workdir
+from .closer import Closer
 from .pool import PoolClosed, StatePool
 from .searchpath import search_paths
 from .state import LuaState, Outcome, ScriptError, ScriptGone
@@ -41,12 +42,14 @@ class Forbidden(Exception):
 
 
 class Responder:
-    def __init__(self, config, status=None, on_load=None):
+    def __init__(self, config, status=None, closer=None, on_load=None):
         """`status` (a status.Status) provides the status and ping pages, if configured;
-        on_load(path) is called after a state of a script loaded."""
+        `closer` (a closer.Closer) closes the states the pool lets go of; on_load(path) is
+        called after a state of a script loaded."""
         self.config = config
+        self._closer = closer or Closer(config.lua, config.request_timeout)
         self.pool = StatePool(self._load, config.states, config.max_clones, config.retries,
-                              config.max_requests)
+                              config.max_requests, self._closer.close)
         # SCRIPT_NAME -> page (the status and ping pages), answered before any script
         self._routes = status.routes(config, self.pool) if status is not None else {}
         # resolved once, so a root reached through a symbolic link still matches
@@ -62,10 +65,15 @@ class Responder:
         self._successor = successor
         self.pool.close()
 
-    def _load(self, path):
+    def _load(self, path, window=None):
         config = self.config
         paths = search_paths(os.path.dirname(path), config.lua, config.lua_path, config.lua_cpath)
         state = LuaState(path, config, paths)
+        try:
+            state.load(window)
+        except BaseException:
+            self._closer.close(state)   # its top level may have made finalizers
+            raise
         if self.on_load is not None:
             self.on_load(path)
         return state
@@ -96,8 +104,9 @@ class Responder:
     def forget_locations(self):
         self._located = {}
 
-    def respond(self, params, body, out, body_too_large=False, worker=None):
-        """`worker` (a metrics.WorkerStats) is told which state runs the request."""
+    def respond(self, params, body, out, body_too_large=False, worker=None, window=None):
+        """`window` (a deadline.Window; by default `worker`'s, a metrics.WorkerStats)
+        watches every call into Lua for request_timeout."""
         if self._routes:
             page = self._routes.get(params.get(b"SCRIPT_NAME"))
             if page is not None:
@@ -131,8 +140,23 @@ class Responder:
                 self._report("File Error", path, f"cannot change into its directory: {exc}",
                              out)
                 return
+        if window is None and worker is not None:
+            window = worker.window
+        if window is not None:
+            window.params = params
+            if hasattr(out, "abandon"):
+                window.abandon = lambda: out.abandon(self._error_page(
+                    "Timeout Error", f"{path}: request_timeout ({self.config.request_timeout:g}"
+                    " s) exceeded; the request could not be stopped"))
         try:
-            state = self.pool.acquire(path)
+            self._run(script, path, params, body, out, window)
+        finally:
+            if window is not None:
+                window.params = window.abandon = None
+
+    def _run(self, script, path, params, body, out, window):
+        try:
+            state = self.pool.acquire(path, window)
         except ScriptError as exc:
             self._report(exc.kind, path, exc.message, out)
             return
@@ -142,29 +166,27 @@ class Responder:
             return
         except PoolClosed:
             if self._successor is not None:
-                self._successor.respond(params, body, out, body_too_large, worker)
+                self._successor.respond(params, body, out, window=window)
             else:
                 out.end(pages.unavailable())
             return
-        if worker is not None:
-            worker.state = state
-        result = self._call(state.serve, params, body, out)
+        result = self._call(state.serve, params, body, out, window)
         discard = not result.ok and result.kind in _FATAL
         if not self.config.finishhandler or discard:
             # released before the response goes out: a client's next request then finds
             # the state idle instead of making a clone of it
-            self._release(state, discard, worker)
+            self.pool.release(state, discard)
             self._answer(result, path, out)
             return
         try:
             self._answer(result, path, out)
-            finished = self._call(state.finish)
+            finished = self._call(state.finish, window)
             if not finished.ok:
                 log.error("%s in %s() of %s: %s", finished.kind, self.config.finishhandler,
                           path, finished.message)
                 discard = finished.kind in _FATAL
         finally:
-            self._release(state, discard, worker)
+            self.pool.release(state, discard)
 
     def _call(self, method, *args):
         """method(*args) of a LuaState: its Outcome, also for a lupa-level failure outside
@@ -175,11 +197,6 @@ class Responder:
             memory = isinstance(exc, vm.load(self.config.lua).LuaMemoryError)
             return Outcome(False, kind="Memory Error" if memory else "Unknown Error",
                            message=str(exc))
-
-    def _release(self, state, discard, worker):
-        if worker is not None:
-            worker.state = None
-        self.pool.release(state, discard)
 
     def _answer(self, result, path, out):
         if result.ok:
@@ -192,9 +209,9 @@ class Responder:
         # Lua shortens a long script path in its messages ("...tail/of/it.lua:3:"): the
         # log line names the script in full
         log.error("%s in %s: %s", kind, path, message)
-        if headers_sent:
-            out.end(b"")
-        elif self.config.showerrors:
-            out.end(pages.server_error(kind, message))
-        else:
-            out.end(pages.server_error())
+        out.end(b"" if headers_sent else self._error_page(kind, message))
+
+    def _error_page(self, kind, message):
+        if self.config.showerrors:
+            return pages.server_error(kind, message)
+        return pages.server_error()

@@ -1,6 +1,8 @@
 """The daemon's moving parts: worker threads taking connections from the acceptor, the
-responder and its state pool, the heartbeat; starting them and draining them at stop."""
+responder and its state pool, the heartbeat, the deadline watcher and the closer; starting
+them and draining them at stop."""
 
+import atexit
 import logging
 import os
 import socket
@@ -8,14 +10,17 @@ import sys
 import threading
 import time
 
+from . import vm
 from .acceptor import Acceptor
+from .closer import Closer
 from .config import LISTENER, RESTART_ONLY, keep_running
 from .connection import Connection
+from .deadline import Watcher
 from .housekeeping import Housekeeper
 from .listener import Listener, ListenError
 from .metrics import Metrics, current as current_worker
 from .responder import Responder
-from .slowlog import SlowWatcher
+from .slowlog import SlowLog
 from .status import Status
 
 log = logging.getLogger("luafcgid")
@@ -39,14 +44,20 @@ class Server:
         self.scoreboard = scoreboard
         self.supervisor = supervisor
         self.metrics = Metrics(config.workers, config.slowlog_timeout)
-        self.status = Status(self.metrics, lambda: self.listener.sock, scoreboard,
-                             self.publish)
+        self.slowlog = SlowLog(lambda: self.config, self.metrics)
+        self.watcher = Watcher(lambda: self.config, self._replace_stuck, self.slowlog.check)
+        for worker in self.metrics.workers:
+            worker.window = self.watcher.window(self._worker_name(worker.number))
+        self.closer = Closer(config.lua, config.request_timeout)
+        self.status = Status(self.metrics, lambda: self.listener.sock, self.watcher.stuck,
+                             scoreboard, self.publish)
         self.housekeeper = Housekeeper(config.sweep)
-        self.responder = Responder(config, self.status, on_load=self.housekeeper.watch)
-        self.slow_watcher = SlowWatcher(self)
+        self.responder = Responder(config, self.status, self.closer,
+                                   on_load=self.housekeeper.watch)
         self.stopping = False
         self.acceptor = None
-        self._threads = []
+        self._threads = []   # one per metrics.workers entry, in the same order
+        self._threads_lock = threading.Lock()
 
     def start(self):
         # Python hands its interpreter lock to a waiting thread only every switch interval
@@ -56,16 +67,32 @@ class Server:
         sys.setswitchinterval(SWITCH_INTERVAL)
         self.acceptor = Acceptor(self.listener.sock, self._connect)
         self.housekeeper.start(self.responder)
-        self.slow_watcher.start()
-        for number in range(1, self.config.workers + 1):
-            name = f"worker-{number}" if self.process is None else f"worker-{self.process}.{number}"
-            thread = threading.Thread(target=self._work, args=(number,), name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self.watcher.start()
+        for worker in self.metrics.workers:
+            self._start_worker(worker)
         self.publish()
         log.info("luafcgid serving on %s with %d workers, %d states, Lua %s",
                  self.listener.description, self.config.workers, self.config.states,
                  self.config.lua)
+
+    def _start_worker(self, worker):
+        self._threads.append(vm.start_thread(self.config.lua, self._work,
+                                             self._worker_name(worker.number), (worker.number,)))
+
+    def _replace_stuck(self, window):
+        """A worker stuck in Lua (deadline.py) serves nothing more; another thread takes its
+        place, so that the connections this process already accepted are served. At most
+        `workers` threads are added so, however many get stuck."""
+        with self._threads_lock:
+            if self.stopping or len(self._threads) >= 2 * self.config.workers:
+                return
+            worker = self.metrics.add_worker()
+            worker.window = self.watcher.window(self._worker_name(worker.number))
+            self._start_worker(worker)
+        log.warning("%s started in place of %s", worker.window.name, window.name)
+
+    def _worker_name(self, number):
+        return f"worker-{number}" if self.process is None else f"worker-{self.process}.{number}"
 
     def summary(self):
         """One line for systemd's STATUS=."""
@@ -125,8 +152,9 @@ class Server:
         elif any(getattr(config, name) != getattr(self.config, name) for name in LISTENER):
             self._rebind(config)
         self.metrics.slow_after = config.slowlog_timeout
+        self.closer.patience = config.request_timeout
         housekeeper = Housekeeper(config.sweep)
-        old, self.responder = self.responder, Responder(config, self.status,
+        old, self.responder = self.responder, Responder(config, self.status, self.closer,
                                                         on_load=housekeeper.watch)
         old.retire(self.responder)
         self.housekeeper.stop()
@@ -152,30 +180,52 @@ class Server:
 
     def stop(self):
         """Stop accepting, let in-flight requests finish (at most shutdown_timeout seconds),
-        close every state and remove the socket file."""
-        if self.stopping:
-            return
-        self.stopping = True
+        close every state and the listener. False when something could not end: a worker
+        or a state's close stuck in Lua (then see exit_leaving_lua)."""
+        with self._threads_lock:
+            if self.stopping:
+                return True
+            self.stopping = True
         log.info("stopping: draining in-flight requests")
         self.acceptor.close()
         deadline = time.monotonic() + self.config.shutdown_timeout
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        windows = [worker.window for worker in self.metrics.workers]
+        # a worker stuck in Lua is not waited for: it would never end
+        while any(thread.is_alive() and not window.stuck
+                  for thread, window in zip(self._threads, windows)):
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.02)
         busy = sum(thread.is_alive() for thread in self._threads)
         if busy:
-            log.warning("%d request(s) still running after shutdown_timeout; exiting anyway", busy)
+            log.warning("%d request(s) still running after shutdown_timeout or stuck; "
+                        "exiting anyway", busy)
         self.housekeeper.stop()
-        self.slow_watcher.stop()
+        self.watcher.stop()
         # busy should be 0 here: a state still lent out after draining is a leaked slot
         stats = self.responder.pool.stats()
         log.info("pool at stop: %s", " ".join(f"{k}={v}" for k, v in stats.items()))
         self.responder.pool.close()
+        closed = self.closer.drain(deadline)
+        if not closed:
+            log.warning("states still closing after shutdown_timeout (a __gc finalizer that "
+                        "does not return?); exiting without them")
         self.listener.close()
         log.info("stopped")
+        return closed and not busy and not self.closer.abandoned
 
     def publish(self):
         """Put this process's counters on the supervisor's scoreboard (if there is one)."""
         if self.scoreboard is not None:
             requests, failed, slow, active = self.metrics.totals()
             self.scoreboard.publish(self.process, os.getpid(), requests, failed, slow, active,
-                                    len(self.metrics.workers))
+                                    len(self.metrics.workers), len(self.watcher.stuck()))
+
+
+def exit_leaving_lua():
+    """Exit now. A thread still running Lua (a worker stuck in a C call or a __gc, a close
+    given up on) would make the interpreter's own exit close that Lua state under it, or run
+    an endless finalizer with the interpreter lock held."""
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    os._exit(0)

@@ -338,12 +338,24 @@ SETTINGS = (
             "one on a kept-alive connection, before the connection is closed: stalled or "
             "trickling connections cannot hold the workers.", "limits"),
     Setting("request_timeout", number(0), 0,
-            "Seconds of Lua run time per request (and per script load); a script still "
-            "running is stopped with a 500 and its state discarded. Checked with one-second "
-            "granularity; time inside a single C function call (a huge string.rep, a blocking "
-            "read) is not interrupted. 0 turns it off. With lua: luajit it turns LuaJIT's JIT "
-            "compiler off in every state, since compiled loops cannot be interrupted: scripts "
-            "then run in LuaJIT's interpreter, which is slower.", "limits"),
+            "Seconds (a number: 0.5 works) each call into Lua may run: the script's load, each "
+            "request, each finish handler. A watcher thread stops a script still running at its "
+            "next Lua instruction (within 0.05 s), and the request gets a 500 and its state is "
+            "discarded, whatever the script replaced or caught. One C function call (a sleep, "
+            "a blocking read) and a __gc finalizer cannot be interrupted: see stuck_timeout. "
+            "0 turns it off. With lua: luajit it turns LuaJIT's JIT compiler off in every "
+            "state, since compiled loops run no hooks: scripts then run in LuaJIT's "
+            "interpreter, which is slower.", "limits"),
+    Setting("stuck_timeout", number(0), 1.0,
+            "Seconds a call may run on past request_timeout, where it could not be stopped, "
+            "before its worker counts as stuck: the request is answered 500 at once, the "
+            "worker is logged and listed on the status page, and with processes > 1 the "
+            "supervisor replaces the process (its other requests finish first).", "limits"),
+    Setting("bytecode", boolean, False,
+            "Let states load precompiled Lua (luac or string.dump output) in scripts, the "
+            "prelude, load, loadstring, loadfile, dofile and require. Off, they load source "
+            "text only: Lua does not check bytecode, and a corrupted chunk crashes the whole "
+            "daemon (both LuaJIT and PUC Lua).", "limits"),
     Setting("memory_limit", optional(byte_size), "128M",
             "Most memory one Lua state may allocate (\"64M\", \"1G\" or bytes); a script "
             "over it gets a 500 and its state is discarded. null: no limit.", "limits"),

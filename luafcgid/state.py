@@ -6,9 +6,8 @@ import time
 from importlib import resources
 from typing import NamedTuple
 
-from . import vm, workdir
+from . import hooks, vm, workdir
 from .settings import BY_NAME
-from .slowlog import main_thread
 
 log = logging.getLogger("luafcgid")
 
@@ -84,10 +83,11 @@ class _Channel:
     """The Python end of a state's callbacks. Holds no reference to the runtime, so a
     discarded state is freed (and its Lua finalizers run) as soon as the pool drops it."""
 
-    __slots__ = ("out",)
+    __slots__ = ("out", "sent")
 
     def __init__(self):
         self.out = None
+        self.sent = False   # send() was called during the current request
 
     # Both are reachable from a script (debug.getupvalue on con's methods), so they take
     # nothing but the byte strings runtime.lua passes.
@@ -97,6 +97,7 @@ class _Channel:
             raise TypeError("send: expected a string")
         out = self.out
         if out is not None:
+            self.sent = True
             out.write(data)
 
     def log(self, script, message):
@@ -107,11 +108,11 @@ class _Channel:
 
 class LuaState:
     """A script loaded into its own runtime. Not thread-safe: the pool lends it to one
-    worker at a time."""
+    worker at a time. Every call into it runs inside a deadline.Window (when given one)."""
 
     def __init__(self, path, config, paths):
-        """Load `path`; raises ScriptError when it does not compile or its top level fails.
-        `paths` is the (package.path, package.cpath) pair for this script."""
+        """A runtime ready to load `path` (see load). `paths` is the (package.path,
+        package.cpath) pair for this script."""
         self.path = path
         try:
             self.signature = file_signature(path)
@@ -127,12 +128,13 @@ class LuaState:
         self.requests = 0
         self.busy = False
         self.stale = False
-        module = vm.load(config.lua)
+        self.timeout = config.request_timeout
+        self.hooks = hooks.for_vm(config.lua)
+        self._module = module = vm.load(config.lua)
         self.runtime = module.LuaRuntime(encoding=None, register_eval=False,
                                          register_builtins=False, unpack_returned_tuples=True,
                                          attribute_filter=_deny_attributes,
                                          max_memory=config.memory_limit)
-        self.lua_thread = main_thread(self.runtime)   # for the slowlog's traceback
         self._channel = _Channel()
         values = {name: config.lua_value(name) for name in BY_NAME}
         lua_config = self.runtime.table_from(
@@ -143,20 +145,26 @@ class LuaState:
             "httpstatus": config.httpstatus, "contenttype": config.contenttype,
             "headers": "".join(line + "\r\n" for line in config.headers),
             "buffering": config.buffering, "timeout": config.request_timeout,
-            "prelude": config.prelude or "", "libdir": LUA_DIR,
+            "prelude": config.prelude or "", "libdir": LUA_DIR, "bytecode": config.bytecode,
             "rewrite_paths": not workdir.per_thread(), "chunk": CHUNK,
         }))
         try:
             result = self.runtime.execute(_BOOTSTRAP, os.fsencode(path),
                                           os.fsencode(os.path.dirname(path)), lua_config,
                                           self._channel.send, self._channel.log, opts)
-        except module.LuaError as exc:   # raised outside the bootstrap's pcall, e.g. no memory
+        except module.LuaError as exc:   # e.g. no memory for the bootstrap itself
             raise ScriptError("Memory Error" if isinstance(exc, module.LuaMemoryError)
                               else "Runtime Error", str(exc)) from None
-        if not result[0]:
-            raise ScriptError(result[1].decode(errors="replace"),
-                              result[2].decode(errors="replace"))
-        self._serve, self._finish = result[1], result[2]
+        _, self._load, self._serve, self._finish, self._close, request, flag = result
+        # the request thread every call runs in (and the flag thread the stop hook also
+        # marks: see runtime.lua), for the deadline watcher and the slowlog
+        self.threads = tuple(hooks.thread_address(text) for text in (request, flag) if text)
+
+    def load(self, window=None):
+        """Run the prelude and the script; raises ScriptError when either fails."""
+        result = _outcome(self._call(window, self._load))
+        if not result.ok:
+            raise ScriptError(result.kind, result.message)
 
     def changed_on_disk(self):
         """Whether the script, or the prelude it ran, changed (or went) since this state
@@ -168,9 +176,10 @@ class LuaState:
         except OSError:
             return True
 
-    def serve(self, params, body, out):
+    def serve(self, params, body, out, window=None):
         """Run the handler; an Outcome whose payload is the response bytes not yet sent."""
         self._channel.out = out
+        self._channel.sent = False
         try:
             env = self.runtime.table_from(params)
             env[b"LUAFCGID_VERSION"] = ENV_VERSION
@@ -179,15 +188,40 @@ class LuaState:
                 # sends -1 and Apache none, and readers that trust CONTENT_LENGTH
                 # (wsapi.request) would see an empty form.
                 env[b"CONTENT_LENGTH"] = b"%d" % len(body)
-            return _outcome(self._serve(env, body))
+            return _outcome(self._call(window, self._serve, env, body))
         finally:
             self._channel.out = None
 
-    def finish(self):
+    def finish(self, window=None):
         """Run the finish handler for the request just served; an Outcome."""
-        return _outcome(self._finish())
+        return _outcome(self._call(window, self._finish))
+
+    def _call(self, window, function, *args):
+        """Call into the runtime inside `window`. A call that ran past its deadline fails
+        with a Timeout Error, whatever the script made of it: its state is not used again.
+        Returns runtime.lua's values (see _outcome)."""
+        if window is None:
+            return function(*args)
+        try:
+            with window.running(self):
+                result = function(*args)
+        except self._module.LuaError:   # (LuaJIT) the stop hook fired in runtime.lua's code
+            if not window.expired:
+                raise
+        if window.expired:
+            message = f"{self.path}: request_timeout ({self.timeout:g} s) exceeded"
+            return False, b"Timeout Error", message.encode(), self._channel.sent
+        return result
 
     def close(self):
-        """Drop the runtime; lupa closes the Lua state, so __gc finalizers run now."""
-        self._serve = self._finish = None
+        """Let go of the script's objects and collect them in a Lua call, which holds no
+        interpreter lock, so that their __gc finalizers run there; then drop the runtime
+        (lua_close runs what is left). Runs on the closer's thread (closer.py)."""
+        close, self._close = self._close, None
+        self._load = self._serve = self._finish = None
+        if close is not None:
+            try:
+                close()
+            except Exception as exc:
+                log.warning("closing the state of %s: %s", self.path, exc)
         self.runtime = None

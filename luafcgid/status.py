@@ -75,18 +75,21 @@ def _whole_pool(data, scoreboard):
         data[key] = sum(slot[key] for slot in processes)
     total = sum(slot["workers"] for slot in processes)
     active = sum(slot["active_workers"] for slot in processes)
-    data["workers"] = {"total": total, "active": active, "idle": total - active}
+    data["workers"] = {"total": total, "active": active, "idle": total - active,
+                       "stuck": sum(slot["stuck_workers"] for slot in processes)}
     uptime = data["uptime_seconds"]
     data["requests_per_second"] = round(data["requests"] / uptime, 3) if uptime > 0 else 0.0
 
 
 class Status:
-    def __init__(self, metrics, sock, scoreboard=None, publish=None):
+    def __init__(self, metrics, sock, stuck, scoreboard=None, publish=None):
         """The figures of `metrics` (a metrics.Metrics), the accept queue of sock() (the
-        listening socket), and with processes > 1 every process's from `scoreboard`, on
-        which publish() puts this one's first."""
+        listening socket), the workers stuck() in Lua (deadline.Watcher.stuck), and with
+        processes > 1 every process's from `scoreboard`, on which publish() puts this
+        one's first."""
         self.metrics = metrics
         self.sock = sock
+        self.stuck = stuck
         self.scoreboard = scoreboard
         self.publish = publish
 
@@ -118,6 +121,7 @@ class Status:
         """Everything the status page shows, as plain data."""
         metrics = self.metrics
         requests, failed, slow, active = metrics.totals()
+        stuck = self.stuck()
         uptime = metrics.uptime()
         scripts = defaultdict(lambda: {"clones": 0, "requests": 0, "loaded_at": 0.0,
                                        "memory_kb": None})
@@ -138,7 +142,9 @@ class Status:
             "failed_requests": failed,
             "slow_requests": slow,
             "workers": {"total": len(metrics.workers), "active": active,
-                        "idle": len(metrics.workers) - active},
+                        "idle": len(metrics.workers) - active, "stuck": len(stuck)},
+            # workers given up on, stuck in Lua past request_timeout (deadline.py)
+            "stuck": stuck,
             "states": pool.stats(),
             "scripts": [{"path": path, **entry} for path, entry in sorted(scripts.items())],
         }
@@ -172,13 +178,18 @@ def text(data):
              f"slow requests: {data['slow_requests']}",
              f"active workers: {workers['active']}",
              f"idle workers: {workers['idle']}",
-             f"total workers: {workers['total']}"]
+             f"total workers: {workers['total']}",
+             f"stuck workers: {workers['stuck']}"]
     if "queue" in data:
         lines.append(f"listen queue: {data['queue']}")
     for slot in data.get("processes", ()):
         lines.append(f"process {slot['process']}: pid {slot['pid']} requests {slot['requests']} "
                      f"failed {slot['failed_requests']} slow {slot['slow_requests']} active "
-                     f"workers {slot['active_workers']} of {slot['workers']}")
+                     f"workers {slot['active_workers']} of {slot['workers']} stuck "
+                     f"{slot['stuck_workers']}")
+    for stuck in data["stuck"]:
+        lines.append(f"stuck: {stuck['worker']} running {stuck['request']} for "
+                     f"{stuck['seconds']} s")
     lines.append(f"states: {data['states']['states']} (created {data['states']['created']}, "
                  f"evicted {data['states']['evicted']}, flushed {data['states']['flushed']})")
     for script in data["scripts"]:
@@ -216,6 +227,8 @@ def openmetrics(data):
            [("", data["slow_requests"])])
     family("workers", "gauge", "Worker threads by activity.",
            [('{state="active"}', workers["active"]), ('{state="idle"}', workers["idle"])])
+    family("stuck_workers", "gauge", "Workers stuck in Lua past request_timeout, which could "
+           "not stop them.", [("", workers["stuck"])])
     if "queue" in data:
         family("listen_queue", "gauge", "Connections waiting to be accepted.",
                [("", data["queue"])])

@@ -3,8 +3,9 @@
 The serving processes it forks share its listening socket; each has its own worker threads,
 state pool and interpreter lock, so Python work runs on every core. The supervisor starts
 no threads (it forks). It keeps the current config (re-read on SIGHUP) for every process it
-starts, passes SIGHUP and SIGUSR1 on, replaces a process that dies or stops reporting on
-the scoreboard (hung), backs off from one that fails at boot and gives up after a few
+starts, passes SIGHUP and SIGUSR1 on, replaces a process that dies, stops reporting on the
+scoreboard (hung) or has a worker stuck in Lua (as php-fpm's master kills a child past
+request_terminate_timeout), backs off from one that fails at boot and gives up after a few
 failures in a row, and on SIGTERM stops them all, waits for them to drain and closes the
 listener. It runs in mainloop.run as a role.
 """
@@ -38,6 +39,7 @@ class Supervisor:
         self.born = {}       # process number -> (pid, monotonic time it was started)
         self.due = {}        # process number -> monotonic time to start it (again)
         self.failures = {}   # process number -> boot failures in a row
+        self.replacing = {}  # pid -> when it was told to stop, for a worker stuck in Lua
         self.stopping = False
         self.exit_code = 0
         self.pid = os.getpid()
@@ -64,6 +66,7 @@ class Supervisor:
     def tick(self):
         self._reap()
         self._kill_hung()
+        self._replace_stuck()
         now = time.monotonic()
         for number, when in list(self.due.items()):
             if when <= now:
@@ -174,12 +177,34 @@ class Supervisor:
             if silent > self.config.process_timeout:
                 log.error("process %d (pid %d) has not reported for %.1f s; killing it",
                           number, pid, silent)
-                os.kill(pid, signal.SIGKILL)
+                self._kill(pid, signal.SIGKILL)
                 self.born[number] = (born_pid, now)
+
+    def _replace_stuck(self):
+        """A child whose scoreboard slot shows a worker stuck in Lua (deadline.py) is told to
+        stop, which lets its other requests finish; one still there after shutdown_timeout
+        (and 5 s) is killed. _reap starts its successor."""
+        now = time.monotonic()
+        for slot in self.scoreboard.read():
+            pid = slot["pid"]
+            if slot["stuck_workers"] and pid in self.children and pid not in self.replacing:
+                log.error("process %d (pid %d) has %d worker(s) stuck in Lua; replacing it",
+                          slot["process"], pid, slot["stuck_workers"])
+                self.replacing[pid] = now
+                self._kill(pid, signal.SIGTERM)
+        for pid, since in list(self.replacing.items()):
+            if pid not in self.children:
+                del self.replacing[pid]
+            elif now - since > self.config.shutdown_timeout + 5:
+                self._kill(pid, signal.SIGKILL)
+
+    @staticmethod
+    def _kill(pid, signum):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
 
     def _signal_all(self, signum):
         for pid in list(self.children):
-            try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
+            self._kill(pid, signum)

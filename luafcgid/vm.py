@@ -22,6 +22,32 @@ class VMError(RuntimeError):
     pass
 
 
+# LuaJIT sets no limit on recursion through C functions: string.gsub with a function that
+# calls gsub recursed until LuaJIT's own Lua stack limit ("stack overflow", after 6,581
+# levels), which took 54 MiB of C stack; a worker thread's 8 MiB ran out first and the whole
+# daemon died of SIGSEGV. Threads that run LuaJIT get this much stack (address space: only
+# the pages a deep recursion touches become resident). PUC Lua stops C recursion itself, at
+# 200 levels.
+LUAJIT_STACK_SIZE = 128 << 20
+
+_stack_lock = threading.Lock()
+
+
+def start_thread(choice, target, name, args=()):
+    """Start a daemon thread that runs Lua `choice`, with a stack large enough for it."""
+    thread = threading.Thread(target=target, name=name, args=args, daemon=True)
+    if choice != "luajit":
+        thread.start()
+        return thread
+    with _stack_lock:   # threading.stack_size applies to every thread started meanwhile
+        previous = threading.stack_size(LUAJIT_STACK_SIZE)
+        try:
+            thread.start()
+        finally:
+            threading.stack_size(previous)
+    return thread
+
+
 def available(choice):
     """Whether this lupa build ships the module for `choice`, without importing it."""
     return importlib.util.find_spec(MODULES[choice]) is not None

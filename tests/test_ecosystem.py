@@ -209,9 +209,9 @@ def test_finalizers_run_on_eviction_and_shutdown(tmp_path):
 
 
 def test_close_runs_finalizers_at_once_without_the_cycle_collector(tmp_path):
-    """LuaState.close() drops the last reference to the runtime, so lupa calls lua_close()
-    right there: no reference cycle leaves the state (and its DB connections) open until
-    Python's cycle collector happens to run."""
+    """LuaState.close() collects the script's objects and drops the last reference to the
+    runtime, so lupa calls lua_close() right there: no reference cycle leaves the state (and
+    its DB connections) open until Python's cycle collector happens to run."""
     marker = tmp_path / "gc.txt"
     script = tmp_path / "fin.lua"
     script.write_text(FINALIZER_SCRIPT.format(tag="closed", marker=marker))
@@ -228,6 +228,7 @@ def test_close_runs_finalizers_at_once_without_the_cycle_collector(tmp_path):
         cfg = config.defaults()
         for _ in range(3):
             state = LuaState({str(script)!r}, cfg, search_paths({str(tmp_path)!r}, cfg.lua))
+            state.load()
             assert state.serve({{b"REQUEST_METHOD": b"GET"}}, b"", Out())[0]
             before = os.path.exists({str(marker)!r})
             state.close()

@@ -103,7 +103,7 @@ def test_a_caught_error_from_a_python_callback_does_not_linger(shared_stack):
 
 
 def test_no_slot_leaks_after_a_mix_of_faults(stack):
-    s = stack(workers=2, states=3, request_timeout=1, memory_limit="16M")
+    s = stack(workers=2, states=3, request_timeout=0.3, memory_limit="16M")
     s.write("spin.lua", "function main(env, con) while true do end end")
     s.write("bomb.lua", "function main(env, con) local t = {} while true do t[#t+1] = "
                         "string.rep('x', 1e5) .. #t end end")

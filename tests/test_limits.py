@@ -22,7 +22,7 @@ def lua(request):
 
 
 def test_a_runaway_handler_is_stopped_and_its_state_discarded(stack, lua):
-    s = stack(lua=lua, request_timeout=1)
+    s = stack(lua=lua, request_timeout=0.3)
     s.write("spin.lua", """
         count = 0
         function main(env, con)
@@ -45,7 +45,7 @@ def test_a_runaway_handler_is_stopped_and_its_state_discarded(stack, lua):
     "resume_later()",
 ], ids=["pcall-loop", "pcall-error-loop", "coroutine", "coroutine-made-at-load"])
 def test_catching_the_timeout_does_not_evade_it(stack, lua, code):
-    s = stack(lua=lua, request_timeout=1)
+    s = stack(lua=lua, request_timeout=0.3)
     s.write("evade.lua", f"""
         local co = coroutine.create(function() while true do end end)
         function resume_later() coroutine.resume(co) while true do end end
@@ -56,7 +56,7 @@ def test_catching_the_timeout_does_not_evade_it(stack, lua, code):
 
 
 def test_a_runaway_script_top_level_is_stopped(stack, lua):
-    s = stack(lua=lua, request_timeout=1)
+    s = stack(lua=lua, request_timeout=0.3)
     s.write("load.lua", "while true do end\nfunction main(env, con) con:puts('never') end\n")
     status, _, body = s.get("/load.lua", timeout=60)
     assert status == 500 and b"Timeout Error" in body
@@ -65,7 +65,7 @@ def test_a_runaway_script_top_level_is_stopped(stack, lua):
 
 
 def test_a_runaway_finishhandler_is_stopped(stack):
-    s = stack(request_timeout=1, finishhandler="after")
+    s = stack(request_timeout=0.3, finishhandler="after")
     s.write("after.lua", """
         count = 0
         function main(env, con) count = count + 1; con:puts(count) end

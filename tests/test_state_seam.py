@@ -37,6 +37,7 @@ def state(tmp_path):
         cfg = config.defaults(**settings)
         made = LuaState(str(script), cfg, search_paths(str(tmp_path), cfg.lua))
         states.append(made)
+        made.load()
         return made
     states = []
     yield make

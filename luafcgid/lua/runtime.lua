@@ -59,70 +59,236 @@ local function is_memory_error(message)
   return type(message) == "string" and find(message, "not enough memory", 1, true) ~= nil
 end
 
--- request_timeout ---------------------------------------------------------------------------
--- A count hook looks at the clock every HOOK_EVERY VM instructions while a deadline is set.
--- os.time() has whole seconds, so the deadline is one second past the timeout: a script is
--- never stopped early, at most a second late. Once the deadline passed the hook fires on
--- every instruction, so a script that catches the error with pcall and loops on is stopped
--- at its next instruction outside the pcall. The hook leaves this file's own functions alone
--- (`ours`): they must still report the timeout. PUC Lua keeps a Lua hook per coroutine, so
--- coroutines install it as they start; LuaJIT does not run hooks inside compiled traces, so
--- its JIT compiler is turned off for good.
+-- Loading source only --------------------------------------------------------------------
+-- Lua runs bytecode unchecked: a corrupted precompiled chunk crashed both LuaJIT and Lua 5.4
+-- (SIGSEGV, the whole daemon with it). Unless `bytecode` is set, every way a state loads a
+-- chunk (the script, the prelude, load, loadstring, loadfile, dofile and require's Lua
+-- searcher) takes source text only. Lua 5.2+ and LuaJIT have load modes; Lua 5.1 has none,
+-- so there the first byte is looked at (bytecode starts with ESC, after a "#" line in files).
 
+local BINARY = "attempt to load a binary chunk (mode is 't')"
+local byte, gsub, gmatch = string.byte, string.gsub, string.gmatch
+local modes = _VERSION ~= "Lua 5.1" or jit ~= nil
+
+-- `loader(file[, mode[, env]])` made to load text only: function(file[, env]) -> chunk or nil,
+-- message. `open` opens files as `loader` finds them.
+local function text_file_loader(loader, open)
+  if modes then return function(file, ...) return loader(file, "t", ...) end end
+  return function(file)
+    local stream = file and open(file, "rb")
+    if stream then
+      local head = stream:read(1)
+      if head == "#" then stream:read("*l") head = stream:read(1) end
+      stream:close()
+      if head and byte(head) == 27 then return nil, BINARY end
+    end
+    return loader(file)
+  end
+end
+
+local load_text_file = text_file_loader(loadfile_absolute, io_open)
+
+if not opts.bytecode then
+  local load_, loadstring_, loadfile_ = load, loadstring, loadfile
+  if modes then
+    load = function(chunk, name, _, ...) return load_(chunk, name, "t", ...) end
+  else
+    load = function(reader, name)
+      if type(reader) ~= "function" then return load_(reader, name) end   -- its own error
+      local first = true
+      return load_(function()
+        local piece = reader()
+        if first and piece ~= nil and piece ~= "" then
+          first = false
+          if byte(piece) == 27 then error(BINARY, 0) end
+        end
+        return piece
+      end, name)
+    end
+    loadstring = function(s, name)
+      if type(s) == "string" and byte(s) == 27 then return nil, BINARY end
+      return loadstring_(s, name)
+    end
+  end
+  if loadstring_ and modes then   -- LuaJIT: loadstring is load
+    loadstring = function(s, name) return load_(s, name, "t") end
+  end
+  local text_loadfile = text_file_loader(loadfile_, io.open)
+  loadfile = function(file, _, ...) return text_loadfile(file, ...) end
+  dofile = function(file)
+    local chunk, message = text_loadfile(file)
+    if not chunk then error(message, 0) end
+    return chunk()
+  end
+  -- require's searcher of Lua files, as the built-in one but loading text only
+  local searchers = package.searchers or package.loaders
+  local searchpath = package.searchpath or function(name, path)
+    local tried = {}
+    name = gsub(name, "%.", "/")
+    for template in gmatch(path, "[^;]+") do
+      local file = gsub(template, "%?", name)
+      local stream = io_open(file, "r")
+      if stream then stream:close() return file end
+      tried[#tried + 1] = "\n\tno file '" .. file .. "'"
+    end
+    return nil, concat(tried)
+  end
+  searchers[2] = function(name)
+    local file, tried = searchpath(name, package.path)
+    if not file then return tried end
+    local chunk, message = load_text_file(file)
+    if not chunk then
+      error("error loading module '" .. name .. "' from file '" .. file .. "':\n\t" .. message, 0)
+    end
+    return chunk, file
+  end
+end
+
+-- The request thread ----------------------------------------------------------------------
+-- Every call from the daemon (the load, each request, each finish handler) runs in this one
+-- coroutine, so that the daemon knows which lua_State runs a script (tostring gives its
+-- address; Lua 5.1 and LuaJIT give none for the main thread). At a call's deadline a watcher
+-- thread arms a hook on it that stops the script at its next instruction (luafcgid/hooks.py);
+-- the clock and the hook are the daemon's own, out of the script's reach. What stopped a call
+-- is the daemon's to say: here a dead request thread only means "stopped or out of memory".
+-- Even an error's message is produced in this thread, so an error object whose __tostring
+-- loops is stopped too.
+
+local create, resume, yield, running = coroutine.create, coroutine.resume, coroutine.yield,
+  coroutine.running
 local timeout = opts.timeout
-local deadline, timed_out = nil, false
-local ours = {}
-local HOOK_EVERY = 100000
+local DONE = {}
 
+-- the kind and message of an error raised by the script
+local function failure(err)
+  local ok, message = pcall(tostring, err)
+  if not ok then message = "(error object is a " .. type(err) .. " value)" end
+  return is_memory_error(message) and "Memory Error" or "Runtime Error", message
+end
+
+-- Functions run in the request thread return true and a value, or false, an error kind and
+-- its message; an error they raise becomes the latter.
+local function protected(fn, ...)
+  local ok, done, a, b = pcall(fn, ...)
+  if ok then return done, a, b end
+  return false, failure(done)
+end
+
+local function loop(...)
+  return loop(yield(DONE, protected(...)))
+end
+local request_thread = create(loop)
+
+local depth = 0   -- coroutines resumed inside one another (see below)
+
+local function returned(resumed, done, ...)
+  if resumed and done == DONE then return ... end
+  if resumed then   -- yielded by the script with the real coroutine.yield: that returns nothing
+    return returned(resume(request_thread))
+  end
+  -- dead: stopped at its deadline, or out of memory (the daemon discards the state)
+  done = type(done) == "string" and done or "the request's coroutine died"
+  return false, is_memory_error(done) and "Memory Error" or "Timeout Error", done
+end
+
+-- Runs fn(...) in the request thread: true and fn's value, or false, an error kind and its
+-- message.
+local function call(fn, ...)
+  depth = 0
+  return returned(resume(request_thread, fn, ...))
+end
+
+-- To the script the request thread is the main thread: it cannot yield it.
+local main_thread, main_is_main = running()
+coroutine.yield = function(...)
+  if running() == request_thread then
+    error("attempt to yield from outside a coroutine", 2)
+  end
+  return yield(...)
+end
+coroutine.running = function()
+  local co, is_main = running()
+  if co == request_thread then return main_thread, main_is_main end
+  return co, is_main
+end
+if coroutine.isyieldable then
+  local isyieldable = coroutine.isyieldable
+  coroutine.isyieldable = function(...)
+    if select("#", ...) == 0 and running() == request_thread then return false end
+    return isyieldable(...)
+  end
+end
+
+-- Coroutine nesting. Each resume inside a resume is a C call; PUC Lua refuses the 200th
+-- ("C stack overflow"). LuaJIT has no limit: a coroutine.wrap calling itself ran until the
+-- C stack was gone (SIGSEGV, the whole daemon), or with a 64 MiB stack 250,000 levels deep
+-- until memory_limit. The limit here is PUC Lua's, on every VM.
+local MAX_DEPTH = 200
+local close_coroutine, status = coroutine.close, coroutine.status
+
+local function leave(...)
+  depth = depth - 1
+  return ...
+end
+
+local function nested_resume(co, ...)
+  if type(co) ~= "thread" then return resume(co, ...) end   -- its own error
+  if depth >= MAX_DEPTH then return false, "C stack overflow" end
+  depth = depth + 1
+  return leave(resume(co, ...))
+end
+coroutine.resume = nested_resume
+
+local function unwrap(co, ok, ...)
+  if ok then return ... end
+  if close_coroutine and status(co) == "dead" then close_coroutine(co) end
+  error((...), 2)
+end
+
+local new_coroutine = create   -- replaced below where coroutines need a hook
+
+coroutine.wrap = function(fn)
+  local co = new_coroutine(fn)
+  return function(...) return unwrap(co, nested_resume(co, ...)) end
+end
+
+local flag   -- a thread that never runs: the watcher arms the stop hook on it too
 if timeout > 0 then
-  local time, getinfo, sethook = os.time, debug.getinfo, debug.sethook
-  local function hook()
-    if deadline == nil or time() < deadline or ours[getinfo(2, "f").func] then return end
-    if not timed_out then
-      timed_out = true
-      sethook(hook, "", 1)
+  -- PUC Lua keeps hooks per coroutine: a coroutine of the script runs a count hook that
+  -- stops it once the flag thread carries the stop hook (checked every COROUTINE_HOOK_EVERY
+  -- instructions). LuaJIT keeps one hook for the whole state, and runs none inside compiled
+  -- traces: its JIT compiler is turned off for good.
+  local COROUTINE_HOOK_EVERY = 100
+  local gethook, sethook = debug.gethook, debug.sethook
+  flag = create(function() end)
+  if not jit then
+    local function stopped()
+      if gethook(flag) then error("request_timeout exceeded", 2) end
     end
-    error("request_timeout (" .. timeout .. " s) exceeded", 2)
-  end
-  sethook(hook, "", HOOK_EVERY)
-  local create, wrap = coroutine.create, coroutine.wrap
-  local function hooked(fn)
-    return function(...)
-      sethook(hook, "", timed_out and 1 or HOOK_EVERY)
-      return fn(...)
+    new_coroutine = function(fn)
+      if type(fn) ~= "function" then return create(fn) end   -- its own error
+      return create(function(...)
+        sethook(stopped, "", COROUTINE_HOOK_EVERY)
+        return fn(...)
+      end)
     end
-  end
-  coroutine.create = function(fn) return create(hooked(fn)) end
-  coroutine.wrap = function(fn) return wrap(hooked(fn)) end
-  if jit then
+    coroutine.create = new_coroutine
+  else
     jit.off()
     jit.flush()
     jit.on = function()
       error("jit.on: luafcgid keeps LuaJIT's JIT compiler off while request_timeout is set", 2)
     end
   end
-end
-
-local function arm()
-  if timeout > 0 then deadline = os.time() + timeout + 1 end
-end
-
--- the kind and message of a failed call: a timeout, or what the error says
-local function failure(err)
-  if timed_out then
-    return "Timeout Error", script .. ": request_timeout (" .. timeout .. " s) exceeded"
+  -- debug.sethook() as the message handler of xpcall would take the stop hook off the
+  -- thread it just stopped: a hook set from outside (by the daemon) stays.
+  debug.sethook = function(...)
+    local co = ...
+    local hook, _, count
+    if type(co) == "thread" then hook, _, count = gethook(co) else hook, _, count = gethook() end
+    if hook == "external hook" and count == 1 then return end
+    return sethook(...)
   end
-  return is_memory_error(err) and "Memory Error" or "Runtime Error", tostring(err)
-end
-
--- Calls fn(...) under the request deadline: true and its first result, or false, an error
--- kind and its message.
-local function timed(fn, ...)
-  arm()
-  local ok, result = pcall(fn, ...)
-  deadline = nil
-  if not ok or timed_out then return false, failure(result) end
-  return true, result
 end
 
 -- The request object ---------------------------------------------------------------------
@@ -266,18 +432,21 @@ end
 
 -- Loading and running ----------------------------------------------------------------------
 
--- Compiles and runs a Lua file: true and the chunk's first result, or false, an error kind
--- and its message.
+local load_file = opts.bytecode and loadfile_absolute or load_text_file
+
+-- Compiles and runs a Lua file (in the request thread): true and the chunk's first result, or
+-- false, an error kind and its message.
 local function run_file(file, ...)
-  local chunk, message = loadfile_absolute(file)
+  local chunk, message = load_file(file)
   if not chunk then
     if is_memory_error(message) then return false, "Memory Error", message end
     local probe = io_open(file, "rb")
     if not probe then return false, "File Error", message end
     probe:close()
+    if not find(message, file, 1, true) then message = file .. ": " .. message end
     return false, "Syntax Error", message
   end
-  return timed(chunk, ...)
+  return true, chunk(...)
 end
 
 -- A script that defines no handler is served as a WSAPI application if it is one, found the
@@ -311,8 +480,7 @@ local function load_script()
   local ok, result, message = run_file(script, modname)
   if not ok then return false, result, message end
   if type(_G[handler_name]) ~= "function" then
-    local found, run, failed = timed(application, result)
-    if not found then return false, run, failed end
+    local run = application(result)   -- its errors fail the load like the script's
     if run ~= nil then
       local wsapi = assert(loadfile_absolute(opts.libdir .. "/luafcgid_wsapi.lua"))()
       app_handler = wsapi.handler(run, script, dir, log)
@@ -321,7 +489,17 @@ local function load_script()
   return true
 end
 
+-- Loads the prelude and the script: true, or false, an error kind and its message.
+local function load_state()
+  return call(load_script)
+end
+
 local current
+
+local function run_handler(handler, env, c)
+  handler(env, c)
+  return true
+end
 
 -- Returns true and the response bytes not yet sent, or false, an error kind, its message and
 -- whether the headers already went out (then a 500 page can no longer be sent).
@@ -336,7 +514,7 @@ local function serve(env, input)
       return false, "Runtime Error", handler_name .. "() function not found", false
     end
   end
-  local ok, kind, message = timed(handler, env, c)
+  local ok, kind, message = call(run_handler, handler, env, c)
   if not ok then
     c.closed = true
     return false, kind, message, c.sent
@@ -365,14 +543,36 @@ local function finish()
   current = nil
   local fn = _G[finish_name]
   if c == nil or type(fn) ~= "function" then return true end
-  local ok, kind, message = timed(fn, c.env, c)
+  local ok, kind, message = call(run_handler, fn, c.env, c)
   if not ok then return false, kind, message end
   return true
 end
 
-ours[arm], ours[timed], ours[run_file], ours[load_script], ours[serve], ours[finish] =
-  true, true, true, true, true, true
-ours[debug.getinfo(1, "f").func] = true
-local ok, kind, message = load_script()
-if not ok then return false, kind, message end
-return true, serve, finish
+-- Closing ----------------------------------------------------------------------------------
+-- The daemon calls close() before it drops the state: the script's globals and modules are
+-- let go of and collected, so that their __gc finalizers (a database connection's close) run
+-- here, in a Lua call, without Python's interpreter lock, on the daemon's closer thread.
+-- Dropping the state afterwards (lua_close) runs the finalizers still left while holding that
+-- lock, and lets every other worker wait: only those of objects the script hid elsewhere
+-- (in the registry, in a C module).
+
+local G, loaded, next, rawset, collect, strip = _G, package.loaded, next, rawset,
+  collectgarbage, debug.setmetatable
+local standard_globals, standard_modules = {}, {}
+for name, value in next, G do standard_globals[name] = value end
+for name, value in next, loaded do standard_modules[name] = value end
+
+local function close()
+  current, app_handler = nil, nil
+  strip(G, nil)   -- a __gc of the globals table itself would run in lua_close
+  for name, value in next, G do
+    if standard_globals[name] ~= value then rawset(G, name, nil) end
+  end
+  for name, value in next, loaded do
+    if standard_modules[name] ~= value then rawset(loaded, name, nil) end
+  end
+  collect()
+  collect()
+end
+
+return true, load_state, serve, finish, close, tostring(request_thread), flag and tostring(flag)
