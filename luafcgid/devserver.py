@@ -12,7 +12,7 @@ from urllib.parse import unquote, urlsplit
 from . import __version__, vm
 from .closer import Closer
 from .deadline import Watcher
-from .housekeeping import Housekeeper
+from .heartbeat import Heartbeat
 from .responder import Responder
 
 log = logging.getLogger("luafcgid")
@@ -118,9 +118,9 @@ class _Handler(SimpleHTTPRequestHandler):
 
 def serve(config, root, address):
     """Serve `root` over HTTP on (host, port) until interrupted."""
-    housekeeper = Housekeeper(config.sweep)
+    heartbeat = Heartbeat(config.sweep)
     closer = Closer(config.lua, config.request_timeout)
-    responder = Responder(config, closer=closer, on_load=housekeeper.watch)
+    responder = Responder(config, closer=closer, on_load=heartbeat.watch)
     watcher = Watcher(lambda: config)
     handler = type("Handler", (_Handler,), {"responder": responder})
     root = os.path.abspath(root)
@@ -140,7 +140,7 @@ def serve(config, root, address):
                 watcher.remove(_request.window)
 
     httpd = Server(address, handler)
-    housekeeper.start(responder)
+    heartbeat.start(responder)
     watcher.start()
     log.info("development server: http://%s:%d/ serving %s (not for production)",
              *httpd.server_address[:2], root)
@@ -148,7 +148,7 @@ def serve(config, root, address):
         httpd.serve_forever()
     finally:
         httpd.server_close()
-        housekeeper.stop()
+        heartbeat.stop()
         watcher.stop()
         responder.pool.close()
         closer.drain(time.monotonic() + config.shutdown_timeout)

@@ -15,7 +15,7 @@ _monotonic = time.monotonic
 
 # the worker thread's own WorkerStats, for code that runs on it without being handed it
 # (the slowlog's Lua hook)
-current = threading.local()
+current_worker = threading.local()
 
 
 class WorkerStats:

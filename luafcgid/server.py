@@ -16,9 +16,9 @@ from .closer import Closer
 from .config import LISTENER, RESTART_ONLY, keep_running
 from .connection import Connection
 from .deadline import Watcher
-from .housekeeping import Housekeeper
+from .heartbeat import Heartbeat
 from .listener import Listener, ListenError
-from .metrics import Metrics, current as current_worker
+from .metrics import Metrics, current_worker
 from .responder import Responder
 from .slowlog import SlowLog
 from .status import Status
@@ -51,9 +51,9 @@ class Server:
         self.closer = Closer(config.lua, config.request_timeout)
         self.status = Status(self.metrics, lambda: self.listener.sock, self.watcher.stuck,
                              scoreboard, self.publish)
-        self.housekeeper = Housekeeper(config.sweep)
+        self.heartbeat = Heartbeat(config.sweep)
         self.responder = Responder(config, self.status, self.closer,
-                                   on_load=self.housekeeper.watch)
+                                   on_load=self.heartbeat.watch)
         self.stopping = False
         self.acceptor = None
         self._threads = []   # one per metrics.workers entry, in the same order
@@ -66,7 +66,7 @@ class Server:
         # (processes 2, workers 2) and from 49 to 44 ms (processes 1, workers 3).
         sys.setswitchinterval(SWITCH_INTERVAL)
         self.acceptor = Acceptor(self.listener.sock, self._connect)
-        self.housekeeper.start(self.responder)
+        self.heartbeat.start(self.responder)
         self.watcher.start()
         for worker in self.metrics.workers:
             self._start_worker(worker)
@@ -101,7 +101,7 @@ class Server:
                 f"failed, {active}/{len(self.metrics.workers)} workers busy")
 
     def healthy(self):
-        return self.housekeeper.alive()
+        return self.heartbeat.alive()
 
     def tick(self):
         if self.supervisor is not None and os.getppid() != self.supervisor:
@@ -153,13 +153,13 @@ class Server:
             self._rebind(config)
         self.metrics.slow_after = config.slowlog_timeout
         self.closer.patience = config.request_timeout
-        housekeeper = Housekeeper(config.sweep)
+        heartbeat = Heartbeat(config.sweep)
         old, self.responder = self.responder, Responder(config, self.status, self.closer,
-                                                        on_load=housekeeper.watch)
+                                                        on_load=heartbeat.watch)
         old.retire(self.responder)
-        self.housekeeper.stop()
-        self.housekeeper = housekeeper
-        housekeeper.start(self.responder)
+        self.heartbeat.stop()
+        self.heartbeat = heartbeat
+        heartbeat.start(self.responder)
         self.config = config
         log.info("reloaded %s", config.source)
 
@@ -200,7 +200,7 @@ class Server:
         if busy:
             log.warning("%d request(s) still running after shutdown_timeout or stuck; "
                         "exiting anyway", busy)
-        self.housekeeper.stop()
+        self.heartbeat.stop()
         self.watcher.stop()
         # busy should be 0 here: a state still lent out after draining is a leaked slot
         stats = self.responder.pool.stats()

@@ -240,7 +240,8 @@ SETTINGS = (
             "Times to wait briefly for a busy clone to go idle before creating another clone.",
             "pool"),
     Setting("sweep", integer(1), 1000,
-            "Housekeeping period in milliseconds: states whose script changed are flushed.",
+            "The heartbeat's period in milliseconds: every sweep, states whose script changed on "
+            "disk are flushed (the file watcher flushes most at once).",
             "pool"),
     Setting("lua", lua_version, "luajit",
             "Lua VM the states run: luajit, 5.1, 5.2, 5.3, 5.4 or 5.5.", "pool", live=False),

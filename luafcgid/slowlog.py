@@ -14,7 +14,7 @@ traceback is written when it hands back to the request.
 import logging
 
 from .logs import slow as slowlog
-from .metrics import current
+from .metrics import current_worker
 
 log = logging.getLogger("luafcgid")
 
@@ -69,7 +69,7 @@ def _write(hooks, worker, count, message, L):
     """The hook's callback: on the worker's thread inside the running Lua code (L), or
     anywhere with L None when the hook was taken off first."""
     try:
-        if L is not None and getattr(current, "stats", None) is worker and worker.requests == count:
+        if L is not None and getattr(current_worker, "stats", None) is worker and worker.requests == count:
             slowlog.warning("%s\n%s", message, hooks.traceback(L))
         else:
             slowlog.warning("%s\n(no Lua traceback: the request ended or was stopped first)",

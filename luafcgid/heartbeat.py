@@ -17,16 +17,16 @@ log = logging.getLogger("luafcgid")
 
 
 class _ScriptEvents(FileSystemEventHandler):
-    def __init__(self, housekeeper):
-        self.housekeeper = housekeeper
+    def __init__(self, heartbeat):
+        self.heartbeat = heartbeat
 
     def on_any_event(self, event):
         for path in (event.src_path, getattr(event, "dest_path", "")):
             if path:
-                self.housekeeper.flush_changed(os.fsdecode(path))
+                self.heartbeat.flush_changed(os.fsdecode(path))
 
 
-class Housekeeper:
+class Heartbeat:
     """The heartbeat thread and the file watcher, for one responder's states: watch(path)
     is the responder's on_load, start(responder) begins."""
 
@@ -99,4 +99,4 @@ class Housekeeper:
             try:
                 self.sweep()
             except Exception:
-                log.exception("housekeeping failed")
+                log.exception("the heartbeat failed")
