@@ -1,12 +1,18 @@
-"""What a worker waits for: a new connection on the listening socket, or a kept-alive
-connection (FCGI_KEEP_CONN) on which the web server has sent its next request.
+"""What a worker waits for: a new connection on the listening socket, or a parked
+connection on which bytes have arrived (the next request on a kept-alive connection, or
+more of a request that had only partly arrived).
 
-A worker that blocked on its own idle kept-alive connection would be lost to every other
-client: nginx caches more upstream connections than there are workers, and requests sent
-on connections no worker watches would wait for a timeout. So idle connections are parked
-in one epoll set shared with the listening socket, and whichever worker is free takes the
-next ready one. EPOLLONESHOT lends a parked connection to exactly one worker;
-EPOLLEXCLUSIVE wakes one worker, not all, for a new connection.
+A worker that blocked on one client would be lost to every other: nginx caches more
+upstream connections than there are workers, and a client may send half a request and
+stall. So every connection a worker is not reading from is parked in one epoll set shared
+with the listening socket, and whichever worker is free takes the next ready one.
+EPOLLONESHOT lends a parked connection to exactly one worker; EPOLLEXCLUSIVE wakes one
+worker, not all, for a new connection.
+
+Timers (close_idle): client_timeout is for a client slow to send. It runs from when a
+connection was parked idle, or from when its unfinished request began to arrive; time a
+connection waits for a free worker never counts, so a connection with unread bytes is
+never closed as idle.
 """
 
 import errno
@@ -47,14 +53,17 @@ class Acceptor:
             self._epoll.unregister(old.fileno())
 
     def next(self):
-        """Block until a Connection has a request waiting; None once the acceptor is closed."""
+        """Block until a Connection may have bytes to read: a parked one that has, or one
+        just accepted. None once the acceptor is closed."""
         while not self.closed:
             events = self._epoll.poll(-1, 1)
             for fd, _ in events:
                 if fd == self._wake_read:
                     return None
                 if fd == self.sock.fileno():
-                    self._accept_pending()
+                    connection = self._accept_pending()
+                    if connection is not None:
+                        return connection
                     continue
                 with self._lock:
                     connection = self._parked.pop(fd, None)
@@ -63,25 +72,33 @@ class Acceptor:
         return None
 
     def _accept_pending(self):
-        """Accept every connection waiting in the backlog and park it: its request is then
-        served in turn with those on kept-alive connections. Serving one new connection per
-        pass through the ready list starved the backlog: at 256 clients the p99 latency was
-        449 ms against a 9 ms median (49 ms against 19 ms since)."""
+        """Accept every connection waiting in the backlog; return the first, to be read at
+        once (its request has usually arrived with it: no epoll round trip), and park the
+        others, so that they are served in turn with those on kept-alive connections.
+        Serving one new connection per pass through the ready list starved the backlog: at
+        256 clients the p99 latency was 449 ms against a 9 ms median (49 ms against 19 ms
+        since)."""
         sock = self.sock
+        first = None
         for _ in range(_ACCEPT_BATCH):
             try:
                 conn, address = sock.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                return   # the backlog is empty, or the client gave up
+                break   # the backlog is empty, or the client gave up
             except OSError as exc:
                 if exc.errno in _TRANSIENT:
                     log.error("accept failed: %s; retrying", exc)
                     time.sleep(0.1)
-                return
-            self.park(self._connect(conn, address))
+                break
+            connection = self._connect(conn, address)
+            if first is None:
+                first = connection
+            else:
+                self.park(connection)
+        return first
 
     def park(self, connection):
-        """Keep an idle connection until its next request arrives."""
+        """Keep a connection until more bytes arrive on it."""
         fd = connection.sock.fileno()
         with self._lock:
             if self.closed:
@@ -89,18 +106,26 @@ class Acceptor:
                 return
             connection.parked_at = time.monotonic()
             self._parked[fd] = connection
-            try:
+            if connection.registered:
                 self._epoll.modify(fd, _PARKED)
-            except FileNotFoundError:   # first time parked (or a new socket on a reused fd)
+            else:
                 self._epoll.register(fd, _PARKED)
+                connection.registered = True
 
     def close_idle(self, max_idle):
-        """Close parked connections idle for more than max_idle seconds."""
+        """Close parked connections whose client sent nothing for max_idle seconds since
+        they were parked idle, or did not complete a request within max_idle seconds of
+        its first bytes, unless bytes wait unread (then the client is waiting for us)."""
         limit = time.monotonic() - max_idle
         with self._lock:
-            expired = [fd for fd, c in self._parked.items() if c.parked_at < limit]
+            expired = [fd for fd, c in self._parked.items()
+                       if (c.parked_at if c.began is None else c.began) < limit
+                       and not c.unread()]
             connections = [self._parked.pop(fd) for fd in expired]
         for connection in connections:
+            if connection.began is not None:
+                log.info("%s: request not complete within client_timeout; connection closed",
+                         connection.peer)
             connection.close()
 
     def close(self):

@@ -3,7 +3,6 @@ responder and its state pool, the heartbeat; starting them and draining them at 
 
 import logging
 import os
-import socket
 import sys
 import threading
 import time
@@ -72,8 +71,7 @@ class Server:
                 f"{active}/{len(self.metrics.workers)} workers busy")
 
     def _connect(self, sock, address):
-        peer = f"{address[0]}:{address[1]}" if sock.family != socket.AF_UNIX else None
-        return Connection(sock, peer, self)
+        return Connection(sock, address, self)
 
     def _work(self, number):
         worker = current_worker.stats = self.metrics.workers[number - 1]
