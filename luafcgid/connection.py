@@ -60,14 +60,17 @@ class Output:
     makes further writes no-ops, so the script runs on without noticing. Keeps the first
     bytes (the Status line) and the byte count for the counters and the access log."""
 
-    __slots__ = ("sock", "request_id", "keep_conn", "timeout", "ended", "broken", "head",
+    __slots__ = ("sock", "request_id", "half_close", "timeout", "ended", "broken", "head",
                  "sent")
 
-    def __init__(self, sock, request_id, keep_conn, timeout):
-        """`timeout`: how long a send may wait for the web server to read."""
+    def __init__(self, sock, request_id, half_close, timeout):
+        """`half_close`: shut the sending side once the response is complete (nginx
+        completes a response on a connection it did not ask to keep only when that closes,
+        and something, the finish handler, runs before it does). `timeout`: how long a send
+        may wait for the web server to read."""
         self.sock = sock
         self.request_id = request_id
-        self.keep_conn = keep_conn
+        self.half_close = half_close
         self.timeout = timeout
         self.ended = False
         self.broken = False
@@ -91,9 +94,7 @@ class Output:
         if not self.broken:
             self._send(fcgi.stream(fcgi.STDOUT, self.request_id, data)
                        + fcgi.end_request(self.request_id))
-        if not self.keep_conn:
-            # nginx completes a response on a connection it did not ask to keep only when
-            # the connection closes; the finish handler still runs after this.
+        if self.half_close:
             try:
                 self.sock.shutdown(socket.SHUT_WR)
             except OSError:
@@ -184,7 +185,10 @@ class Connection:
         """Run one request; True when the connection stays open for the next one."""
         request_id, keep_conn, params, body, too_large = request
         server = self.server
-        out = Output(self.sock, request_id, keep_conn, server.config.client_timeout)
+        config = server.config
+        # without a finish handler the connection closes right after the response
+        out = Output(self.sock, request_id, not keep_conn and bool(config.finishhandler),
+                     config.client_timeout)
         worker.begin(params)
         try:
             server.responder.respond(params, body, out, too_large, worker)
