@@ -7,10 +7,10 @@ parser holding any partial request) as soon as nothing more has arrived: a slow 
 client never holds a worker. Requests are not multiplexed (FCGI_MPXS_CONNS is 0), but with
 FCGI_KEEP_CONN several follow each other on a connection.
 
-No socket options are set per connection (measured: setting SO_RCVTIMEO, SO_SNDTIMEO and
-blocking mode, and asking a Unix peer's credentials, were four of the eleven system calls
-of a request on a new connection): reads and sends pass MSG_DONTWAIT, and only a send that
-finds the socket full waits, in poll(), at most client_timeout for progress.
+No socket options are set per connection (setting SO_RCVTIMEO, SO_SNDTIMEO and blocking
+mode, and asking a Unix peer's credentials, were 4 of the 13 system calls of a request on a
+new connection, by strace): reads and sends pass MSG_DONTWAIT, and only a send that finds
+the socket full waits, in poll(), at most client_timeout for progress.
 """
 
 import logging
