@@ -6,8 +6,13 @@ A worker that blocked on one client would be lost to every other: nginx caches m
 upstream connections than there are workers, and a client may send half a request and
 stall. So every connection a worker is not reading from is parked in one epoll set shared
 with the listening socket, and whichever worker is free takes the next ready one.
-EPOLLONESHOT lends a parked connection to exactly one worker; EPOLLEXCLUSIVE wakes one
-worker, not all, for a new connection.
+EPOLLEXCLUSIVE wakes one worker, not all, for a new connection.
+
+A connection is registered once, edge-triggered, and stays registered while a worker
+serves it: each arrival of bytes is one event, which lends a parked connection to the
+worker that gets it, or, when the connection is being served, tells its worker to read
+again before parking it. Parking is then no system call (EPOLLONESHOT needed an epoll_ctl
+to re-arm after every request on a kept connection).
 
 Timers (close_idle): client_timeout is for a client slow to send. It runs from when a
 connection was parked idle, or from when its unfinished request began to arrive; time a
@@ -27,7 +32,7 @@ log = logging.getLogger("luafcgid")
 
 # accept() failures that say "not now" rather than "never": back off and try again
 _TRANSIENT = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
-_PARKED = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
+_WATCHED = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
 _ACCEPT_BATCH = 64
 
 
@@ -36,7 +41,7 @@ class Acceptor:
         """`connect(sock, address)` makes a Connection of an accepted socket."""
         self._connect = connect
         self._epoll = select.epoll()
-        self._parked = {}   # fd -> Connection waiting for its next request
+        self._watched = {}   # fd -> Connection registered in the epoll set, parked or served
         self._lock = threading.Lock()
         self._wake_read, self._wake_write = os.pipe()
         # never drained: once written, it wakes every worker, level-triggered
@@ -69,22 +74,27 @@ class Acceptor:
                         return connection
                     continue
                 with self._lock:
-                    connection = self._parked.pop(fd, None)
-                if connection is not None:
-                    return connection
+                    connection = self._watched.get(fd)
+                    if connection is None:
+                        continue
+                    if connection.parked:
+                        connection.parked = False
+                        return connection
+                    connection.arrived = True   # its worker reads again before parking it
         return None
 
     def _accept_pending(self):
         """Accept a connection, to be read at once (its request has usually arrived with it:
-        no epoll round trip). When parked connections wait, accept the whole backlog and
-        park the rest, so that new connections take turns with those in the ready list:
-        accepting one per pass starved the backlog (at 256 clients with kept connections
-        the p99 latency was 449 ms against a 9 ms median; 49 ms against 19 ms since). With
-        none parked (no upstream keep-alive) one at a time is fair and cheapest: a batch
-        parked all but one of about ten accepted, each costing an epoll_ctl and a pass
-        through epoll_wait, and ended on a failed accept."""
+        no epoll round trip). When connections are registered (kept alive, or waiting for
+        the rest of a request), accept the whole backlog and park the rest, so that new
+        connections take turns with those in the ready list: accepting one per pass starved
+        the backlog (at 256 clients with kept connections the p99 latency was 449 ms
+        against a 9 ms median; 49 ms against 19 ms since). With none (no upstream
+        keep-alive) one at a time is fair and cheapest: a batch parked all but one of about
+        ten accepted, each costing an epoll_ctl and a pass through epoll_wait, and ended on
+        a failed accept."""
         first = self._accept()
-        if first is not None and self._parked:
+        if first is not None and self._watched:
             for _ in range(_ACCEPT_BATCH - 1):
                 connection = self._accept()
                 if connection is None:
@@ -108,19 +118,30 @@ class Acceptor:
         return self._connect(socket.socket(self._family, socket.SOCK_STREAM, 0, fd), address)
 
     def park(self, connection):
-        """Keep a connection until more bytes arrive on it."""
-        fd = connection.sock.fileno()
+        """Keep a connection until more bytes arrive on it. False when bytes arrived while
+        it was being served: the caller reads them now."""
         with self._lock:
             if self.closed:
                 connection.close()
-                return
+                return True
+            if connection.arrived:
+                connection.arrived = False
+                return False
+            connection.parked = True
             connection.parked_at = time.monotonic()
-            self._parked[fd] = connection
-            if connection.registered:
-                self._epoll.modify(fd, _PARKED)
-            else:
-                self._epoll.register(fd, _PARKED)
+            if not connection.registered:
+                fd = connection.sock.fileno()
+                self._watched[fd] = connection
+                self._epoll.register(fd, _WATCHED)
                 connection.registered = True
+        return True
+
+    def discard(self, connection):
+        """Close a connection a worker is done with."""
+        if connection.registered:
+            with self._lock:   # before the close frees its fd for another connection
+                self._watched.pop(connection.sock.fileno(), None)
+        connection.close()
 
     def close_idle(self, max_idle):
         """Close parked connections whose client sent nothing for max_idle seconds since
@@ -128,10 +149,10 @@ class Acceptor:
         its first bytes, unless bytes wait unread (then the client is waiting for us)."""
         limit = time.monotonic() - max_idle
         with self._lock:
-            expired = [fd for fd, c in self._parked.items()
-                       if (c.parked_at if c.began is None else c.began) < limit
+            expired = [fd for fd, c in self._watched.items()
+                       if c.parked and (c.parked_at if c.began is None else c.began) < limit
                        and not c.unread()]
-            connections = [self._parked.pop(fd) for fd in expired]
+            connections = [self._watched.pop(fd) for fd in expired]
         for connection in connections:
             if connection.began is not None:
                 log.info("%s: request not complete within client_timeout; connection closed",
@@ -139,11 +160,12 @@ class Acceptor:
             connection.close()
 
     def close(self):
-        """Wake every worker with None, and close the parked connections."""
+        """Wake every worker with None, and close the parked connections (workers close
+        those they serve)."""
         with self._lock:
             self.closed = True
-            connections = list(self._parked.values())
-            self._parked.clear()
+            connections = [c for c in self._watched.values() if c.parked]
+            self._watched.clear()
         os.write(self._wake_write, b"x")
         for connection in connections:
             connection.close()

@@ -119,7 +119,8 @@ def _unix_peer(sock):
 
 
 class Connection:
-    __slots__ = ("sock", "address", "server", "parser", "began", "parked_at", "registered")
+    __slots__ = ("sock", "address", "server", "parser", "began", "parked_at", "registered",
+                 "parked", "arrived")
 
     def __init__(self, sock, address, server):
         """`server` provides the current `responder` and `config`; a reload replaces them,
@@ -129,8 +130,9 @@ class Connection:
         self.server = server
         self.parser = Parser()
         self.began = None        # monotonic time the request being received began to arrive
-        self.parked_at = 0.0     # set by the acceptor
-        self.registered = False  # in the acceptor's epoll set
+        # the acceptor's: in its epoll set; waiting there; bytes arrived while served
+        self.registered = self.parked = self.arrived = False
+        self.parked_at = 0.0
 
     @property
     def peer(self):

@@ -79,15 +79,17 @@ class Server:
             connection = self.acceptor.next()
             if connection is None:
                 return
-            try:
-                park = connection.serve(worker)
-            except Exception:
-                log.exception("unexpected error serving %s", connection.peer)
-                park = False
-            if park and not self.stopping:
-                self.acceptor.park(connection)
-            else:
-                connection.close()
+            while True:
+                try:
+                    keep = connection.serve(worker)
+                except Exception:
+                    log.exception("unexpected error serving %s", connection.peer)
+                    keep = False
+                if not keep or self.stopping:
+                    self.acceptor.discard(connection)
+                    break
+                if self.acceptor.park(connection):
+                    break
 
     def reload(self, config):
         """Apply a re-read config: new states for every script (a new pool; in-flight
