@@ -6,6 +6,7 @@ import time
 from importlib import resources
 
 from . import vm
+from .fastcgi import Params, encode_params
 from .settings import BY_NAME
 from .slowlog import main_thread
 
@@ -108,7 +109,7 @@ class LuaState:
             "httpstatus": config.httpstatus, "contenttype": config.contenttype,
             "headers": "".join(line + "\r\n" for line in config.headers),
             "buffering": config.buffering, "timeout": config.request_timeout,
-            "prelude": config.prelude or "", "libdir": LUA_DIR,
+            "prelude": config.prelude or "", "libdir": LUA_DIR, "version": ENV_VERSION,
         }))
         try:
             result = self.runtime.execute(_BOOTSTRAP, path.encode(),
@@ -123,12 +124,12 @@ class LuaState:
         self._serve, self._finish = result[1], result[2]
 
     def serve(self, params, body, out):
-        """Run the handler. Returns (True, unsent_bytes) or (False, kind, message, sent)."""
+        """Run the handler with `params` (a dict; a Params one passes its raw bytes, which
+        the state decodes). Returns (True, unsent_bytes) or (False, kind, message, sent)."""
         self._channel.out = out
         try:
-            env = self.runtime.table_from(params)
-            env[b"LUAFCGID_VERSION"] = ENV_VERSION
-            return self._serve(env, body)
+            return self._serve(params.raw if type(params) is Params else encode_params(params),
+                               body)
         finally:
             self._channel.out = None
 
