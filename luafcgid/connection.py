@@ -9,8 +9,9 @@ FCGI_KEEP_CONN several follow each other on a connection.
 
 No socket options are set per connection (setting SO_RCVTIMEO, SO_SNDTIMEO and blocking
 mode, and asking a Unix peer's credentials, were 4 of the 13 system calls of a request on a
-new connection, by strace): reads and sends pass MSG_DONTWAIT, and only a send that finds
-the socket full waits, in poll(), at most client_timeout for progress.
+new connection, by strace; accepted Unix sockets do not inherit the listener's timeouts):
+reads and sends pass MSG_DONTWAIT, and only a send that finds the socket full waits, in
+poll(), at most client_timeout for progress.
 """
 
 import logging
