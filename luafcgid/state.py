@@ -125,7 +125,8 @@ class LuaState:
 
     def serve(self, params, body, out):
         """Run the handler with `params` (a dict; a Params one passes its raw bytes, which
-        the state decodes). Returns (True, unsent_bytes) or (False, kind, message, sent)."""
+        the state decodes). Returns (True, body[, headers]): the bytes not yet sent, the headers
+        apart when they were not sent either; or (False, kind, message, sent)."""
         self._channel.out = out
         try:
             return self._serve(params.raw if type(params) is Params else encode_params(params),

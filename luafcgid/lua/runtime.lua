@@ -294,8 +294,10 @@ local function decode_params(raw)
   return env
 end
 
--- Returns true and the response bytes not yet sent, or false, an error kind, its message and
--- whether the headers already went out (then a 500 page can no longer be sent).
+-- Returns true, the body not yet sent and, when they were not sent either, the headers; or
+-- false, an error kind, its message and whether the headers already went out (then a 500
+-- page can no longer be sent). Headers and body stay apart: Python joins them with a copy,
+-- where Lua would also intern the joined string.
 local function serve(raw_params, input)
   local env = decode_params(raw_params)
   local c = setmetatable({env = env, input = input, n = 0, body = {}, nheaders = 0,
@@ -313,10 +315,10 @@ local function serve(raw_params, input)
     c.closed = true
     return false, kind, message, c.sent
   end
-  local payload = concat(c.body, "", 1, c.n)
+  local payload = c.n == 1 and c.body[1] or concat(c.body, "", 1, c.n)
   c.body = nil
-  if not c.sent then payload = head(c) .. payload end
   c.closed = true
+  if not c.sent then return true, payload, head(c) end
   return true, payload
 end
 
