@@ -185,10 +185,13 @@ def test_a_stalled_request_is_closed_after_client_timeout(daemon):
     assert "request not complete within client_timeout; connection closed" in d.log()
 
 
-def test_waiting_for_a_busy_worker_is_not_a_client_timeout(stack):
+@pytest.mark.parametrize("keepalive", [0, 8], ids=["new-connections", "kept-connections"])
+def test_waiting_for_a_busy_worker_is_not_a_client_timeout(stack, keepalive):
     # client_timeout is for a client slow to send: five requests that arrive at once wait
-    # for the one worker longer than client_timeout, and are all answered.
-    s = stack(workers=1, client_timeout=1)
+    # for the one worker longer than client_timeout, and are all answered. With kept
+    # connections the daemon accepts the waiting ones and parks them with their requests
+    # unread; without, they wait in the listen backlog.
+    s = stack(workers=1, client_timeout=1, keepalive=keepalive)
     s.write("slow.lua", "function main(env, con) os.execute('sleep 2') con:puts('done') end")
     results = []
     threads = [threading.Thread(target=lambda: results.append(s.get("/slow.lua", timeout=120)))
