@@ -42,6 +42,7 @@ class Acceptor:
         self._connect = connect
         self._epoll = select.epoll()
         self._watched = {}   # fd -> Connection registered in the epoll set, parked or served
+        self._kept = set()   # fds of those kept alive by the web server (FCGI_KEEP_CONN)
         self._lock = threading.Lock()
         self._wake_read, self._wake_write = os.pipe()
         # never drained: once written, it wakes every worker, level-triggered
@@ -85,16 +86,16 @@ class Acceptor:
 
     def _accept_pending(self):
         """Accept a connection, to be read at once (its request has usually arrived with it:
-        no epoll round trip). When connections are registered (kept alive, or waiting for
-        the rest of a request), accept the whole backlog and park the rest, so that new
-        connections take turns with those in the ready list: accepting one per pass starved
-        the backlog (at 256 clients with kept connections the p99 latency was 449 ms
-        against a 9 ms median; 49 ms against 19 ms since). With none (no upstream
-        keep-alive) one at a time is fair and cheapest: a batch parked all but one of about
-        ten accepted, each costing an epoll_ctl and a pass through epoll_wait, and ended on
-        a failed accept."""
+        no epoll round trip). When the web server keeps connections alive, accept the whole
+        backlog and park the rest, so that new connections take turns with kept ones in the
+        ready list: accepting one per pass starved the backlog (at 256 clients the p99
+        latency was 449 ms against a 9 ms median; 49 ms against 19 ms since). Otherwise one
+        at a time is fair and cheapest: a batch parked all but one of about ten accepted,
+        each costing an epoll_ctl and a pass through epoll_wait, and ended on a failed
+        accept; and a process that took a batch held it while another process took newer
+        connections from the backlog."""
         first = self._accept()
-        if first is not None and self._watched:
+        if first is not None and self._kept:
             for _ in range(_ACCEPT_BATCH - 1):
                 connection = self._accept()
                 if connection is None:
@@ -129,18 +130,22 @@ class Acceptor:
                 return False
             connection.parked = True
             connection.parked_at = time.monotonic()
+            fd = connection.sock.fileno()
             if not connection.registered:
-                fd = connection.sock.fileno()
                 self._watched[fd] = connection
                 self._epoll.register(fd, _WATCHED)
                 connection.registered = True
+            if connection.kept:
+                self._kept.add(fd)
         return True
 
     def discard(self, connection):
         """Close a connection a worker is done with."""
         if connection.registered:
             with self._lock:   # before the close frees its fd for another connection
-                self._watched.pop(connection.sock.fileno(), None)
+                fd = connection.sock.fileno()
+                self._watched.pop(fd, None)
+                self._kept.discard(fd)
         connection.close()
 
     def close_idle(self, max_idle):
@@ -152,6 +157,7 @@ class Acceptor:
             expired = [fd for fd, c in self._watched.items()
                        if c.parked and (c.parked_at if c.began is None else c.began) < limit
                        and not c.unread()]
+            self._kept.difference_update(expired)
             connections = [self._watched.pop(fd) for fd in expired]
         for connection in connections:
             if connection.began is not None:
@@ -166,6 +172,7 @@ class Acceptor:
             self.closed = True
             connections = [c for c in self._watched.values() if c.parked]
             self._watched.clear()
+            self._kept.clear()
         os.write(self._wake_write, b"x")
         for connection in connections:
             connection.close()

@@ -120,8 +120,8 @@ def _unix_peer(sock):
 
 
 class Connection:
-    __slots__ = ("sock", "address", "server", "parser", "began", "parked_at", "registered",
-                 "parked", "arrived")
+    __slots__ = ("sock", "address", "server", "parser", "began", "kept", "parked_at",
+                 "registered", "parked", "arrived")
 
     def __init__(self, sock, address, server):
         """`server` provides the current `responder` and `config`; a reload replaces them,
@@ -131,6 +131,7 @@ class Connection:
         self.server = server
         self.parser = Parser()
         self.began = None        # monotonic time the request being received began to arrive
+        self.kept = False        # the web server asked to keep it open after a request
         # the acceptor's: in its epoll set; waiting there; bytes arrived while served
         self.registered = self.parked = self.arrived = False
         self.parked_at = 0.0
@@ -187,6 +188,7 @@ class Connection:
     def _answer(self, request, worker):
         """Run one request; True when the connection stays open for the next one."""
         request_id, keep_conn, params, body, too_large = request
+        self.kept = keep_conn
         server = self.server
         config = server.config
         # without a finish handler the connection closes right after the response
