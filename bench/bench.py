@@ -659,8 +659,7 @@ def markdown(rows, targets, args, notes, argv):
                  "the run per request answered (on a busy machine the steadier measure); luafcgid/peer: luafcgid's req/s divided by the peer's, same mode.")
     lines += ["", "Against the targets:", ""] + ["- " + t for t in targets]
     if notes:
-        lines.append("")
-        lines += ["- " + n for n in notes]
+        lines += ["", "Notes:", ""] + ["- " + n for n in notes]
     return "\n".join(lines) + "\n"
 
 
