@@ -1,12 +1,23 @@
-"""What a worker waits for: a new connection on the listening socket, or a kept-alive
-connection (FCGI_KEEP_CONN) on which the web server has sent its next request.
+"""What a worker waits for: a new connection on the listening socket, or a parked
+connection on which bytes have arrived (the next request on a kept-alive connection, or
+more of a request that had only partly arrived).
 
-A worker that blocked on its own idle kept-alive connection would be lost to every other
-client: nginx caches more upstream connections than there are workers, and requests sent
-on connections no worker watches would wait for a timeout. So idle connections are parked
-in one epoll set shared with the listening socket, and whichever worker is free takes the
-next ready one. EPOLLONESHOT lends a parked connection to exactly one worker;
+A worker that blocked on one client would be lost to every other: nginx caches more
+upstream connections than there are workers, and a client may send half a request and
+stall. So every connection a worker is not reading from is parked in one epoll set shared
+with the listening socket, and whichever worker is free takes the next ready one.
 EPOLLEXCLUSIVE wakes one worker, not all, for a new connection.
+
+A connection is registered once, edge-triggered, and stays registered while a worker
+serves it: each arrival of bytes is one event, which lends a parked connection to the
+worker that gets it, or, when the connection is being served, tells its worker to read
+again before parking it. Parking is then no system call (EPOLLONESHOT needed an epoll_ctl
+to re-arm after every request on a kept connection).
+
+Timers (close_idle): client_timeout is for a client slow to send. It runs from when a
+connection was parked idle, or from when its unfinished request began to arrive; time a
+connection waits for a free worker never counts, so a connection with unread bytes is
+never closed as idle.
 """
 
 import errno
@@ -21,16 +32,8 @@ log = logging.getLogger("luafcgid")
 
 # accept() failures that say "not now" rather than "never": back off and try again
 _TRANSIENT = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
-_PARKED = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
+_WATCHED = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
 _ACCEPT_BATCH = 64
-
-
-def _has_data(sock):
-    """Whether bytes wait unread on `sock` (False at EOF or on error: nothing to serve)."""
-    try:
-        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-    except OSError:
-        return False
 
 
 class Acceptor:
@@ -38,88 +41,138 @@ class Acceptor:
         """`connect(sock, address)` makes a Connection of an accepted socket."""
         self._connect = connect
         self._epoll = select.epoll()
-        self._parked = {}   # fd -> Connection waiting for its next request
+        self._watched = {}   # fd -> Connection registered in the epoll set, parked or served
+        self._kept = set()   # fds of those kept alive by the web server (FCGI_KEEP_CONN)
         self._lock = threading.Lock()
         self._wake_read, self._wake_write = os.pipe()
         # never drained: once written, it wakes every worker, level-triggered
         self._epoll.register(self._wake_read, select.EPOLLIN)
         self.closed = False
         self.sock = None
+        self._family = None
         self.listen_on(sock)
 
     def listen_on(self, sock):
         """Accept from `sock` from now on (a reload may rebind)."""
         sock.setblocking(False)
         self._epoll.register(sock.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
+        self._family = sock.family
         old, self.sock = self.sock, sock
         if old is not None:
             self._epoll.unregister(old.fileno())
 
     def next(self):
-        """Block until a Connection has a request waiting; None once the acceptor is closed."""
+        """Block until a Connection may have bytes to read: a parked one that has, or one
+        just accepted. None once the acceptor is closed."""
         while not self.closed:
             events = self._epoll.poll(-1, 1)
             for fd, _ in events:
                 if fd == self._wake_read:
                     return None
                 if fd == self.sock.fileno():
-                    self._accept_pending()
+                    connection = self._accept_pending()
+                    if connection is not None:
+                        return connection
                     continue
                 with self._lock:
-                    connection = self._parked.pop(fd, None)
-                if connection is not None:
-                    return connection
+                    connection = self._watched.get(fd)
+                    if connection is None:
+                        continue
+                    if connection.parked:
+                        connection.parked = False
+                        return connection
+                    connection.arrived = True   # its worker reads again before parking it
         return None
 
     def _accept_pending(self):
-        """Accept every connection waiting in the backlog and park it: its request is then
-        served in turn with those on kept-alive connections. Serving one new connection per
-        pass through the ready list starved the backlog: at 256 clients the p99 latency was
-        449 ms against a 9 ms median (49 ms against 19 ms since)."""
-        sock = self.sock
-        for _ in range(_ACCEPT_BATCH):
-            try:
-                conn, address = sock.accept()
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                return   # the backlog is empty, or the client gave up
-            except OSError as exc:
-                if exc.errno in _TRANSIENT:
-                    log.error("accept failed: %s; retrying", exc)
-                    time.sleep(0.1)
-                return
-            self.park(self._connect(conn, address))
+        """Accept a connection, to be read at once (its request has usually arrived with it:
+        no epoll round trip). When the web server keeps connections alive, accept the whole
+        backlog and park the rest, so that new connections take turns with kept ones in the
+        ready list: accepting one per pass starved the backlog (at 256 clients the p99
+        latency was 449 ms against a 9 ms median; 49 ms against 19 ms since). Otherwise one
+        at a time is fair and cheapest: a batch parked all but one of about ten accepted,
+        each costing an epoll_ctl and a pass through epoll_wait, and ended on a failed
+        accept; and a process that took a batch held it while another process took newer
+        connections from the backlog."""
+        first = self._accept()
+        if first is not None and self._kept:
+            for _ in range(_ACCEPT_BATCH - 1):
+                connection = self._accept()
+                if connection is None:
+                    break
+                self.park(connection)
+        return first
+
+    def _accept(self):
+        """A Connection of the next socket in the backlog, or None. Takes the raw accept()
+        and builds the socket object with the listener's known family: socket.accept()
+        asks for the family and type as enums, costing a microsecond a connection."""
+        try:
+            fd, address = self.sock._accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return None   # the backlog is empty, or the client gave up
+        except OSError as exc:
+            if exc.errno in _TRANSIENT:
+                log.error("accept failed: %s; retrying", exc)
+                time.sleep(0.1)
+            return None
+        return self._connect(socket.socket(self._family, socket.SOCK_STREAM, 0, fd), address)
 
     def park(self, connection):
-        """Keep an idle connection until its next request arrives."""
-        fd = connection.sock.fileno()
+        """Keep a connection until more bytes arrive on it. False when bytes arrived while
+        it was being served: the caller reads them now."""
         with self._lock:
             if self.closed:
                 connection.close()
-                return
+                return True
+            if connection.arrived:
+                connection.arrived = False
+                return False
+            connection.parked = True
             connection.parked_at = time.monotonic()
-            self._parked[fd] = connection
-            try:
-                self._epoll.modify(fd, _PARKED)
-            except FileNotFoundError:   # first time parked (or a new socket on a reused fd)
-                self._epoll.register(fd, _PARKED)
+            fd = connection.sock.fileno()
+            if not connection.registered:
+                self._watched[fd] = connection
+                self._epoll.register(fd, _WATCHED)
+                connection.registered = True
+            if connection.kept:
+                self._kept.add(fd)
+        return True
+
+    def discard(self, connection):
+        """Close a connection a worker is done with."""
+        if connection.registered:
+            with self._lock:   # before the close frees its fd for another connection
+                fd = connection.sock.fileno()
+                self._watched.pop(fd, None)
+                self._kept.discard(fd)
+        connection.close()
 
     def close_idle(self, max_idle):
-        """Close parked connections idle for more than max_idle seconds. One whose next
-        request has arrived is not idle, however long it waits for a free worker."""
+        """Close parked connections whose client sent nothing for max_idle seconds since
+        they were parked idle, or did not complete a request within max_idle seconds of
+        its first bytes, unless bytes wait unread (then the client is waiting for us)."""
         limit = time.monotonic() - max_idle
         with self._lock:
-            expired = [fd for fd, c in self._parked.items()
-                       if c.parked_at < limit and not _has_data(c.sock)]
-            connections = [self._parked.pop(fd) for fd in expired]
+            expired = [fd for fd, c in self._watched.items()
+                       if c.parked and (c.parked_at if c.began is None else c.began) < limit
+                       and not c.unread()]
+            self._kept.difference_update(expired)
+            connections = [self._watched.pop(fd) for fd in expired]
         for connection in connections:
+            if connection.began is not None:
+                log.info("%s: request not complete within client_timeout; connection closed",
+                         connection.peer)
             connection.close()
 
     def close(self):
-        """Wake every worker with None, and close the parked connections."""
+        """Wake every worker with None, and close the parked connections (workers close
+        those they serve)."""
         with self._lock:
             self.closed = True
-            connections = list(self._parked.values())
-            self._parked.clear()
+            connections = [c for c in self._watched.values() if c.parked]
+            self._watched.clear()
+            self._kept.clear()
         os.write(self._wake_write, b"x")
         for connection in connections:
             connection.close()

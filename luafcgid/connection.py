@@ -1,36 +1,81 @@
-"""The responder side of one FastCGI connection: read records, answer requests in turn.
+"""The responder side of one FastCGI connection: parse what has arrived, answer the requests
+that are complete.
 
-One worker thread runs one connection at a time. Requests are not multiplexed
-(FCGI_MPXS_CONNS is 0), but with FCGI_KEEP_CONN several follow each other on a connection.
+A worker thread takes a connection only when it has bytes to read (or was just accepted),
+reads what is there without waiting, and hands it back to the acceptor (parked, with its
+parser holding any partial request) as soon as nothing more has arrived: a slow or stalled
+client never holds a worker. Requests are not multiplexed (FCGI_MPXS_CONNS is 0), but with
+FCGI_KEEP_CONN several follow each other on a connection.
+
+No socket options are set per connection (setting SO_RCVTIMEO, SO_SNDTIMEO and blocking
+mode, and asking a Unix peer's credentials, were 4 of the 13 system calls of a request on a
+new connection, by strace; accepted Unix sockets do not inherit the listener's timeouts):
+reads and sends pass MSG_DONTWAIT, and only a send that finds the socket full waits, in
+poll(), at most client_timeout for progress.
 """
 
 import logging
+import select
 import socket
 import struct
 import threading
 import time
 
 from . import fastcgi as fcgi
+from .parser import Parser
 
 log = logging.getLogger("luafcgid")
 
 _RECV_SIZE = 65536
 _IOV_MAX = 1024   # buffers per sendmsg (Linux's UIO_MAXIOV)
-_KNOWN_TYPES = frozenset(range(fcgi.BEGIN_REQUEST, fcgi.UNKNOWN_TYPE + 1))
+_DONTWAIT = socket.MSG_DONTWAIT
+_monotonic = time.monotonic
 
 
 class ClientGone(Exception):
-    """The web server closed the connection or stopped sending mid-request."""
+    """The web server closed the connection or stopped reading."""
 
 
-def set_timeouts(sock, seconds):
-    """Kernel-side send and receive timeouts on a blocking socket. A Python-level timeout
-    (settimeout) would cost a poll() before every recv() and send()."""
-    sock.settimeout(None)
-    whole = int(seconds)
-    timeval = struct.pack("@ll", whole, int((seconds - whole) * 1e6))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+def send_all(sock, data, timeout):
+    """Send every byte of `data` on a blocking socket without blocking in send(): one send()
+    in the common case; when the socket buffer is full, wait in poll() for room, failing
+    with TimeoutError after `timeout` seconds without progress."""
+    try:
+        sent = sock.send(data, _DONTWAIT)
+    except BlockingIOError:
+        sent = 0
+    if sent == len(data):
+        return
+    view = memoryview(data)[sent:]
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    while view:
+        if not poller.poll(timeout * 1000):
+            raise TimeoutError("the web server read nothing within client_timeout")
+        try:
+            view = view[sock.send(view, _DONTWAIT):]
+        except BlockingIOError:
+            continue
+
+
+def send_parts(sock, parts, timeout):
+    """send_all for a list of buffers, by sendmsg: no joined copy of them. Takes `parts`."""
+    poller = None
+    while parts:
+        try:
+            sent = sock.sendmsg(parts[:_IOV_MAX], (), _DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        while parts and sent >= len(parts[0]):   # drop what went out whole
+            sent -= len(parts.pop(0))
+        if sent:
+            parts[0] = memoryview(parts[0])[sent:]
+        if parts:
+            if poller is None:
+                poller = select.poll()
+                poller.register(sock, select.POLLOUT)
+            if not poller.poll(timeout * 1000):
+                raise TimeoutError("the web server read nothing within client_timeout")
 
 
 class Output:
@@ -40,12 +85,18 @@ class Output:
     Written by the worker, and by the request_timeout watcher when it gives up on the
     request (abandon); a lock keeps their records whole."""
 
-    __slots__ = ("sock", "request_id", "keep_conn", "ended", "broken", "head", "sent", "lock")
+    __slots__ = ("sock", "request_id", "half_close", "timeout", "ended", "broken", "head",
+                 "sent", "lock")
 
-    def __init__(self, sock, request_id, keep_conn):
+    def __init__(self, sock, request_id, half_close, timeout):
+        """`half_close`: shut the sending side once the response is complete (nginx
+        completes a response on a connection it did not ask to keep only when that closes,
+        and something, the finish handler, runs before it does). `timeout`: how long a send
+        may wait for the web server to read."""
         self.sock = sock
         self.request_id = request_id
-        self.keep_conn = keep_conn
+        self.half_close = half_close
+        self.timeout = timeout
         self.ended = False
         self.broken = False
         self.head = None
@@ -71,7 +122,7 @@ class Output:
         if not self.lock.acquire(blocking=False):
             return False
         try:
-            self.keep_conn = False
+            self.half_close = True
             self._end(b"" if self.sent else page)
         finally:
             self.lock.release()
@@ -86,9 +137,7 @@ class Output:
         self.sent += len(data)
         if not self.broken:
             self._send_records(data, fcgi.end_request(self.request_id))
-        if not self.keep_conn:
-            # nginx completes a response on a connection it did not ask to keep only when
-            # the connection closes; the finish handler still runs after this.
+        if self.half_close:
             try:
                 self.sock.shutdown(socket.SHUT_WR)
             except OSError:
@@ -100,18 +149,13 @@ class Output:
         without copying it (a 256 KiB body went out 3 times as fast)."""
         try:
             if len(data) <= fcgi.STDOUT_CHUNK:
-                self.sock.sendall((fcgi.record(fcgi.STDOUT, self.request_id, data)
-                                   if data else b"") + tail)
+                send_all(self.sock, (fcgi.record(fcgi.STDOUT, self.request_id, data)
+                                     if data else b"") + tail, self.timeout)
                 return
             parts = fcgi.stream_parts(fcgi.STDOUT, self.request_id, data)
             if tail:
                 parts.append(tail)
-            while parts:
-                sent = self.sock.sendmsg(parts[:_IOV_MAX])
-                while parts and sent >= len(parts[0]):   # drop what went out whole
-                    sent -= len(parts.pop(0))
-                if sent:
-                    parts[0] = memoryview(parts[0])[sent:]
+            send_parts(self.sock, parts, self.timeout)
         except OSError as exc:
             self.broken = True
             log.info("client went away while receiving the response: %s", exc)
@@ -128,176 +172,104 @@ def _unix_peer(sock):
 
 
 class Connection:
-    def __init__(self, sock, peer, server):
+    __slots__ = ("sock", "address", "server", "parser", "began", "kept", "parked_at",
+                 "registered", "parked", "arrived")
+
+    def __init__(self, sock, address, server):
         """`server` provides the current `responder` and `config`; a reload replaces them,
         and each request takes the ones current when it begins."""
         self.sock = sock
-        self.peer = peer or _unix_peer(sock)
+        self.address = address   # (host, port) on TCP; the peer is asked only for a log line
         self.server = server
+        self.parser = Parser()
+        self.began = None        # monotonic time the request being received began to arrive
+        self.kept = False        # the web server asked to keep it open after a request
+        # the acceptor's: in its epoll set; waiting there; bytes arrived while served
+        self.registered = self.parked = self.arrived = False
         self.parked_at = 0.0
-        self._buf = bytearray()
-        self._pos = 0
-        self._deadline = None   # when the request being read must be complete
-        set_timeouts(sock, server.config.client_timeout)
+
+    @property
+    def peer(self):
+        if isinstance(self.address, tuple):
+            return f"{self.address[0]}:{self.address[1]}"
+        return _unix_peer(self.sock)
 
     def serve(self, worker):
-        """Answer the requests that are ready, counted in `worker` (the serving thread's
-        metrics.WorkerStats). True when the connection is idle and kept (park it until its
-        next request); False when it is finished."""
+        """Read what has arrived and answer the requests it completes, counted in `worker`
+        (the serving thread's metrics.WorkerStats). True when the connection waits for more
+        bytes (park it); False when it is finished."""
+        sock, parser = self.sock, self.parser
         try:
             while True:
-                request = self._read_request()
-                if request is None:
-                    return False
-                request_id, keep_conn, params, body, too_large = request
-                out = Output(self.sock, request_id, keep_conn)
-                worker.begin(params)
                 try:
-                    self.server.responder.respond(params, body, out, too_large, worker)
-                finally:
-                    worker.end(out)
-                if not keep_conn or self.server.stopping:
+                    data = sock.recv(_RECV_SIZE, _DONTWAIT)
+                except BlockingIOError:
+                    return self._waiting()
+                except OSError as exc:
+                    raise ClientGone(f"connection failed: {exc}") from None
+                if not data:
+                    parser.eof()
                     return False
-                if len(self._buf) == self._pos:   # nothing more received yet
-                    return True
+                parser.received(data)
+                while True:
+                    request = parser.next(self.server.config)
+                    if parser.replies:
+                        self._send_replies()
+                    if request is None:
+                        break
+                    self.began = None
+                    if not self._answer(request, worker):
+                        return False
+                if parser.closing:
+                    return False
+                if len(data) < _RECV_SIZE:   # a short read: nothing more had arrived
+                    return self._waiting()
         except fcgi.ProtocolError as exc:
             log.warning("malformed FastCGI from %s: %s; connection closed", self.peer, exc)
         except ClientGone as exc:
             log.info("%s: %s", self.peer, exc)
         return False
 
+    def _waiting(self):
+        if not self.parser.in_progress:
+            self.began = None
+        elif self.began is None:
+            self.began = _monotonic()
+        return True
+
+    def _answer(self, request, worker):
+        """Run one request; True when the connection stays open for the next one."""
+        request_id, keep_conn, params, body, too_large = request
+        self.kept = keep_conn
+        server = self.server
+        config = server.config
+        # without a finish handler the connection closes right after the response
+        out = Output(self.sock, request_id, not keep_conn and bool(config.finishhandler),
+                     config.client_timeout)
+        worker.begin(params)
+        try:
+            server.responder.respond(params, body, out, too_large, worker)
+        finally:
+            worker.end(out)
+        return keep_conn and not server.stopping
+
+    def _send_replies(self):
+        replies = b"".join(self.parser.replies)
+        self.parser.replies.clear()
+        try:
+            send_all(self.sock, replies, self.server.config.client_timeout)
+        except OSError as exc:
+            raise ClientGone(f"connection failed: {exc}") from None
+
+    def unread(self):
+        """True when request bytes have arrived that no worker has read yet."""
+        try:
+            return bool(self.sock.recv(1, socket.MSG_PEEK | _DONTWAIT))
+        except OSError:   # BlockingIOError: nothing there
+            return False
+
     def close(self):
         try:
             self.sock.close()
         except OSError:
             pass
-
-    # -- records --------------------------------------------------------------------------
-
-    def _fill(self, need):
-        """Make at least `need` unread bytes available; False on a clean EOF before any."""
-        buf = self._buf
-        if self._pos and self._pos > len(buf) // 2:
-            del buf[:self._pos]
-            self._pos = 0
-        while len(buf) - self._pos < need:
-            try:
-                chunk = self.sock.recv(_RECV_SIZE)
-            except BlockingIOError:   # SO_RCVTIMEO expired
-                raise ClientGone("no data within client_timeout; connection closed") from None
-            except OSError as exc:
-                raise ClientGone(f"connection failed: {exc}") from None
-            if not chunk:
-                if len(buf) == self._pos:
-                    return False
-                raise fcgi.ProtocolError("connection closed in the middle of a record")
-            buf += chunk
-            # One deadline for the whole request, checked as bytes arrive, so a client
-            # trickling bytes cannot hold a worker beyond it (a silent one hits SO_RCVTIMEO).
-            now = time.monotonic()
-            if self._deadline is None:
-                self._deadline = now + self.server.config.client_timeout
-            elif now > self._deadline:
-                raise ClientGone("request not complete within client_timeout; "
-                                 "connection closed")
-        return True
-
-    def _next_record(self):
-        if not self._fill(fcgi.HEADER_LEN):
-            return None
-        version, rtype, request_id, length, padding = fcgi.HEADER.unpack_from(self._buf, self._pos)
-        if version != fcgi.VERSION:
-            raise fcgi.ProtocolError(f"unsupported version {version} (not FastCGI?)")
-        total = fcgi.HEADER_LEN + length + padding
-        self._fill(total)   # the header is buffered, so an EOF here raises ProtocolError
-        start = self._pos + fcgi.HEADER_LEN
-        content = bytes(self._buf[start:start + length])
-        self._pos += total
-        return rtype, request_id, content
-
-    def _reply(self, rtype, request_id, content):
-        try:
-            self.sock.sendall(fcgi.record(rtype, request_id, content))
-        except OSError as exc:
-            raise ClientGone(f"connection failed: {exc}") from None
-
-    def _end(self, request_id, protocol_status):
-        self._reply(fcgi.END_REQUEST, request_id, fcgi.END_BODY.pack(0, protocol_status))
-
-    # -- requests -------------------------------------------------------------------------
-
-    def _read_request(self):
-        """(request_id, keep_conn, params, body, too_large), or None when the connection
-        ends between requests."""
-        config = self.server.config
-        self._deadline = None
-        request_id = None
-        keep_conn = False
-        params = bytearray()
-        body = []
-        body_len = 0
-        too_large = False
-        while True:
-            record = self._next_record()
-            if record is None:
-                if request_id is None:
-                    return None
-                raise fcgi.ProtocolError("connection closed in the middle of a request")
-            rtype, rid, content = record
-            if rid == 0:
-                self._management(rtype, content, config)
-            elif rtype == fcgi.BEGIN_REQUEST:
-                if len(content) != fcgi.BEGIN_BODY.size:
-                    raise fcgi.ProtocolError("BEGIN_REQUEST body is not 8 bytes")
-                role, flags = fcgi.BEGIN_BODY.unpack(content)
-                if rid == request_id:
-                    raise fcgi.ProtocolError(f"BEGIN_REQUEST for request {rid}, which is "
-                                             f"already active")
-                if request_id is not None:
-                    self._end(rid, fcgi.CANT_MPX_CONN)
-                elif role != fcgi.RESPONDER:
-                    self._end(rid, fcgi.UNKNOWN_ROLE)
-                    if not flags & fcgi.KEEP_CONN:
-                        return None
-                else:
-                    request_id, keep_conn = rid, bool(flags & fcgi.KEEP_CONN)
-            elif rtype not in _KNOWN_TYPES:
-                self._unknown_type(rtype)
-            elif rid != request_id:
-                continue   # spec 4.2: records of an inactive request are ignored
-            elif rtype == fcgi.PARAMS:
-                if not content:
-                    continue
-                params += content
-                if len(params) > config.max_params:
-                    raise fcgi.ProtocolError(
-                        f"params longer than max_params ({config.max_params} bytes)")
-            elif rtype == fcgi.STDIN:
-                if not content:
-                    return (request_id, keep_conn, fcgi.decode_params(params),
-                            b"".join(body), too_large)
-                body_len += len(content)
-                if body_len > config.maxpost:
-                    too_large = True
-                    body = []
-                elif not too_large:
-                    body.append(content)
-            elif rtype == fcgi.ABORT_REQUEST:
-                self._end(rid, fcgi.REQUEST_COMPLETE)
-                if not keep_conn:
-                    return None
-                request_id, params, body, body_len, too_large = None, bytearray(), [], 0, False
-
-    def _management(self, rtype, content, config):
-        if rtype == fcgi.GET_VALUES:
-            workers = str(config.workers).encode()
-            values = {b"FCGI_MAX_CONNS": workers, b"FCGI_MAX_REQS": workers,
-                      b"FCGI_MPXS_CONNS": b"0"}
-            asked = fcgi.decode_params(content)
-            self._reply(fcgi.GET_VALUES_RESULT, 0,
-                        fcgi.encode_params((k, values[k]) for k in asked if k in values))
-        else:
-            self._unknown_type(rtype)
-
-    def _unknown_type(self, rtype):
-        self._reply(fcgi.UNKNOWN_TYPE, 0, bytes((rtype,)) + b"\0" * 7)

@@ -5,7 +5,6 @@ them and draining them at stop."""
 import atexit
 import logging
 import os
-import socket
 import sys
 import threading
 import time
@@ -120,8 +119,7 @@ class Server:
             self.apply(config)
 
     def _connect(self, sock, address):
-        peer = f"{address[0]}:{address[1]}" if sock.family != socket.AF_UNIX else None
-        return Connection(sock, peer, self)
+        return Connection(sock, address, self)
 
     def _work(self, number):
         worker = current_worker.stats = self.metrics.workers[number - 1]
@@ -129,15 +127,17 @@ class Server:
             connection = self.acceptor.next()
             if connection is None:
                 return
-            try:
-                park = connection.serve(worker)
-            except Exception:
-                log.exception("unexpected error serving %s", connection.peer)
-                park = False
-            if park and not self.stopping:
-                self.acceptor.park(connection)
-            else:
-                connection.close()
+            while True:
+                try:
+                    keep = connection.serve(worker)
+                except Exception:
+                    log.exception("unexpected error serving %s", connection.peer)
+                    keep = False
+                if not keep or self.stopping:
+                    self.acceptor.discard(connection)
+                    break
+                if self.acceptor.park(connection):
+                    break
 
     def apply(self, config):
         """Apply a re-read config: new states for every script (a new pool; in-flight

@@ -7,6 +7,7 @@ from importlib import resources
 from typing import NamedTuple
 
 from . import hooks, vm, workdir
+from .fastcgi import Params, encode_params
 from .settings import BY_NAME
 
 log = logging.getLogger("luafcgid")
@@ -23,20 +24,21 @@ CHUNK = 256 * 1024
 class Outcome(NamedTuple):
     """What a call into the state's runtime (serve or finish) came to."""
     ok: bool
-    payload: bytes = b""          # response bytes not yet sent (serve)
+    payload: bytes = b""          # body bytes not yet sent (serve)
+    head: bytes = b""             # the headers, when they were not sent either (serve)
     kind: str = ""                # on failure: "Runtime Error", "Timeout Error", ...
     message: str = ""
     headers_sent: bool = False    # on failure: the headers already went out
 
 
 def _outcome(values):
-    """runtime.lua returns `true[, payload]` or `false, kind, message[, headers_sent]`;
-    lupa hands back one value as itself and several as a tuple. This is the one place that
-    reads them."""
+    """runtime.lua returns `true[, payload[, head]]` or `false, kind, message[,
+    headers_sent]`; lupa hands back one value as itself and several as a tuple. This is the
+    one place that reads them."""
     if type(values) is not tuple:
         values = (values,)
     if values[0]:
-        return Outcome(True, values[1] if len(values) > 1 else b"")
+        return Outcome(True, *values[1:3])
     return Outcome(False, kind=values[1].decode(errors="replace"),
                    message=values[2].decode(errors="replace"),
                    headers_sent=len(values) > 3 and bool(values[3]))
@@ -146,7 +148,7 @@ class LuaState:
             "headers": "".join(line + "\r\n" for line in config.headers),
             "buffering": config.buffering, "timeout": config.request_timeout,
             "prelude": config.prelude or "", "libdir": LUA_DIR, "bytecode": config.bytecode,
-            "rewrite_paths": not workdir.per_thread(), "chunk": CHUNK,
+            "rewrite_paths": not workdir.per_thread(), "chunk": CHUNK, "version": ENV_VERSION,
         }))
         try:
             result = self.runtime.execute(_BOOTSTRAP, os.fsencode(path),
@@ -177,18 +179,13 @@ class LuaState:
             return True
 
     def serve(self, params, body, out, window=None):
-        """Run the handler; an Outcome whose payload is the response bytes not yet sent."""
+        """Run the handler with `params` (a dict; a Params one passes its raw bytes, which
+        the state decodes); an Outcome."""
         self._channel.out = out
         self._channel.sent = False
         try:
-            env = self.runtime.table_from(params)
-            env[b"LUAFCGID_VERSION"] = ENV_VERSION
-            if body:
-                # The body's true length, as received: for a chunked request body Caddy
-                # sends -1 and Apache none, and readers that trust CONTENT_LENGTH
-                # (wsapi.request) would see an empty form.
-                env[b"CONTENT_LENGTH"] = b"%d" % len(body)
-            return _outcome(self._call(window, self._serve, env, body))
+            raw = params.raw if type(params) is Params else encode_params(params)
+            return _outcome(self._call(window, self._serve, raw, body))
         finally:
             self._channel.out = None
 

@@ -380,12 +380,16 @@ class RawClient:
     def send(self, data):
         self.sock.sendall(data)
 
+    @staticmethod
+    def request_bytes(params, body=b"", request_id=1, keep_conn=False):
+        return (fcgi.begin_request(request_id, flags=fcgi.KEEP_CONN if keep_conn else 0)
+                + fcgi.record(fcgi.PARAMS, request_id, fcgi.encode_params(params))
+                + fcgi.record(fcgi.PARAMS, request_id)
+                + fcgi.stream(fcgi.STDIN, request_id, body)
+                + fcgi.record(fcgi.STDIN, request_id))
+
     def request(self, params, body=b"", request_id=1, keep_conn=False):
-        self.send(fcgi.begin_request(request_id, flags=fcgi.KEEP_CONN if keep_conn else 0)
-                  + fcgi.record(fcgi.PARAMS, request_id, fcgi.encode_params(params))
-                  + fcgi.record(fcgi.PARAMS, request_id)
-                  + fcgi.stream(fcgi.STDIN, request_id, body)
-                  + fcgi.record(fcgi.STDIN, request_id))
+        self.send(self.request_bytes(params, body, request_id, keep_conn))
 
     def read_record(self):
         """(type, request_id, content) or None at EOF."""

@@ -47,12 +47,13 @@ def state(tmp_path):
 
 def test_serve_succeeds_with_the_unsent_bytes(state):
     result = state().serve({b"MODE": b"ok"}, b"", Sink())
-    assert result.ok and result.kind == "" and result.payload.endswith(b"\r\n\r\nbody")
+    assert result.ok and result.kind == "" and result.payload == b"body"
+    assert result.head.startswith(b"Status: 200") and result.head.endswith(b"\r\n\r\n")
 
 
 def test_serve_fails_with_kind_and_message(state):
     result = state().serve({b"MODE": b"fail"}, b"", Sink())
-    assert result == Outcome(False, b"", "Runtime Error", result.message, False)
+    assert result == Outcome(False, kind="Runtime Error", message=result.message)
     assert "handler failed" in result.message
 
 

@@ -1,0 +1,175 @@
+"""FastCGI requests from bytes: a parser fed whatever the socket delivered, with no socket
+inside (like waitress's `parser.received(data)`).
+
+A worker takes a connection only to parse what has arrived: a request cut anywhere, in a
+record header or between records, stays here with its bytes while the connection is parked,
+so no number of slow or stalled clients can hold a worker. Pure: unit-tested and fuzzed
+without sockets (tests/test_parser.py, tests/test_fuzz.py).
+"""
+
+from . import fastcgi as fcgi
+
+_KNOWN_TYPES = frozenset(range(fcgi.BEGIN_REQUEST, fcgi.UNKNOWN_TYPE + 1))
+_HEADER = fcgi.HEADER.unpack_from
+_HEADER_LEN = fcgi.HEADER_LEN
+_BEGIN = fcgi.BEGIN_BODY.unpack
+_BEGIN_SIZE = fcgi.BEGIN_BODY.size
+_BEGIN_REQUEST, _PARAMS, _STDIN, _ABORT = (fcgi.BEGIN_REQUEST, fcgi.PARAMS, fcgi.STDIN,
+                                          fcgi.ABORT_REQUEST)
+_NOTHING = b""
+
+
+class Parser:
+    """Records in, complete requests out. `limits` passed to next() has max_params, maxpost
+    and workers (a Config): a reload applies to connections already open.
+
+    After next(), `replies` holds records the connection must send before anything else
+    (management answers, END_REQUEST for a refused request); `closing` says the
+    connection ends once they are sent."""
+
+    __slots__ = ("replies", "closing", "_buf", "_pos", "_id", "_keep", "_params",
+                 "_params_len", "_body", "_body_len", "_too_large")
+
+    def __init__(self):
+        self.replies = []
+        self.closing = False
+        self._buf = _NOTHING   # bytes as received, or a bytearray while a record is cut
+        self._pos = 0          # where the unparsed bytes in _buf begin
+        self._reset()
+
+    def _reset(self):
+        self._id = None        # the active request, once its BEGIN_REQUEST arrived
+        self._keep = False
+        self._params = []
+        self._params_len = 0
+        self._body = []
+        self._body_len = 0
+        self._too_large = False
+
+    def received(self, data):
+        """Add bytes read from the connection."""
+        if self._pos >= len(self._buf):
+            self._buf = data   # the common case: nothing left over, no copy
+            self._pos = 0
+            return
+        buf = self._buf
+        if type(buf) is not bytearray:
+            buf = self._buf = bytearray(memoryview(buf)[self._pos:])
+        elif self._pos:
+            del buf[:self._pos]
+        self._pos = 0
+        buf += data   # amortized: a record trickling in byte by byte is not copied each time
+
+    @property
+    def in_progress(self):
+        """True while part of a request (or of a record) has arrived."""
+        return self._id is not None or self._pos < len(self._buf)
+
+    def eof(self):
+        """The connection was closed by the peer; raises ProtocolError when that cut a
+        request."""
+        if self._pos < len(self._buf):
+            raise fcgi.ProtocolError("connection closed in the middle of a record")
+        if self._id is not None:
+            raise fcgi.ProtocolError("connection closed in the middle of a request")
+
+    def next(self, limits):
+        """The next complete request, as (request_id, keep_conn, params, body, too_large),
+        or None when more bytes are needed (or `closing` is set). Raises ProtocolError on
+        bytes that are not valid FastCGI."""
+        if self.closing:
+            return None
+        buf, pos = self._buf, self._pos
+        end = len(buf)
+        while end - pos >= _HEADER_LEN:
+            version, rtype, rid, length, padding = _HEADER(buf, pos)
+            if version != 1:
+                raise fcgi.ProtocolError(f"unsupported version {version} (not FastCGI?)")
+            start = pos + _HEADER_LEN
+            stop = start + length + padding
+            if stop > end:
+                break
+            content = buf[start:start + length]
+            pos = stop
+            if rid == 0:
+                self._management(rtype, content, limits)
+            elif rtype == _BEGIN_REQUEST:
+                if self._begin(rid, content):
+                    break
+            elif rtype not in _KNOWN_TYPES:
+                self._unknown_type(rtype)
+            elif rid != self._id:
+                continue   # spec 4.2: records of an inactive request are ignored
+            elif rtype == _PARAMS:
+                if content:
+                    self._add_params(content, limits)
+            elif rtype == _STDIN:
+                if not content:
+                    self._pos = pos
+                    return self._complete()
+                self._add_body(content, limits)
+            elif rtype == _ABORT:
+                self.replies.append(_end_request(rid, fcgi.REQUEST_COMPLETE))
+                self.closing = not self._keep
+                self._reset()
+                if self.closing:
+                    break
+        self._pos = pos
+        return None
+
+    def _begin(self, rid, content):
+        """A BEGIN_REQUEST record; True when the connection is to end."""
+        if len(content) != _BEGIN_SIZE:
+            raise fcgi.ProtocolError("BEGIN_REQUEST body is not 8 bytes")
+        role, flags = _BEGIN(content)
+        if rid == self._id:
+            raise fcgi.ProtocolError(f"BEGIN_REQUEST for request {rid}, which is already active")
+        if self._id is not None:
+            self.replies.append(_end_request(rid, fcgi.CANT_MPX_CONN))
+        elif role != fcgi.RESPONDER:
+            self.replies.append(_end_request(rid, fcgi.UNKNOWN_ROLE))
+            self.closing = not flags & fcgi.KEEP_CONN
+        else:
+            self._id, self._keep = rid, bool(flags & fcgi.KEEP_CONN)
+        return self.closing
+
+    def _add_params(self, content, limits):
+        self._params.append(content)
+        self._params_len += len(content)
+        if self._params_len > limits.max_params:
+            raise fcgi.ProtocolError(f"params longer than max_params ({limits.max_params} bytes)")
+
+    def _add_body(self, content, limits):
+        self._body_len += len(content)
+        if self._body_len > limits.maxpost:
+            self._too_large = True
+            self._body = []
+        elif not self._too_large:
+            self._body.append(content)
+
+    def _complete(self):
+        params, body = self._params, self._body
+        # one record each is the common case: no join (bytes() of bytes is no copy)
+        request = (self._id, self._keep,
+                   fcgi.decode_params(params[0] if len(params) == 1 else b"".join(params)),
+                   bytes(body[0]) if len(body) == 1 else b"".join(body), self._too_large)
+        self._reset()
+        return request
+
+    def _management(self, rtype, content, limits):
+        if rtype == fcgi.GET_VALUES:
+            workers = str(limits.workers).encode()
+            values = {b"FCGI_MAX_CONNS": workers, b"FCGI_MAX_REQS": workers,
+                      b"FCGI_MPXS_CONNS": b"0"}
+            asked = fcgi.decode_params(content)
+            self.replies.append(fcgi.record(fcgi.GET_VALUES_RESULT, 0, fcgi.encode_params(
+                (k, values[k]) for k in asked if k in values)))
+        else:
+            self._unknown_type(rtype)
+
+    def _unknown_type(self, rtype):
+        self.replies.append(fcgi.record(fcgi.UNKNOWN_TYPE, 0, bytes((rtype,)) + b"\0" * 7))
+
+
+def _end_request(request_id, protocol_status):
+    return fcgi.record(fcgi.END_REQUEST, request_id, fcgi.END_BODY.pack(0, protocol_status))
