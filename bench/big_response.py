@@ -22,7 +22,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 from conftest import Daemon, RawClient, Site  # noqa: E402  (the tests' real daemon)
 
-from luafcgid import fastcgi as fcgi  # noqa: E402
+from luafcgid.request import fastcgi as fcgi  # noqa: E402
 
 SCRIPT = """
 local size, pieces = {size}, {pieces}

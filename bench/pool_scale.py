@@ -20,7 +20,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from luafcgid import config  # noqa: E402
-from luafcgid.responder import Responder  # noqa: E402
+from luafcgid.request.responder import Responder  # noqa: E402
 
 SCRIPT = """
 local rows = {}

@@ -8,10 +8,12 @@ import sys
 
 import yaml
 
-from . import (__version__, config as configuration, daemon, logs, privileges, signals,
-               systemd, vm)
+from . import __version__
+from . import config as configuration
 from .listener import Listener, ListenError
+from .ops import daemon, logs, privileges, signals, systemd
 from .reference import man_page, sample_config, settings_reference
+from .states import vm
 
 log = logging.getLogger("luafcgid")
 

@@ -5,9 +5,8 @@ import re
 
 import yaml
 
-from . import vm
 from .settings import BY_NAME, SETTINGS, SettingError
-
+from .states import vm
 
 # Settings a reload cannot apply (they keep their running value until a restart), and the
 # listening socket's, which only a lone server owning its socket can apply by rebinding.

@@ -9,11 +9,12 @@ import time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
-from . import __version__, vm
-from .closer import Closer
-from .deadline import Watcher
-from .heartbeat import Heartbeat
-from .responder import Responder
+from . import __version__
+from .request.responder import Responder
+from .states import vm
+from .states.closer import Closer
+from .states.deadline import Watcher
+from .states.heartbeat import Heartbeat
 
 log = logging.getLogger("luafcgid")
 

@@ -12,7 +12,7 @@ the loop), reopen() (after the logs were reopened), reload() and stop().
 import logging
 import os
 
-from . import logs, signals, systemd
+from .ops import logs, signals, systemd
 
 log = logging.getLogger("luafcgid")
 

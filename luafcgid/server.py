@@ -9,18 +9,18 @@ import sys
 import threading
 import time
 
-from . import vm
-from .acceptor import Acceptor
-from .closer import Closer
 from .config import LISTENER, RESTART_ONLY, keep_running
-from .connection import Connection
-from .deadline import Watcher
-from .heartbeat import Heartbeat
 from .listener import Listener, ListenError
-from .metrics import Metrics, current_worker
-from .responder import Responder
-from .slowlog import SlowLog
-from .status import Status
+from .ops.metrics import Metrics, current_worker
+from .ops.slowlog import SlowLog
+from .ops.status import Status
+from .request.acceptor import Acceptor
+from .request.connection import Connection
+from .request.responder import Responder
+from .states import vm
+from .states.closer import Closer
+from .states.deadline import Watcher
+from .states.heartbeat import Heartbeat
 
 log = logging.getLogger("luafcgid")
 

@@ -17,7 +17,7 @@ import time
 
 from . import mainloop
 from .config import LISTENER, RESTART_ONLY, keep_running
-from .scoreboard import Scoreboard
+from .ops.scoreboard import Scoreboard
 from .server import Server
 
 log = logging.getLogger("luafcgid")

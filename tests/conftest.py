@@ -9,17 +9,16 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
-
-import tempfile
 
 import pytest
 import yaml
 from hypothesis import configuration as hypothesis_configuration
 
-from luafcgid import fastcgi as fcgi
+from luafcgid.request import fastcgi as fcgi
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

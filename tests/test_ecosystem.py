@@ -12,7 +12,6 @@ import sys
 import textwrap
 
 import pytest
-
 from conftest import ROOT, wait_for
 from ecosystem import VMS, require_debian_modules, start_stack
 
@@ -219,8 +218,8 @@ def test_close_runs_finalizers_at_once_without_the_cycle_collector(tmp_path):
         import gc, os
         gc.disable()
         from luafcgid import config
-        from luafcgid.searchpath import search_paths
-        from luafcgid.state import LuaState
+        from luafcgid.states.searchpath import search_paths
+        from luafcgid.states.state import LuaState
 
         class Out:
             def write(self, data): pass

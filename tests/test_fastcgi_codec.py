@@ -2,7 +2,7 @@
 
 import pytest
 
-from luafcgid import fastcgi as fcgi
+from luafcgid.request import fastcgi as fcgi
 
 
 def test_params_round_trip_short_and_long_values():

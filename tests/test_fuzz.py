@@ -2,10 +2,12 @@
 reads, give a result or a ProtocolError (nothing else escapes), and whatever is encoded is
 decoded back. Bounded for CI."""
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from luafcgid import config as configuration, fastcgi as fcgi
-from luafcgid.parser import Parser
+from luafcgid import config as configuration
+from luafcgid.request import fastcgi as fcgi
+from luafcgid.request.parser import Parser
 
 BOUNDED = settings(max_examples=300, deadline=None)
 

@@ -8,10 +8,12 @@ import threading
 import time
 
 import pytest
-
 from conftest import ROOT, RawClient, skip_unless, split_response, wait_for
-from luafcgid import config as configuration, fastcgi as fcgi, vm
+
+from luafcgid import config as configuration
+from luafcgid.request import fastcgi as fcgi
 from luafcgid.settings import LUA_CHOICES
+from luafcgid.states import vm
 
 VMS = ["luajit", "5.4"]
 
@@ -123,7 +125,7 @@ def test_memory_limit_holds_on_every_supported_vm(choice):
     # install it must hold everywhere. One VM per process, so each in its own.
     skip_unless(vm.available(choice), f"this lupa has no {vm.MODULES[choice]}")
     probe = subprocess.run(
-        [sys.executable, "-c", f"from luafcgid import vm; print(vm.limits_memory({choice!r}))"],
+        [sys.executable, "-c", f"from luafcgid.states import vm; print(vm.limits_memory({choice!r}))"],
         cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert probe.stdout.strip() == "True", probe.stderr
 

@@ -21,9 +21,10 @@ import os
 import threading
 
 import pytest
-
 from conftest import RawClient, Stack, wait_for
-from luafcgid import fastcgi as fcgi, vm
+
+from luafcgid.request import fastcgi as fcgi
+from luafcgid.states import vm
 
 VMS = [choice for choice in vm.MODULES if vm.available(choice)]
 

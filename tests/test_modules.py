@@ -9,11 +9,12 @@ import sys
 import textwrap
 
 import pytest
-
 from conftest import ROOT, Stack, skip_unless, wait_for
 from ecosystem import lua_headers_dir
-from luafcgid import config, vm
-from luafcgid.searchpath import default_paths, from_environment, search_paths
+
+from luafcgid import config
+from luafcgid.states import vm
+from luafcgid.states.searchpath import default_paths, from_environment, search_paths
 
 TINY_C_MODULE = r"""
 #include "lua.h"

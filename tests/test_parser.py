@@ -3,10 +3,11 @@ replies it leaves for the connection to send, when it says the connection ends. 
 records through a real daemon are in test_protocol.py."""
 
 import pytest
-
 from conftest import RawClient
-from luafcgid import config as configuration, fastcgi as fcgi
-from luafcgid.parser import Parser
+
+from luafcgid import config as configuration
+from luafcgid.request import fastcgi as fcgi
+from luafcgid.request.parser import Parser
 
 LIMITS = configuration.defaults(max_params=4096, maxpost=100, workers=3)
 PARAMS = {b"SCRIPT_FILENAME": b"/srv/www/hello.lua", b"REQUEST_METHOD": b"POST"}

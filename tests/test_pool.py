@@ -5,13 +5,12 @@ import random
 import threading
 
 import pytest
-
 from conftest import wait_for
 
 from luafcgid import config
-from luafcgid.pool import PoolClosed
-from luafcgid.responder import Responder
-from luafcgid.state import ScriptError
+from luafcgid.request.responder import Responder
+from luafcgid.states.pool import PoolClosed
+from luafcgid.states.state import ScriptError
 
 SCRIPT = """
 busy = 0

@@ -5,9 +5,9 @@ let go would block the next request."""
 import os
 
 import pytest
-
 from conftest import RawClient, split_response
-from luafcgid import fastcgi as fcgi
+
+from luafcgid.request import fastcgi as fcgi
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ a tuple once broke the finish handler for every request."""
 import pytest
 
 from luafcgid import config
-from luafcgid.searchpath import search_paths
-from luafcgid.state import LuaState, Outcome
+from luafcgid.states.searchpath import search_paths
+from luafcgid.states.state import LuaState, Outcome
 
 
 class Sink:

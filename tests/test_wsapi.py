@@ -2,11 +2,10 @@
 defining main()."""
 
 import pytest
-
-from luafcgid import fastcgi as fcgi
-
 from conftest import RawClient, split_response
 from ecosystem import VMS, raw_headers, require_debian_wsapi, start_stack
+
+from luafcgid.request import fastcgi as fcgi
 
 
 @pytest.fixture(scope="module", params=VMS)

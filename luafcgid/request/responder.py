@@ -9,11 +9,12 @@ import logging
 import os
 import stat
 
-from . import pages, vm, workdir
-from .closer import Closer
-from .pool import PoolClosed, StatePool
-from .searchpath import search_paths
-from .state import LuaState, Outcome, ScriptError, ScriptGone
+from ..states import vm, workdir
+from ..states.closer import Closer
+from ..states.pool import PoolClosed, StatePool
+from ..states.searchpath import search_paths
+from ..states.state import LuaState, Outcome, ScriptError, ScriptGone
+from . import pages
 
 log = logging.getLogger("luafcgid")
 

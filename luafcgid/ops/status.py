@@ -14,7 +14,7 @@ import subprocess
 import time
 from collections import defaultdict
 
-from . import pages
+from ..request import pages
 
 OPENMETRICS_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 

@@ -8,7 +8,8 @@ import os
 import pwd
 import sysconfig
 
-from . import logs, vm
+from ..states import vm
+from . import logs
 
 log = logging.getLogger("luafcgid")
 

@@ -6,14 +6,14 @@ import time
 from importlib import resources
 from typing import NamedTuple
 
+from ..request.fastcgi import Params, encode_params
+from ..settings import BY_NAME
 from . import hooks, vm, workdir
-from .fastcgi import Params, encode_params
-from .settings import BY_NAME
 
 log = logging.getLogger("luafcgid")
 
-LUA_DIR = str(resources.files(__package__) / "lua")
-_BOOTSTRAP = (resources.files(__package__) / "lua" / "runtime.lua").read_bytes()
+LUA_DIR = str(resources.files("luafcgid") / "lua")
+_BOOTSTRAP = (resources.files("luafcgid") / "lua" / "runtime.lua").read_bytes()
 ENV_VERSION = 2   # env.LUAFCGID_VERSION; the original sent 1
 # The most bytes of a response that cross from Lua to Python at once (runtime.lua's CHUNK).
 # Three concurrent 100 MiB responses raised the daemon's peak RSS by 3 MiB with 256 KiB;

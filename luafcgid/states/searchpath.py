@@ -18,7 +18,7 @@ from importlib import resources
 
 # luafcgid's public Lua modules. The daemon's own Lua files (runtime.lua, ...) lie one
 # level up, out of reach of require: require("runtime") re-ran the bootstrap.
-MODULE_DIR = str(resources.files(__package__) / "lua" / "modules")
+MODULE_DIR = str(resources.files("luafcgid") / "lua" / "modules")
 
 
 def lua_version(choice):

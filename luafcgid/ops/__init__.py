@@ -1,0 +1,1 @@
+"""What running the daemon as a service needs: signals, systemd, logs, counters, status."""

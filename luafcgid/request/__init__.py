@@ -1,0 +1,1 @@
+"""The request path: from bytes on a FastCGI connection to a response."""

@@ -1,0 +1,1 @@
+"""The Lua states: the pool, one state, the VM, their deadlines, closing and reloading."""
