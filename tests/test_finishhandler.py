@@ -23,8 +23,9 @@ def test_finish_handler_runs_after_the_response_went_out(stack, tmp_path):
         assert (status, body) == (200, b"response")
         assert not done.exists()
         go.write_text("")
-        wait_for(done.exists, what="the finish handler")
-        assert done.read_text() == f"/finish.lua?n={n}"
+        # the handler opens the file, then writes: wait for what it wrote
+        wait_for(lambda: done.exists() and done.read_text() == f"/finish.lua?n={n}",
+                 what="the finish handler")
         os.unlink(go)
         os.unlink(done)
 
