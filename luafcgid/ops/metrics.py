@@ -41,8 +41,7 @@ class WorkerStats:
         seconds = _monotonic() - self.started
         self.started = 0.0
         self.requests += 1
-        head = out.head
-        status = int(head[8:11]) if head and head.startswith(b"Status: ") else 200
+        status = out.status
         if status >= 500:
             self.failed += 1
         slow_after = self.metrics.slow_after

@@ -28,6 +28,10 @@ log = logging.getLogger("luafcgid")
 
 _RECV_SIZE = 65536
 _IOV_MAX = 1024   # buffers per sendmsg (Linux's UIO_MAXIOV)
+# Every response starts "Status: NNN ..." (runtime.lua's head, pages.py, the status page):
+# Output keeps that much of it for the counters and the access log
+_STATUS = b"Status: "
+_HEAD = len(_STATUS) + 3
 _DONTWAIT = socket.MSG_DONTWAIT
 _monotonic = time.monotonic
 
@@ -107,13 +111,19 @@ class Output:
         with self.lock:
             if data and not self.ended and not self.broken:
                 if self.head is None:
-                    self.head = data[:12]
+                    self.head = data[:_HEAD]
                 self.sent += len(data)
                 self._send_records(data)
 
     def end(self, data=b""):
         with self.lock:
             self._end(data)
+
+    @property
+    def status(self):
+        """The response's HTTP status code (200 when it said none)."""
+        head = self.head
+        return int(head[len(_STATUS):]) if head and head.startswith(_STATUS) else 200
 
     def abandon(self, page):
         """From another thread: complete the response now, with `page` unless part of it
@@ -133,7 +143,7 @@ class Output:
             return
         self.ended = True
         if self.head is None:
-            self.head = data[:12]
+            self.head = data[:_HEAD]
         self.sent += len(data)
         if not self.broken:
             self._send_records(data, fcgi.end_request(self.request_id))
