@@ -42,28 +42,19 @@ class ClientGone(Exception):
 
 def send_all(sock, data, timeout):
     """Send every byte of `data` on a blocking socket without blocking in send(): one send()
-    in the common case; when the socket buffer is full, wait in poll() for room, failing
-    with TimeoutError after `timeout` seconds without progress."""
+    in the common case; when the socket buffer is full, the rest as send_parts sends it."""
     try:
         sent = sock.send(data, _DONTWAIT)
     except BlockingIOError:
         sent = 0
-    if sent == len(data):
-        return
-    view = memoryview(data)[sent:]
-    poller = select.poll()
-    poller.register(sock, select.POLLOUT)
-    while view:
-        if not poller.poll(timeout * 1000):
-            raise TimeoutError("the web server read nothing within client_timeout")
-        try:
-            view = view[sock.send(view, _DONTWAIT):]
-        except BlockingIOError:
-            continue
+    if sent < len(data):
+        send_parts(sock, [memoryview(data)[sent:]], timeout)
 
 
 def send_parts(sock, parts, timeout):
-    """send_all for a list of buffers, by sendmsg: no joined copy of them. Takes `parts`."""
+    """Send a list of buffers by sendmsg, with no joined copy of them (takes `parts`); when
+    the socket buffer is full, wait in poll() for room, failing with TimeoutError after
+    `timeout` seconds without progress."""
     poller = None
     while parts:
         try:
