@@ -20,6 +20,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from luafcgid import config  # noqa: E402
+from luafcgid.request.parser import Request  # noqa: E402
 from luafcgid.request.responder import Responder  # noqa: E402
 
 SCRIPT = """
@@ -66,7 +67,7 @@ def run(scripts, states, requests, seed=1):
         for i, path in enumerate(picks):
             created = responder.pool.created
             started = time.perf_counter()
-            responder.respond({b"SCRIPT_FILENAME": path, b"N": str(i).encode()}, b"", out)
+            responder.respond(Request.of({b"SCRIPT_FILENAME": path, b"N": str(i).encode()}), out)
             elapsed = time.perf_counter() - started
             if responder.pool.created != created:
                 misses += 1

@@ -11,16 +11,15 @@ import time
 
 from .config import LISTENER, RESTART_ONLY, keep_running
 from .listener import Listener, ListenError
-from .ops.metrics import Metrics, current_worker
-from .ops.slowlog import SlowLog
+from .ops import describe, slowlog
 from .ops.status import Status
 from .request.acceptor import Acceptor
-from .request.connection import Connection
 from .request.responder import Responder
 from .states import vm
 from .states.closer import Closer
 from .states.deadline import Watcher
 from .states.heartbeat import Heartbeat
+from .states.worker import IDLE, READING, Workers
 
 log = logging.getLogger("luafcgid")
 
@@ -42,20 +41,17 @@ class Server:
         self.process = process
         self.scoreboard = scoreboard
         self.supervisor = supervisor
-        self.metrics = Metrics(config.workers, config.slowlog_timeout)
-        self.slowlog = SlowLog(lambda: self.config, self.metrics)
-        self.watcher = Watcher(lambda: self.config, self._replace_stuck, self.slowlog.check)
-        for worker in self.metrics.workers:
-            worker.window = self.watcher.window(self._worker_name(worker.number))
+        self.workers = Workers(self._worker_name)
+        self._configure_workers(config)
+        self.watcher = Watcher(self.workers, lambda: self.config, self._replace_stuck,
+                               slowlog.report)
         self.closer = Closer(config.lua, config.request_timeout)
-        self.status = Status(self.metrics, lambda: self.listener.sock, self.watcher.stuck,
-                             scoreboard, self.publish)
+        self.status = Status(self.workers, lambda: self.listener.sock, scoreboard, self.publish)
         self.heartbeat = Heartbeat(config.sweep)
         self.responder = Responder(config, self.status, self.closer,
                                    on_load=self.heartbeat.watch)
         self.stopping = False
         self.acceptor = None
-        self._threads = []   # one per metrics.workers entry, in the same order
         self._threads_lock = threading.Lock()
 
     def start(self):
@@ -64,40 +60,47 @@ class Server:
         # the p99 latency. At 1 ms, with 256 clients through nginx, p99 fell from 57 to 28 ms
         # (processes 2, workers 2) and from 49 to 44 ms (processes 1, workers 3).
         sys.setswitchinterval(SWITCH_INTERVAL)
-        self.acceptor = Acceptor(self.listener.sock, self._connect)
-        self.heartbeat.start(self.responder)
+        self.acceptor = Acceptor(self.listener.sock)
+        self.heartbeat.start(self.responder.pool, self.responder.forget_locations)
         self.watcher.start()
-        for worker in self.metrics.workers:
-            self._start_worker(worker)
+        for _ in range(self.config.workers):
+            self._start_worker(self.workers.add())
         self.publish()
         log.info("luafcgid serving on %s with %d workers, %d states, Lua %s",
                  self.listener.description, self.config.workers, self.config.states,
                  self.config.lua)
 
-    def _start_worker(self, worker):
-        self._threads.append(vm.start_thread(self.config.lua, self._work,
-                                             self._worker_name(worker.number), (worker.number,)))
+    def _configure_workers(self, config):
+        self.workers.configure(config.slowlog_timeout,
+                               config.slowlog_timeout is not None and bool(config.slowlog),
+                               describe.access if config.access_log else None)
 
-    def _replace_stuck(self, window):
+    def _start_worker(self, worker):
+        worker.thread = vm.start_thread(self.config.lua, self._work, worker.name, (worker,))
+
+    def _replace_stuck(self, stuck):
         """A worker stuck in Lua (deadline.py) serves nothing more; another thread takes its
         place, so that the connections this process already accepted are served. At most
         `workers` threads are added so, however many get stuck."""
+        log.error("%s: %s stuck: still running %.1f s into its call, past request_timeout "
+                  "and stuck_timeout (in one C function call, or in a __gc finalizer: Lua "
+                  "cannot be interrupted there); its client is answered 500", stuck.name,
+                  describe.describe(stuck), time.monotonic() - stuck.call_started)
         with self._threads_lock:
-            if self.stopping or len(self._threads) >= 2 * self.config.workers:
+            if self.stopping or len(self.workers) >= 2 * self.config.workers:
                 return
-            worker = self.metrics.add_worker()
-            worker.window = self.watcher.window(self._worker_name(worker.number))
+            worker = self.workers.add()
             self._start_worker(worker)
-        log.warning("%s started in place of %s", worker.window.name, window.name)
+        log.warning("%s started in place of %s", worker.name, stuck.name)
 
     def _worker_name(self, number):
         return f"worker-{number}" if self.process is None else f"worker-{self.process}.{number}"
 
     def summary(self):
         """One line for systemd's STATUS=."""
-        requests, failed, _, active = self.metrics.totals()
+        requests, failed, _, active = self.workers.totals()
         return (f"serving on {self.listener.description}: {requests} requests, {failed} "
-                f"failed, {active}/{len(self.metrics.workers)} workers busy")
+                f"failed, {active}/{len(self.workers)} workers busy")
 
     def healthy(self):
         return self.heartbeat.alive()
@@ -118,25 +121,25 @@ class Server:
         if config is not None:
             self.apply(config)
 
-    def _connect(self, sock, address):
-        return Connection(sock, address, self)
-
-    def _work(self, number):
-        worker = current_worker.stats = self.metrics.workers[number - 1]
+    def _work(self, worker):
+        worker.ident = threading.get_ident()
+        acceptor = self.acceptor
         while True:
-            connection = self.acceptor.next()
+            worker.stage = IDLE
+            connection = acceptor.next()
             if connection is None:
                 return
+            worker.stage = READING
             while True:
                 try:
-                    keep = connection.serve(worker)
+                    keep = connection.serve(worker, self.config, self.responder)
                 except Exception:
                     log.exception("unexpected error serving %s", connection.peer)
                     keep = False
                 if not keep or self.stopping:
-                    self.acceptor.discard(connection)
+                    acceptor.discard(connection)
                     break
-                if self.acceptor.park(connection):
+                if acceptor.park(connection):
                     break
 
     def apply(self, config):
@@ -151,7 +154,7 @@ class Server:
                             "socket passed by systemd that needs a restart")
         elif any(getattr(config, name) != getattr(self.config, name) for name in LISTENER):
             self._rebind(config)
-        self.metrics.slow_after = config.slowlog_timeout
+        self._configure_workers(config)
         self.closer.patience = config.request_timeout
         heartbeat = Heartbeat(config.sweep)
         old, self.responder = self.responder, Responder(config, self.status, self.closer,
@@ -159,7 +162,7 @@ class Server:
         old.retire(self.responder)
         self.heartbeat.stop()
         self.heartbeat = heartbeat
-        heartbeat.start(self.responder)
+        heartbeat.start(self.responder.pool, self.responder.forget_locations)
         self.config = config
         log.info("reloaded %s", config.source)
 
@@ -189,14 +192,12 @@ class Server:
         log.info("stopping: draining in-flight requests")
         self.acceptor.close()
         deadline = time.monotonic() + self.config.shutdown_timeout
-        windows = [worker.window for worker in self.metrics.workers]
         # a worker stuck in Lua is not waited for: it would never end
-        while any(thread.is_alive() and not window.stuck
-                  for thread, window in zip(self._threads, windows)):
+        while any(worker.thread.is_alive() and not worker.stuck for worker in self.workers):
             if time.monotonic() >= deadline:
                 break
             time.sleep(0.02)
-        busy = sum(thread.is_alive() for thread in self._threads)
+        busy = sum(worker.thread.is_alive() for worker in self.workers)
         if busy:
             log.warning("%d request(s) still running after shutdown_timeout or stuck; "
                         "exiting anyway", busy)
@@ -217,9 +218,10 @@ class Server:
     def publish(self):
         """Put this process's counters on the supervisor's scoreboard (if there is one)."""
         if self.scoreboard is not None:
-            requests, failed, slow, active = self.metrics.totals()
+            requests, failed, slow, active = self.workers.totals()
             self.scoreboard.publish(self.process, os.getpid(), requests, failed, slow, active,
-                                    len(self.metrics.workers), len(self.watcher.stuck()))
+                                    len(self.workers),
+                                    sum(bool(worker.stuck) for worker in self.workers))
 
 
 def exit_leaving_lua():

@@ -31,14 +31,16 @@ def test_params_round_trip(params):
 
 
 def _read_all(data, cuts=(), **settings_):
-    """Every request a Parser reads from `data`, fed in pieces cut at `cuts`, then EOF."""
+    """Every request a Parser reads from `data`, fed in pieces cut at `cuts`, then EOF, as
+    (request_id, keep_conn, params decoded, body, too_large)."""
     limits = configuration.defaults(**settings_)
     parser = Parser()
     requests = []
     for start, stop in zip([0, *cuts], [*cuts, len(data)]):
         parser.received(data[start:stop])
         while (request := parser.next(limits)) is not None:
-            requests.append(request)
+            requests.append((request.id, request.keep, fcgi.decode_params(request.params),
+                             request.body, request.too_large))
         if parser.closing:
             return requests
     parser.eof()

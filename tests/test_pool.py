@@ -8,6 +8,7 @@ import pytest
 from conftest import wait_for
 
 from luafcgid import config
+from luafcgid.request.fastcgi import encode_params
 from luafcgid.request.responder import Responder
 from luafcgid.states.pool import PoolClosed
 from luafcgid.states.state import ScriptError
@@ -79,8 +80,8 @@ def hammer(pool, paths, threads, rounds):
             for _ in range(rounds):
                 state = watch.borrow(rng.choice(paths))
                 try:
-                    result = state.serve({b"SPIN": str(rng.randint(1, 20000)).encode()}, b"",
-                                         Output())
+                    result = state.serve(encode_params(
+                        {b"SPIN": str(rng.randint(1, 20000)).encode()}), b"", Output())
                     assert result[0], result
                 finally:
                     watch.give_back(state)

@@ -195,3 +195,4 @@ def test_long_name_value_lengths_are_decoded(server):
     p = {b"HTTP_X_" + b"N" * 200: b"v", **params(server, "q" * 300)}
     client.request(p)
     assert split_response(client.response()[0])[2] == b"hello " + b"q" * 300
+

@@ -13,6 +13,13 @@ local find, lower, match, sub = string.find, string.lower, string.match, string.
 python = nil
 package.loaded.python = nil
 
+-- The kinds of error a call ends in, as the daemon names them (luafcgid/states/errors.py):
+-- KIND.runtime, KIND.memory, ... A name the daemon does not know is an error here, not a
+-- kind it would misread.
+local KIND = setmetatable(opts.kinds, {__index = function(_, name)
+  error("luafcgid: no error kind " .. tostring(name), 2)
+end})
+
 -- Relative names resolve against the script's directory. Where the daemon could give each
 -- worker thread its own working directory (Linux) the thread is in that directory while the
 -- script runs; elsewhere the process's one is shared, so Lua's file functions are rewritten
@@ -163,7 +170,7 @@ local DONE = {}
 local function failure(err)
   local ok, message = pcall(tostring, err)
   if not ok then message = "(error object is a " .. type(err) .. " value)" end
-  return is_memory_error(message) and "Memory Error" or "Runtime Error", message
+  return is_memory_error(message) and KIND.memory or KIND.runtime, message
 end
 
 -- Functions run in the request thread return true and a value, or false, an error kind and
@@ -186,9 +193,10 @@ local function returned(resumed, done, ...)
   if resumed then   -- yielded by the script with the real coroutine.yield: that returns nothing
     return returned(resume(request_thread))
   end
-  -- dead: stopped at its deadline, or out of memory (the daemon discards the state)
+  -- dead: out of memory, or stopped at its deadline (the daemon says which: only its clock
+  -- knows); either way the state is discarded
   done = type(done) == "string" and done or "the request's coroutine died"
-  return false, is_memory_error(done) and "Memory Error" or "Timeout Error", done
+  return false, is_memory_error(done) and KIND.memory or KIND.unknown, done
 end
 
 -- Runs fn(...) in the request thread: true and fn's value, or false, an error kind and its
@@ -439,12 +447,12 @@ local load_file = opts.bytecode and loadfile_absolute or load_text_file
 local function run_file(file, ...)
   local chunk, message = load_file(file)
   if not chunk then
-    if is_memory_error(message) then return false, "Memory Error", message end
+    if is_memory_error(message) then return false, KIND.memory, message end
     local probe = io_open(file, "rb")
-    if not probe then return false, "File Error", message end
+    if not probe then return false, KIND.file, message end
     probe:close()
     if not find(message, file, 1, true) then message = file .. ": " .. message end
-    return false, "Syntax Error", message
+    return false, KIND.syntax, message
   end
   return true, chunk(...)
 end
@@ -549,7 +557,7 @@ local function serve(raw_params, input)
   if type(handler) ~= "function" then
     handler = app_handler
     if handler == nil then
-      return false, "Runtime Error", handler_name .. "() function not found", false
+      return false, KIND.runtime, handler_name .. "() function not found", false
     end
   end
   local ok, kind, message = call(run_handler, handler, env, c)

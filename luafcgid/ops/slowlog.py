@@ -1,9 +1,10 @@
 """The slowlog: a request running longer than slowlog_timeout is written once, with the Lua
 traceback of where it is (php-fpm's request_slowlog_timeout).
 
-The deadline watcher's thread looks at the workers' start times at every tick. For a slow
-request it arms a one-shot hook on the Lua state running it (hooks.call_once): the hook runs
-on the worker itself, at the state's next Lua instruction, and writes the traceback.
+The deadline watcher finds the slow requests (worker.Worker.check) and hands each to
+report(), which has a one-shot hook armed on the Lua state running it (Worker.trace): the
+hook runs on the worker itself, at the state's next Lua instruction, and writes the
+traceback.
 
 Limits, honestly: LuaJIT runs no hooks inside compiled traces (with a request_timeout its
 JIT compiler is off), and a request blocked inside a C function gets its traceback when the
@@ -13,66 +14,22 @@ traceback is written when it hands back to the request.
 
 import logging
 
+from .describe import describe
 from .logs import slow as slowlog
-from .metrics import current_worker
 
 log = logging.getLogger("luafcgid")
 
 
-def _describe(worker, seconds):
-    params = worker.params or {}
-    return "slow request: %s %s ran %.3f s (script %s)" % (
-        params.get(b"REQUEST_METHOD", b"-").decode(errors="replace"),
-        params.get(b"REQUEST_URI", b"-").decode(errors="replace"), seconds,
-        params.get(b"SCRIPT_FILENAME", b"-").decode(errors="replace"))
+def report(worker, now):
+    """Write the slow request `worker` runs, with its Lua traceback when it runs Lua."""
+    message = f"slow request: {describe(worker)} has run {now - worker.started:.3f} s"
 
+    def write(traceback):
+        try:
+            slowlog.warning("%s\n%s", message, traceback if traceback is not None else
+                            "(no Lua traceback: the request ended or was stopped first)")
+        except Exception:
+            log.exception("slowlog hook failed")
 
-class SlowLog:
-    """Checked at every tick of the deadline watcher (deadline.Watcher)."""
-
-    def __init__(self, config, metrics):
-        """Watches the workers of `metrics` (a metrics.Metrics) against config() (the
-        current Config)'s slowlog_timeout."""
-        self.config = config
-        self.metrics = metrics
-        self._reported = {}   # worker number -> its `requests` count when reported
-
-    def check(self, now):
-        timeout = self.config().slowlog_timeout
-        if timeout is None or not slowlog.handlers:
-            return
-        for worker in self.metrics.workers:
-            started, count = worker.started, worker.requests
-            if (started and now - started > timeout
-                    and self._reported.get(worker.number) != count):
-                self._reported[worker.number] = count
-                try:
-                    self._report(worker, count, now - started)
-                except Exception:
-                    log.exception("slowlog failed")
-
-    @staticmethod
-    def _report(worker, count, seconds):
-        message = _describe(worker, seconds)
-        window = worker.window
-        with window.lock:   # while it is held, the call (and its lua_State) goes on
-            state = window.state
-            if state is not None and not window.expired and worker.requests == count:
-                hooks = state.hooks
-                hooks.call_once(state.threads[0],
-                                lambda L: _write(hooks, worker, count, message, L), window.ident)
-                return
+    if not worker.trace(write):
         slowlog.warning("%s\n(no Lua traceback: not running Lua)", message)
-
-
-def _write(hooks, worker, count, message, L):
-    """The hook's callback: on the worker's thread inside the running Lua code (L), or
-    anywhere with L None when the hook was taken off first."""
-    try:
-        if L is not None and getattr(current_worker, "stats", None) is worker and worker.requests == count:
-            slowlog.warning("%s\n%s", message, hooks.traceback(L))
-        else:
-            slowlog.warning("%s\n(no Lua traceback: the request ended or was stopped first)",
-                            message)
-    except Exception:
-        log.exception("slowlog hook failed")

@@ -15,6 +15,7 @@ import time
 from collections import defaultdict
 
 from ..request import pages
+from .describe import running
 
 OPENMETRICS_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
@@ -82,16 +83,24 @@ def _whole_pool(data, scoreboard):
 
 
 class Status:
-    def __init__(self, metrics, sock, stuck, scoreboard=None, publish=None):
-        """The figures of `metrics` (a metrics.Metrics), the accept queue of sock() (the
-        listening socket), the workers stuck() in Lua (deadline.Watcher.stuck), and with
-        processes > 1 every process's from `scoreboard`, on which publish() puts this
-        one's first."""
-        self.metrics = metrics
+    def __init__(self, workers, sock, scoreboard=None, publish=None):
+        """The figures of `workers` (a worker.Workers), the accept queue of sock() (the
+        listening socket), and with processes > 1 every process's from `scoreboard`, on
+        which publish() puts this one's first."""
+        self.workers = workers
         self.sock = sock
-        self.stuck = stuck
         self.scoreboard = scoreboard
         self.publish = publish
+        self.started = time.time()
+        self._started_monotonic = time.monotonic()
+
+    def uptime(self):
+        return time.monotonic() - self._started_monotonic
+
+    def stuck(self):
+        """What every worker given up on runs (describe.running's dicts)."""
+        now = time.monotonic()
+        return [running(worker, now) for worker in self.workers if worker.stuck]
 
     def routes(self, config, pool):
         """SCRIPT_NAME (bytes) -> page function, for a responder whose states are `pool`."""
@@ -119,10 +128,10 @@ class Status:
 
     def snapshot(self, pool):
         """Everything the status page shows, as plain data."""
-        metrics = self.metrics
-        requests, failed, slow, active = metrics.totals()
+        workers = self.workers
+        requests, failed, slow, active = workers.totals()
         stuck = self.stuck()
-        uptime = metrics.uptime()
+        uptime = self.uptime()
         scripts = defaultdict(lambda: {"clones": 0, "requests": 0, "loaded_at": 0.0,
                                        "memory_kb": None})
         for state in pool.states():
@@ -135,14 +144,14 @@ class Status:
                 entry["memory_kb"] = (entry["memory_kb"] or 0.0) + memory
         data = {
             "pid": os.getpid(),
-            "start_time": metrics.started,
+            "start_time": self.started,
             "uptime_seconds": round(uptime, 3),
             "requests": requests,
             "requests_per_second": round(requests / uptime, 3) if uptime > 0 else 0.0,
             "failed_requests": failed,
             "slow_requests": slow,
-            "workers": {"total": len(metrics.workers), "active": active,
-                        "idle": len(metrics.workers) - active, "stuck": len(stuck)},
+            "workers": {"total": len(workers), "active": active,
+                        "idle": len(workers) - active, "stuck": len(stuck)},
             # workers given up on, stuck in Lua past request_timeout (deadline.py)
             "stuck": stuck,
             "states": pool.stats(),

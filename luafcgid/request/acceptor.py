@@ -28,6 +28,8 @@ import socket
 import threading
 import time
 
+from .connection import Connection
+
 log = logging.getLogger("luafcgid")
 
 # accept() failures that say "not now" rather than "never": back off and try again
@@ -37,11 +39,11 @@ _ACCEPT_BATCH = 64
 
 
 class Acceptor:
-    def __init__(self, sock, connect):
-        """`connect(sock, address)` makes a Connection of an accepted socket."""
-        self._connect = connect
+    def __init__(self, sock):
         self._epoll = select.epoll()
         self._watched = {}   # fd -> Connection registered in the epoll set, parked or served
+        self._parked = {}    # fd -> monotonic time parked, of those waiting in the set
+        self._arrived = set()   # fds of those served now on which more bytes arrived
         self._kept = set()   # fds of those kept alive by the web server (FCGI_KEEP_CONN)
         self._lock = threading.Lock()
         self._wake_read, self._wake_write = os.pipe()
@@ -78,10 +80,9 @@ class Acceptor:
                     connection = self._watched.get(fd)
                     if connection is None:
                         continue
-                    if connection.parked:
-                        connection.parked = False
+                    if self._parked.pop(fd, None) is not None:
                         return connection
-                    connection.arrived = True   # its worker reads again before parking it
+                    self._arrived.add(fd)   # its worker reads again before parking it
         return None
 
     def _accept_pending(self):
@@ -116,36 +117,36 @@ class Acceptor:
                 log.error("accept failed: %s; retrying", exc)
                 time.sleep(0.1)
             return None
-        return self._connect(socket.socket(self._family, socket.SOCK_STREAM, 0, fd), address)
+        return Connection(socket.socket(self._family, socket.SOCK_STREAM, 0, fd), address)
 
     def park(self, connection):
         """Keep a connection until more bytes arrive on it. False when bytes arrived while
         it was being served: the caller reads them now."""
+        fd = connection.fd
         with self._lock:
             if self.closed:
                 connection.close()
                 return True
-            if connection.arrived:
-                connection.arrived = False
+            if fd in self._arrived:
+                self._arrived.discard(fd)
                 return False
-            connection.parked = True
-            connection.parked_at = time.monotonic()
-            fd = connection.sock.fileno()
-            if not connection.registered:
+            self._parked[fd] = time.monotonic()
+            if fd not in self._watched:
                 self._watched[fd] = connection
                 self._epoll.register(fd, _WATCHED)
-                connection.registered = True
             if connection.kept:
                 self._kept.add(fd)
         return True
 
     def discard(self, connection):
         """Close a connection a worker is done with."""
-        if connection.registered:
+        fd = connection.fd
+        # unlocked: while its fd is open no other connection has it
+        if fd in self._watched:
             with self._lock:   # before the close frees its fd for another connection
-                fd = connection.sock.fileno()
-                self._watched.pop(fd, None)
+                del self._watched[fd]
                 self._kept.discard(fd)
+                self._arrived.discard(fd)
         connection.close()
 
     def close_idle(self, max_idle):
@@ -154,9 +155,14 @@ class Acceptor:
         its first bytes, unless bytes wait unread (then the client is waiting for us)."""
         limit = time.monotonic() - max_idle
         with self._lock:
-            expired = [fd for fd, c in self._watched.items()
-                       if c.parked and (c.parked_at if c.began is None else c.began) < limit
-                       and not c.unread()]
+            expired = []
+            for fd, parked_at in self._parked.items():
+                connection = self._watched[fd]
+                began = connection.began
+                if (parked_at if began is None else began) < limit and not connection.unread():
+                    expired.append(fd)
+            for fd in expired:
+                del self._parked[fd]
             self._kept.difference_update(expired)
             connections = [self._watched.pop(fd) for fd in expired]
         for connection in connections:
@@ -170,8 +176,10 @@ class Acceptor:
         those they serve)."""
         with self._lock:
             self.closed = True
-            connections = [c for c in self._watched.values() if c.parked]
+            connections = [self._watched[fd] for fd in self._parked]
             self._watched.clear()
+            self._parked.clear()
+            self._arrived.clear()
             self._kept.clear()
         os.write(self._wake_write, b"x")
         for connection in connections:

@@ -173,21 +173,15 @@ def _unix_peer(sock):
 
 
 class Connection:
-    __slots__ = ("sock", "address", "server", "parser", "began", "kept", "parked_at",
-                 "registered", "parked", "arrived")
+    __slots__ = ("sock", "fd", "address", "parser", "began", "kept")
 
-    def __init__(self, sock, address, server):
-        """`server` provides the current `responder` and `config`; a reload replaces them,
-        and each request takes the ones current when it begins."""
+    def __init__(self, sock, address):
         self.sock = sock
+        self.fd = sock.fileno()
         self.address = address   # (host, port) on TCP; the peer is asked only for a log line
-        self.server = server
         self.parser = Parser()
         self.began = None        # monotonic time the request being received began to arrive
         self.kept = False        # the web server asked to keep it open after a request
-        # the acceptor's: in its epoll set; waiting there; bytes arrived while served
-        self.registered = self.parked = self.arrived = False
-        self.parked_at = 0.0
 
     @property
     def peer(self):
@@ -195,10 +189,11 @@ class Connection:
             return f"{self.address[0]}:{self.address[1]}"
         return _unix_peer(self.sock)
 
-    def serve(self, worker):
-        """Read what has arrived and answer the requests it completes, counted in `worker`
-        (the serving thread's metrics.WorkerStats). True when the connection waits for more
-        bytes (park it); False when it is finished."""
+    def serve(self, worker, config, responder):
+        """Read what has arrived and answer the requests it completes with `responder`
+        under `config` (a reload replaces them: each read takes the current ones), counted
+        in `worker` (the serving thread's worker.Worker). True when the connection waits
+        for more bytes (park it); False when it is finished."""
         sock, parser = self.sock, self.parser
         try:
             while True:
@@ -213,13 +208,13 @@ class Connection:
                     return False
                 parser.received(data)
                 while True:
-                    request = parser.next(self.server.config)
+                    request = parser.next(config)
                     if parser.replies:
-                        self._send_replies()
+                        self._send_replies(config.client_timeout)
                     if request is None:
                         break
                     self.began = None
-                    if not self._answer(request, worker):
+                    if not self._answer(request, worker, config, responder):
                         return False
                 if parser.closing:
                     return False
@@ -238,27 +233,24 @@ class Connection:
             self.began = _monotonic()
         return True
 
-    def _answer(self, request, worker):
+    def _answer(self, request, worker, config, responder):
         """Run one request; True when the connection stays open for the next one."""
-        request_id, keep_conn, params, body, too_large = request
-        self.kept = keep_conn
-        server = self.server
-        config = server.config
+        self.kept = keep = request.keep
         # without a finish handler the connection closes right after the response
-        out = Output(self.sock, request_id, not keep_conn and bool(config.finishhandler),
+        out = Output(self.sock, request.id, not keep and bool(config.finishhandler),
                      config.client_timeout)
-        worker.begin(params)
+        worker.begin(request.params)
         try:
-            server.responder.respond(params, body, out, too_large, worker)
+            responder.respond(request, out, worker)
         finally:
-            worker.end(out)
-        return keep_conn and not server.stopping
+            worker.end(out.status, out.sent)
+        return keep
 
-    def _send_replies(self):
+    def _send_replies(self, timeout):
         replies = b"".join(self.parser.replies)
         self.parser.replies.clear()
         try:
-            send_all(self.sock, replies, self.server.config.client_timeout)
+            send_all(self.sock, replies, timeout)
         except OSError as exc:
             raise ClientGone(f"connection failed: {exc}") from None
 

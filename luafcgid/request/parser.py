@@ -17,6 +17,32 @@ _BEGIN_SIZE = fcgi.BEGIN_BODY.size
 _BEGIN_REQUEST, _PARAMS, _STDIN, _ABORT = (fcgi.BEGIN_REQUEST, fcgi.PARAMS, fcgi.STDIN,
                                           fcgi.ABORT_REQUEST)
 _NOTHING = b""
+SCRIPT_FILENAME, SCRIPT_NAME = b"SCRIPT_FILENAME", b"SCRIPT_NAME"
+_READ = fcgi.names(SCRIPT_FILENAME, SCRIPT_NAME)   # the params the daemon itself reads
+
+
+class Request:
+    """One complete request: its params as received (`params`, encoded: a Lua state decodes
+    them itself, without the interpreter lock), the two of them the daemon reads (the script
+    and, for the status and ping pages, SCRIPT_NAME), and its body. Raises ProtocolError
+    when the params are not valid name-value pairs."""
+
+    __slots__ = ("id", "keep", "params", "script", "name", "body", "too_large")
+
+    def __init__(self, params, body=b"", too_large=False, request_id=1, keep=False):
+        read = fcgi.decode_params(params, _READ)
+        self.id = request_id
+        self.keep = keep           # the web server keeps the connection open after it
+        self.params = params
+        self.script = read.get(SCRIPT_FILENAME, _NOTHING)
+        self.name = read.get(SCRIPT_NAME)
+        self.body = body
+        self.too_large = too_large   # the body was larger than maxpost (and dropped)
+
+    @classmethod
+    def of(cls, params, body=b"", too_large=False):
+        """A request with `params` given as a dict of bytes (the development server's)."""
+        return cls(fcgi.encode_params(params), body, too_large)
 
 
 class Parser:
@@ -74,8 +100,7 @@ class Parser:
             raise fcgi.ProtocolError("connection closed in the middle of a request")
 
     def next(self, limits):
-        """The next complete request, as (request_id, keep_conn, params, body, too_large),
-        or None when more bytes are needed (or `closing` is set). Raises ProtocolError on
+        """The next complete Request, or None when more bytes are needed (or `closing` is set). Raises ProtocolError on
         bytes that are not valid FastCGI."""
         if self.closing:
             return None
@@ -150,9 +175,9 @@ class Parser:
     def _complete(self):
         params, body = self._params, self._body
         # one record each is the common case: no join (bytes() of bytes is no copy)
-        request = (self._id, self._keep,
-                   fcgi.decode_params(params[0] if len(params) == 1 else b"".join(params)),
-                   bytes(body[0]) if len(body) == 1 else b"".join(body), self._too_large)
+        request = Request(bytes(params[0]) if len(params) == 1 else b"".join(params),
+                          bytes(body[0]) if len(body) == 1 else b"".join(body),
+                          self._too_large, self._id, self._keep)
         self._reset()
         return request
 
