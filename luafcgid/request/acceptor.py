@@ -35,6 +35,7 @@ log = logging.getLogger("luafcgid")
 # accept() failures that say "not now" rather than "never": back off and try again
 _TRANSIENT = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _WATCHED = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+_HUNG_UP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _ACCEPT_BATCH = 64
 
 
@@ -68,7 +69,7 @@ class Acceptor:
         just accepted. None once the acceptor is closed."""
         while not self.closed:
             events = self._epoll.poll(-1, 1)
-            for fd, _ in events:
+            for fd, mask in events:
                 if fd == self._wake_read:
                     return None
                 if fd == self.sock.fileno():
@@ -80,6 +81,10 @@ class Acceptor:
                     connection = self._watched.get(fd)
                     if connection is None:
                         continue
+                    if mask & _HUNG_UP:
+                        # the client's last bytes and its end came as one event: the
+                        # worker reads on to the end, past a short read
+                        connection.hung_up = True
                     if self._parked.pop(fd, None) is not None:
                         return connection
                     self._arrived.add(fd)   # its worker reads again before parking it

@@ -173,7 +173,7 @@ def _unix_peer(sock):
 
 
 class Connection:
-    __slots__ = ("sock", "fd", "address", "parser", "began", "kept")
+    __slots__ = ("sock", "fd", "address", "parser", "began", "kept", "hung_up")
 
     def __init__(self, sock, address):
         self.sock = sock
@@ -182,6 +182,7 @@ class Connection:
         self.parser = Parser()
         self.began = None        # monotonic time the request being received began to arrive
         self.kept = False        # the web server asked to keep it open after a request
+        self.hung_up = False     # the web server has shut down its sending side
 
     @property
     def peer(self):
@@ -218,7 +219,8 @@ class Connection:
                         return False
                 if parser.closing:
                     return False
-                if len(data) < _RECV_SIZE:   # a short read: nothing more had arrived
+                # a short read: nothing more had arrived, but maybe the end (epoll says)
+                if len(data) < _RECV_SIZE and not self.hung_up:
                     return self._waiting()
         except fcgi.ProtocolError as exc:
             log.warning("malformed FastCGI from %s: %s; connection closed", self.peer, exc)
