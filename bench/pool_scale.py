@@ -49,6 +49,7 @@ def rss_kb():
 
 
 def run(scripts, states, requests, seed=1):
+    here = os.getcwd()   # serving moves this thread into the scripts' directory
     with tempfile.TemporaryDirectory() as root:
         paths = []
         for n in range(scripts):
@@ -85,6 +86,7 @@ def run(scripts, states, requests, seed=1):
             "KiB/state": grown / max(1, loaded),
         }
         responder.pool.close()
+        os.chdir(here)
         return result
 
 
