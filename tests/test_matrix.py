@@ -70,7 +70,10 @@ def _name(combination):
 
 COUNTER = """
     count, finished = 0, 0
-    local id = tostring({}):match("0x%x+") or tostring({})
+    -- forked serving processes may place a table at the same address: the pid tells them apart
+    local stat = io.open("/proc/self/stat")
+    local id = (tostring({}):match("0x%x+") or tostring({})) .. "/" .. stat:read("*n")
+    stat:close()
     function main(env, con)
       count = count + 1
       con:header("Content-Type", "text/plain")
