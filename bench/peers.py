@@ -7,6 +7,7 @@ request, and `keepalive`, an upstream block keeping connections open. Ceilings: 
 (`return 200`) and nginx's embedded Lua (content_by_lua_block).
 """
 
+import functools
 import glob
 import importlib.util
 import os
@@ -110,6 +111,23 @@ def luafcgid_available():
     if not where.startswith(REPO + os.sep):
         return "python imports luafcgid from %s, not from this checkout %s" % (where, REPO)
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def luafcgid_help():
+    return subprocess.run([sys.executable, "-m", "luafcgid", "--help"], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, timeout=60, cwd="/", env=luafcgid_env()).stdout.decode()
+
+
+def luafcgid_command(conf):
+    """The daemon with `conf` (luafcgid_config, which sets no user: the benchmark runs as
+    whoever starts it, and another user may not read the checkout's pages); as root with -R
+    where this checkout's daemon has it, since such a daemon refuses to run pages as root
+    without it."""
+    cmd = [sys.executable, "-m", "luafcgid", "-c", conf]
+    if os.geteuid() == 0 and "--allow-to-run-as-root" in luafcgid_help():
+        cmd.append("-R")
+    return cmd
 
 
 def c_original_binary(args):
@@ -230,8 +248,7 @@ def start_backend(peer, mode, tmp, servers, args, settings):
     workers = BLOCKING_WORKERS
     if peer == "luafcgid":
         conf, sock = luafcgid_config(directory, settings)
-        server = Server(name, [sys.executable, "-m", "luafcgid", "-c", conf], tmp,
-                        env=luafcgid_env(), cwd=directory)
+        server = Server(name, luafcgid_command(conf), tmp, env=luafcgid_env(), cwd=directory)
         workers = None
     elif peer == "floor":
         sock = os.path.join(directory, "floor.sock")
