@@ -35,9 +35,9 @@ end
 local function decode(raw)   -- FastCGI name-value pairs to the env table
   local env, pos = {}, 1
   while pos <= #raw do
-    local name_len, value_len = byte(raw, pos), 0
+    local name_len = byte(raw, pos)
     if name_len < 128 then pos = pos + 1 else name_len = long(raw, pos); pos = pos + 4 end
-    value_len = byte(raw, pos)
+    local value_len = byte(raw, pos)
     if value_len < 128 then pos = pos + 1 else value_len = long(raw, pos); pos = pos + 4 end
     env[sub(raw, pos, pos + name_len - 1)] = sub(raw, pos + name_len, pos + name_len + value_len - 1)
     pos = pos + name_len + value_len
