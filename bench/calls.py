@@ -4,12 +4,12 @@ path a request takes (issue 16), counted with a profile hook (sys.setprofile and
 threading.setprofile) in every thread while requests are sent one at a time.
 
 luafcgid runs the shipped etc/luafcgid.yaml with 1 process of 1 worker (--set overrides a
-setting, e.g. --set access_log=/tmp/a.log to see what the access log costs); the floor peer
-(bench/floor.py, when present) beside it. Each request comes on a new connection, as in
-nginx's plain mode, with the params nginx's fastcgi_params sends; --keepalive sends them all
-on one kept connection instead.
+setting, e.g. --set access_log=/tmp/a.log to see what the access log costs); the floor
+(bench/floor.py) beside it, one process serving in its main thread. Each request comes on a
+new connection, as in nginx's plain mode, with the params nginx's fastcgi_params sends;
+--keepalive sends them all on one kept connection instead.
 
-    python3 bench/calls.py [--requests 1000] [--workload hello] [--keepalive] [--set K=V]
+    python3 -m bench.calls [--requests 1000] [--workload hello] [--keepalive] [--set K=V]
 """
 
 import argparse
@@ -21,13 +21,10 @@ import sys
 import tempfile
 import time
 
-BENCH = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(BENCH)
-sys.path.insert(1, REPO)   # after bench/ itself: `bench` is bench.py
-
-from bench import luafcgid_config, luafcgid_env, setting  # noqa: E402  (bench/bench.py)
-
-from luafcgid.request import fastcgi as fcgi  # noqa: E402
+from bench.bench import setting
+from bench.common import BENCH, REPO
+from bench.peers import luafcgid_command, luafcgid_config, luafcgid_env, shipped_settings
+from luafcgid.request import fastcgi as fcgi
 
 WARMUP = 200
 
@@ -73,7 +70,7 @@ if sys.argv[0] == "-m":
     sys.argv = sys.argv[1:]
     runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 else:
-    runpy.run_path(sys.argv[0], run_name="__main__")
+    exec(sys.argv[1], {"__name__": "__main__"})
 """
 
 
@@ -126,8 +123,8 @@ def send_requests(address, params, count, keep):
             sock.connect(address)
         sock.sendall(request)
         response = read_response(sock)
-        if b"Status: 200" not in response[:64] and b"200" not in response[:64]:
-            raise SystemExit(f"unexpected response: {response[:200]!r}")
+        if response[fcgi.HEADER_LEN:].startswith((b"Status: 4", b"Status: 5")):
+            raise SystemExit(f"an error response: {response[:200]!r}")
         if not keep:
             sock.close()
             sock = None
@@ -186,19 +183,22 @@ def count_calls(command, address, params, requests, keep, env=None, by_function=
     return counts
 
 
-def luafcgid_command(directory, settings):
-    config, listen = luafcgid_config(directory, {"processes": 1, "workers": 1,
-                                                 "sweep": 60000, **dict(settings)})
-    return ["-m", "luafcgid", "-c", config], listen
+def luafcgid(directory, settings):
+    """The daemon's arguments to python and its socket: the shipped config, 1 process of 1
+    worker."""
+    config, listen = luafcgid_config(directory, shipped_settings(
+        {"processes": 1, "workers": 1, **dict(settings)}))
+    return luafcgid_command(config)[1:], listen
 
 
-def floor_command(directory):
-    """The floor peer's command (bench/floor.py), or None when this checkout has none."""
-    script = os.path.join(BENCH, "floor.py")
-    if not os.path.exists(script):
-        return None
+def floor(directory):
+    """The floor's arguments to python and its socket: its worker() on a listener of its own,
+    in the main thread."""
     listen = os.path.join(directory, "floor.sock")
-    return [script, "--listen", listen, "--processes", "1"], listen
+    code = ("import socket\nfrom bench import floor\n"
+            "listener = socket.socket(socket.AF_UNIX)\n"
+            f"listener.bind({listen!r})\nlistener.listen(64)\nfloor.worker(listener)\n")
+    return ["-c", code], listen
 
 
 def main(argv=None):
@@ -215,13 +215,10 @@ def main(argv=None):
     params = nginx_params(root, args.workload)
     rows = []
     with tempfile.TemporaryDirectory(prefix="luafcgid-calls-") as tmp:
-        command, address = luafcgid_command(tmp, args.set)
-        rows.append(("luafcgid", count_calls(command, address, params, args.requests,
-                                             args.keepalive, luafcgid_env(), args.by_function)))
-        floor = floor_command(tmp)
-        if floor is not None:
-            rows.append(("floor", count_calls(*floor, params, args.requests, args.keepalive,
-                                              by_function=args.by_function)))
+        for name, (command, address) in (("luafcgid", luafcgid(tmp, args.set)),
+                                         ("floor", floor(tmp))):
+            rows.append((name, count_calls(command, address, params, args.requests,
+                                           args.keepalive, luafcgid_env(), args.by_function)))
     mode = "one kept connection" if args.keepalive else "a new connection each"
     print(f"{args.workload}, {args.requests} requests, {mode}; calls per request:")
     print(f"{'peer':<10} {'Python':>8} {'C':>8}")
