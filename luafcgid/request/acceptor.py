@@ -26,6 +26,7 @@ import os
 import select
 import socket
 import threading
+import _socket
 import time
 
 from .connection import Connection
@@ -52,6 +53,7 @@ class Acceptor:
         self._epoll.register(self._wake_read, select.EPOLLIN)
         self.closed = False
         self.sock = None
+        self._listening = None   # its fd
         self._family = None
         self.listen_on(sock)
 
@@ -60,6 +62,7 @@ class Acceptor:
         sock.setblocking(False)
         self._epoll.register(sock.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
         self._family = sock.family
+        self._listening = sock.fileno()
         old, self.sock = self.sock, sock
         if old is not None:
             self._epoll.unregister(old.fileno())
@@ -68,15 +71,16 @@ class Acceptor:
         """Block until a Connection may have bytes to read: a parked one that has, or one
         just accepted. None once the acceptor is closed."""
         while not self.closed:
-            events = self._epoll.poll(-1, 1)
-            for fd, mask in events:
+            for fd, mask in self._epoll.poll(-1, 1):
+                if fd == self._listening:
+                    connection = self._accept()
+                    if connection is None:
+                        continue
+                    if self._kept:
+                        self._accept_backlog()
+                    return connection
                 if fd == self._wake_read:
                     return None
-                if fd == self.sock.fileno():
-                    connection = self._accept_pending()
-                    if connection is not None:
-                        return connection
-                    continue
                 with self._lock:
                     connection = self._watched.get(fd)
                     if connection is None:
@@ -90,29 +94,27 @@ class Acceptor:
                     self._arrived.add(fd)   # its worker reads again before parking it
         return None
 
-    def _accept_pending(self):
-        """Accept a connection, to be read at once (its request has usually arrived with it:
-        no epoll round trip). When the web server keeps connections alive, accept the whole
-        backlog and park the rest, so that new connections take turns with kept ones in the
-        ready list: accepting one per pass starved the backlog (at 256 clients the p99
-        latency was 449 ms against a 9 ms median; 49 ms against 19 ms since). Otherwise one
-        at a time is fair and cheapest: a batch parked all but one of about ten accepted,
-        each costing an epoll_ctl and a pass through epoll_wait, and ended on a failed
-        accept; and a process that took a batch held it while another process took newer
-        connections from the backlog."""
-        first = self._accept()
-        if first is not None and self._kept:
-            for _ in range(_ACCEPT_BATCH - 1):
-                connection = self._accept()
-                if connection is None:
-                    break
-                self.park(connection)
-        return first
+    def _accept_backlog(self):
+        """A connection is accepted to be read at once (its request has usually arrived with
+        it: no epoll round trip). When the web server keeps connections alive, the rest of
+        the backlog is accepted and parked too, so that new connections take turns with
+        kept ones in the ready list: accepting one per pass starved the backlog (at 256
+        clients the p99 latency was 449 ms against a 9 ms median; 49 ms against 19 ms
+        since). Otherwise one at a time is fair and cheapest: a batch parked all but one of
+        about ten accepted, each costing an epoll_ctl and a pass through epoll_wait, and
+        ended on a failed accept; and a process that took a batch held it while another
+        process took newer connections from the backlog."""
+        for _ in range(_ACCEPT_BATCH - 1):
+            connection = self._accept()
+            if connection is None:
+                break
+            self.park(connection)
 
     def _accept(self):
         """A Connection of the next socket in the backlog, or None. Takes the raw accept()
-        and builds the socket object with the listener's known family: socket.accept()
-        asks for the family and type as enums, costing a microsecond a connection."""
+        and builds a C socket object (_socket.socket) with the listener's known family:
+        socket.accept() asks for the family and type as enums, costing a microsecond a
+        connection, and socket.socket's __init__ and close() are Python, 3 calls more."""
         try:
             fd, address = self.sock._accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
@@ -122,7 +124,7 @@ class Acceptor:
                 log.error("accept failed: %s; retrying", exc)
                 time.sleep(0.1)
             return None
-        return Connection(socket.socket(self._family, socket.SOCK_STREAM, 0, fd), address)
+        return Connection(_socket.socket(self._family, socket.SOCK_STREAM, 0, fd), fd, address)
 
     def park(self, connection):
         """Keep a connection until more bytes arrive on it. False when bytes arrived while

@@ -61,16 +61,10 @@ class Parser:
         self.closing = False
         self._buf = _NOTHING   # bytes as received, or a bytearray while a record is cut
         self._pos = 0          # where the unparsed bytes in _buf begin
-        self._reset()
-
-    def _reset(self):
         self._id = None        # the active request, once its BEGIN_REQUEST arrived
-        self._keep = False
-        self._params = []
-        self._params_len = 0
-        self._body = []
-        self._body_len = 0
-        self._too_large = False
+        # the active request's (set by _begin)
+        self._keep = self._params = self._params_len = None
+        self._body = self._body_len = self._too_large = None
 
     def received(self, data):
         """Add bytes read from the connection."""
@@ -100,8 +94,8 @@ class Parser:
             raise fcgi.ProtocolError("connection closed in the middle of a request")
 
     def next(self, limits):
-        """The next complete Request, or None when more bytes are needed (or `closing` is set). Raises ProtocolError on
-        bytes that are not valid FastCGI."""
+        """The next complete Request, or None when more bytes are needed (or `closing` is
+        set). Raises ProtocolError on bytes that are not valid FastCGI."""
         if self.closing:
             return None
         buf, pos = self._buf, self._pos
@@ -127,16 +121,26 @@ class Parser:
                 continue   # spec 4.2: records of an inactive request are ignored
             elif rtype == _PARAMS:
                 if content:
-                    self._add_params(content, limits)
+                    self._params.append(content)
+                    self._params_len += len(content)
+                    if self._params_len > limits.max_params:
+                        raise fcgi.ProtocolError(
+                            f"params longer than max_params ({limits.max_params} bytes)")
             elif rtype == _STDIN:
-                if not content:
-                    self._pos = pos
-                    return self._complete()
-                self._add_body(content, limits)
+                if content:
+                    self._add_body(content, limits)
+                    continue
+                self._pos = pos
+                self._id = None
+                params, body = self._params, self._body
+                # one record each is the common case: no join (bytes() of bytes is no copy)
+                return Request(bytes(params[0]) if len(params) == 1 else b"".join(params),
+                               bytes(body[0]) if len(body) == 1 else b"".join(body),
+                               self._too_large, rid, self._keep)
             elif rtype == _ABORT:
                 self.replies.append(_end_request(rid, fcgi.REQUEST_COMPLETE))
                 self.closing = not self._keep
-                self._reset()
+                self._id = None
                 if self.closing:
                     break
         self._pos = pos
@@ -156,13 +160,9 @@ class Parser:
             self.closing = not flags & fcgi.KEEP_CONN
         else:
             self._id, self._keep = rid, bool(flags & fcgi.KEEP_CONN)
+            self._params, self._params_len = [], 0
+            self._body, self._body_len, self._too_large = [], 0, False
         return self.closing
-
-    def _add_params(self, content, limits):
-        self._params.append(content)
-        self._params_len += len(content)
-        if self._params_len > limits.max_params:
-            raise fcgi.ProtocolError(f"params longer than max_params ({limits.max_params} bytes)")
 
     def _add_body(self, content, limits):
         self._body_len += len(content)
@@ -171,15 +171,6 @@ class Parser:
             self._body = []
         elif not self._too_large:
             self._body.append(content)
-
-    def _complete(self):
-        params, body = self._params, self._body
-        # one record each is the common case: no join (bytes() of bytes is no copy)
-        request = Request(bytes(params[0]) if len(params) == 1 else b"".join(params),
-                          bytes(body[0]) if len(body) == 1 else b"".join(body),
-                          self._too_large, self._id, self._keep)
-        self._reset()
-        return request
 
     def _management(self, rtype, content, limits):
         if rtype == fcgi.GET_VALUES:

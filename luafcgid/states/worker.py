@@ -32,7 +32,8 @@ SLOW = 2    # the request ran longer than slowlog_timeout: report it (once)
 
 class Worker:
     __slots__ = ("number", "name", "thread", "ident", "stage", "requests", "failed", "slow",
-                 "started", "params", "script", "slow_after", "watched", "access", "lock",
+                 "started", "params", "script", "slow_after", "watched", "access", "out_lock",
+                 "lock",
                  "state", "call_started", "deadline", "expired", "stuck", "abandon",
                  "reported")
 
@@ -53,6 +54,8 @@ class Worker:
         self.slow_after = None
         self.watched = False
         self.access = None
+        # the responses it writes, under which the watcher may complete one (abandon)
+        self.out_lock = threading.RLock()
         # the watched call into Lua, under `lock`
         self.lock = threading.Lock()
         self.state = None        # the LuaState it runs in; None between calls
