@@ -1,21 +1,26 @@
-#!/usr/bin/env python3
-"""Python and C function calls per request in the serving process: the length of the Python
-path a request takes (issue 16), counted with a profile hook (sys.setprofile and
-threading.setprofile) in every thread while requests are sent one at a time.
+"""The length of the Python path a request takes (issue 16), in the serving process: the
+Python and C function calls per request, counted with a profile hook (sys.setprofile and
+threading.setprofile) in every thread, and the process's CPU time per request without the
+hook, for requests sent one at a time.
 
 luafcgid runs the shipped etc/luafcgid.yaml with 1 process of 1 worker (--set overrides a
-setting, e.g. --set access_log=/tmp/a.log to see what the access log costs); the floor
-(bench/floor.py) beside it, one process serving in its main thread. Each request comes on a
-new connection, as in nginx's plain mode, with the params nginx's fastcgi_params sends;
---keepalive sends them all on one kept connection instead.
+setting, e.g. --set access_log=/tmp/a.log to see what the access log costs); --against
+CHECKOUT adds another checkout's luafcgid (e.g. main's) for a before and after in one run;
+the floor (bench/floor.py) serves in its main thread beside them. Each request comes on a new
+connection, as in nginx's plain mode, with the params nginx's fastcgi_params sends;
+--keepalive sends them all on one kept connection instead. The CPU time is the median of
+--rounds alternating rounds: one client, one worker and no nginx make it a steadier figure
+than wrk's on a shared machine, and the calls need no timing at all.
 
-    python3 -m bench.calls [--requests 1000] [--workload hello] [--keepalive] [--set K=V]
+    python3 -m bench.calls [--requests 2000] [--rounds 5] [--keepalive] [--against DIR]
+                           [--by-function] [--set KEY=VALUE]
 """
 
 import argparse
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,13 +33,15 @@ from luafcgid.request import fastcgi as fcgi
 
 WARMUP = 200
 
-# Run in the server's process before its own code: counts every profile event of the kinds
-# in `counts` while counting is on; a thread that is not profiled (started first, with no
-# signals) reads "start" and "stop" from the control pipe and answers the counts.
-PROFILED = r"""
-import json, os, runpy, signal, sys, threading
+# Run in the server's process before its own code. With CALLS_PROFILE set, a profile hook
+# counts the events of the kinds in `counts` while counting is on. A thread that is neither
+# profiled (it starts first) nor given signals reads "start" and "stop" from the control pipe
+# and answers the counts and the process's CPU seconds.
+WRAPPER = r"""
+import json, os, runpy, signal, sys, threading, time
 counts = {"call": 0, "c_call": 0}
-functions = {} if os.environ.pop("CALLS_BY_FUNCTION", "") else None
+by_function = os.environ.pop("CALLS_BY_FUNCTION", "")
+functions = {} if by_function else None
 on = False
 
 def profile(frame, event, arg):
@@ -55,16 +62,16 @@ def control(read_fd, write_fd):
                     counts[kind] = 0
                 if functions is not None:
                     functions.clear()
-                on = True
-            else:
-                on = False
-            answers.write(json.dumps({**counts, "functions": functions}) + "\n")
+            on = line.strip() == "start"
+            answers.write(json.dumps({**counts, "functions": functions,
+                                      "cpu": time.process_time()}) + "\n")
             answers.flush()
 
 read_fd, write_fd = (int(fd) for fd in os.environ.pop("CALLS_CONTROL").split(","))
 threading.Thread(target=control, args=(read_fd, write_fd), daemon=True).start()
-threading.setprofile(profile)
-sys.setprofile(profile)
+if os.environ.pop("CALLS_PROFILE", ""):
+    threading.setprofile(profile)
+    sys.setprofile(profile)
 sys.argv = sys.argv[1:]
 if sys.argv[0] == "-m":
     sys.argv = sys.argv[1:]
@@ -146,88 +153,124 @@ def wait_listening(address, proc):
     raise SystemExit("the server did not listen")
 
 
-def count_calls(command, address, params, requests, keep, env=None, by_function=False):
-    """Start `command` profiled, warm it up, count the calls of `requests` requests; stop it.
-    {"call": per request, "c_call": per request, "functions": {name: per request} or None}."""
-    to_server, commands = os.pipe()
-    answers, from_server = os.pipe()
-    env = dict(env or os.environ, CALLS_CONTROL=f"{to_server},{from_server}",
-               CALLS_BY_FUNCTION="1" if by_function else "")
-    proc = subprocess.Popen([sys.executable, "-c", PROFILED, *command], env=env, cwd=REPO,
-                            pass_fds=(to_server, from_server), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    os.close(to_server)
-    os.close(from_server)
-    try:
-        with os.fdopen(commands, "w") as control, os.fdopen(answers) as replies:
-            wait_listening(address, proc)
-            send_requests(address, params, WARMUP, keep)
-            control.write("start\n")
-            control.flush()
-            replies.readline()
-            send_requests(address, params, requests, keep)
-            control.write("stop\n")
-            control.flush()
-            counts = json.loads(replies.readline())
-    finally:
-        proc.terminate()
+class Served:
+    """A server started with WRAPPER, profiled or not, and the requests sent to it."""
+
+    def __init__(self, peer, params, keep, profile, by_function=False):
+        command, self.address, env, cwd = peer
+        if os.path.exists(self.address):   # the floor leaves its socket behind
+            os.unlink(self.address)
+        to_server, commands = os.pipe()
+        answers, from_server = os.pipe()
+        env = dict(env, CALLS_CONTROL=f"{to_server},{from_server}",
+                   CALLS_PROFILE="1" if profile else "",
+                   CALLS_BY_FUNCTION="1" if by_function else "")
+        self.proc = subprocess.Popen([sys.executable, "-c", WRAPPER, *command], env=env,
+                                     cwd=cwd, pass_fds=(to_server, from_server),
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        os.close(to_server)
+        os.close(from_server)
+        self.control, self.answers = os.fdopen(commands, "w"), os.fdopen(answers)
+        self.params, self.keep = params, keep
+        wait_listening(self.address, self.proc)
+        send_requests(self.address, params, WARMUP, keep)
+
+    def _ask(self, command):
+        self.control.write(command + "\n")
+        self.control.flush()
+        return json.loads(self.answers.readline())
+
+    def measure(self, requests):
+        """What `requests` requests cost: {"call", "c_call" per request, "functions" (name:
+        per request) or None, "cpu": µs per request}."""
+        before = self._ask("start")
+        send_requests(self.address, self.params, requests, self.keep)
+        after = self._ask("stop")
+        functions = after["functions"]
+        return {"call": after["call"] / requests, "c_call": after["c_call"] / requests,
+                "functions": functions and {name: n / requests for name, n in functions.items()},
+                "cpu": (after["cpu"] - before["cpu"]) / requests * 1e6}
+
+    def stop(self):
+        self.control.close()
+        self.answers.close()
+        self.proc.terminate()
         try:
-            proc.wait(10)
+            self.proc.wait(10)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    functions = counts.pop("functions")
-    counts = {kind: value / requests for kind, value in counts.items()}
-    counts["functions"] = functions and {name: value / requests
-                                         for name, value in functions.items()}
-    return counts
+            self.proc.kill()
+            self.proc.wait()
 
 
-def luafcgid(directory, settings):
-    """The daemon's arguments to python and its socket: the shipped config, 1 process of 1
-    worker."""
+def luafcgid(directory, settings, checkout=REPO):
+    """(arguments to python, socket, environment, working directory) of a checkout's daemon:
+    the shipped config, 1 process of 1 worker."""
     config, listen = luafcgid_config(directory, shipped_settings(
         {"processes": 1, "workers": 1, **dict(settings)}))
-    return luafcgid_command(config)[1:], listen
+    env = dict(luafcgid_env(), PYTHONPATH=os.pathsep.join(
+        [checkout] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    return luafcgid_command(config)[1:], listen, env, checkout
 
 
 def floor(directory):
-    """The floor's arguments to python and its socket: its worker() on a listener of its own,
-    in the main thread."""
+    """(arguments to python, socket, environment, working directory) of the floor: its
+    worker() on a listener of its own, in the main thread."""
     listen = os.path.join(directory, "floor.sock")
     code = ("import socket\nfrom bench import floor\n"
             "listener = socket.socket(socket.AF_UNIX)\n"
             f"listener.bind({listen!r})\nlistener.listen(64)\nfloor.worker(listener)\n")
-    return ["-c", code], listen
+    return ["-c", code], listen, luafcgid_env(), REPO
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--requests", type=int, default=1000)
+    p.add_argument("--requests", type=int, default=2000)
+    p.add_argument("--rounds", type=int, default=5, help="of the CPU time, alternating")
     p.add_argument("--workload", default="hello")
     p.add_argument("--keepalive", action="store_true", help="one kept connection")
+    p.add_argument("--against", metavar="CHECKOUT", help="another checkout's luafcgid beside")
     p.add_argument("--by-function", action="store_true",
                    help="also list the calls per request of each function")
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], type=setting,
                    help="override a luafcgid setting (YAML value); repeatable")
     args = p.parse_args(argv)
-    root = os.path.join(BENCH, "www")
-    params = nginx_params(root, args.workload)
-    rows = []
+    params = nginx_params(os.path.join(BENCH, "www"), args.workload)
     with tempfile.TemporaryDirectory(prefix="luafcgid-calls-") as tmp:
-        for name, (command, address) in (("luafcgid", luafcgid(tmp, args.set)),
-                                         ("floor", floor(tmp))):
-            rows.append((name, count_calls(command, address, params, args.requests,
-                                           args.keepalive, luafcgid_env(), args.by_function)))
+        for directory in ("a", "b"):
+            os.mkdir(os.path.join(tmp, directory))
+        peers = {"luafcgid": luafcgid(os.path.join(tmp, "a"), args.set)}
+        if args.against:
+            peers[f"luafcgid at {args.against}"] = luafcgid(
+                os.path.join(tmp, "b"), args.set, os.path.abspath(args.against))
+        peers["floor"] = floor(tmp)
+        counted = {}
+        for name, peer in peers.items():
+            served = Served(peer, params, args.keepalive, True, args.by_function)
+            try:
+                counted[name] = served.measure(args.requests)
+            finally:
+                served.stop()
+        running = {name: Served(peer, params, args.keepalive, False)
+                   for name, peer in peers.items()}
+        cpu = {name: [] for name in peers}
+        try:
+            for _ in range(args.rounds):
+                for name, served in running.items():
+                    cpu[name].append(served.measure(args.requests)["cpu"])
+        finally:
+            for served in running.values():
+                served.stop()
     mode = "one kept connection" if args.keepalive else "a new connection each"
-    print(f"{args.workload}, {args.requests} requests, {mode}; calls per request:")
-    print(f"{'peer':<10} {'Python':>8} {'C':>8}")
-    for name, counts in rows:
-        print(f"{name:<10} {counts['call']:>8.1f} {counts['c_call']:>8.1f}")
-    for name, counts in rows:
-        if counts["functions"]:
-            print(f"\n{name}, by function:")
-            for function, n in sorted(counts["functions"].items(), key=lambda kv: -kv[1]):
+    print(f"{args.workload}, {args.requests} requests one at a time, {mode}; per request:")
+    width = max(len(name) for name in peers)
+    print(f"{'peer':<{width}}  {'Python calls':>12}  {'C calls':>8}  {'CPU µs':>7}")
+    for name in peers:
+        print(f"{name:<{width}}  {counted[name]['call']:>12.1f}  {counted[name]['c_call']:>8.1f}"
+              f"  {statistics.median(cpu[name]):>7.1f}")
+    for name in peers:
+        if counted[name]["functions"]:
+            print(f"\n{name}, calls per request by function:")
+            for function, n in sorted(counted[name]["functions"].items(), key=lambda kv: -kv[1]):
                 print(f"{n:8.2f}  {function}")
     return 0
 
