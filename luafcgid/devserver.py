@@ -121,6 +121,7 @@ class _Handler(SimpleHTTPRequestHandler):
 
 def serve(config, root, address):
     """Serve `root` over HTTP on (host, port) until interrupted."""
+    vm.load(config.lua)   # the process's VM, before any thread reads a request with it
     heartbeat = Heartbeat(config.sweep)
     closer = Closer(config.lua, config.request_timeout)
     responder = Responder(config, closer=closer, on_load=heartbeat.watch)

@@ -35,6 +35,7 @@ class Server:
         or None when the file is bad). `process` numbers this serving process when a
         supervisor (pid `supervisor`) runs several: they serve on the supervisor's listener,
         publish their counters on its `scoreboard`, and stop when it is gone."""
+        vm.load(config.lua)   # the process's VM, before any thread reads a request with it
         self.config = config
         self.listener = listener
         self.reread = reread

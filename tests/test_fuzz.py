@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from luafcgid import config as configuration
 from luafcgid.request import fastcgi as fcgi
+from luafcgid.request.params import route
 from luafcgid.request.parser import Parser
 
 BOUNDED = settings(max_examples=300, deadline=None)
@@ -22,6 +23,40 @@ def test_decode_params_accepts_or_refuses_any_bytes(data):
     except fcgi.ProtocolError:
         return
     assert all(type(k) is bytes and type(v) is bytes for k, v in result.items())
+
+
+def _routed(data):
+    """What route() (Lua) and decode_params (Python) make of `data`: the same, or both
+    refuse it with the same reason."""
+    try:
+        python = fcgi.decode_params(data)
+    except fcgi.ProtocolError as exc:
+        try:
+            route(data)
+        except fcgi.ProtocolError as refused:
+            assert str(refused) == str(exc)
+            return
+        raise AssertionError(f"Lua read what Python refused ({exc})")
+    assert route(data) == (python.get(b"SCRIPT_FILENAME", b""), python.get(b"SCRIPT_NAME"))
+
+
+@BOUNDED
+@given(st.binary(max_size=2000))
+def test_lua_and_python_read_any_bytes_alike(data):
+    _routed(data)
+
+
+names = st.sampled_from([b"SCRIPT_FILENAME", b"SCRIPT_NAME", b"SCRIPT_NAMEX", b"X" * 15])
+
+
+@BOUNDED
+@given(st.lists(st.tuples(st.one_of(names, st.binary(max_size=200)), st.binary(max_size=300)),
+                max_size=8), st.integers(0, 40))
+def test_lua_and_python_read_pairs_alike_whole_or_cut(items, cut):
+    """Valid pairs (repeated names: the later wins), and the same cut short."""
+    data = fcgi.encode_params(items)
+    _routed(data)
+    _routed(data[:max(0, len(data) - cut)])
 
 
 @BOUNDED

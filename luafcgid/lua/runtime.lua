@@ -509,43 +509,20 @@ local function run_handler(handler, env, c)
   return true
 end
 
--- FastCGI name-value pairs (spec 3.4) to the env table; Python checked them already.
--- Decoded here from the bytes received rather than converted from Python's dict (lupa's
--- table_from: 1.6 us for nginx's 21 params, holding the interpreter lock); Lua runs without
--- it. Hello world with upstream keep-alive: +9% requests/s, -6% CPU per request (median of
--- six alternating 3 s runs).
-local byte, version = string.byte, opts.version
-
-local function pair_length(raw, pos)
-  local a, b, c, d = byte(raw, pos, pos + 3)
-  return ((a - 128) * 256 + b) * 65536 + c * 256 + d
-end
-
-local function decode_params(raw)
-  local env, pos, n = {}, 1, #raw
-  while pos <= n do
-    local name_len, value_len = byte(raw, pos, pos + 1)
-    if name_len < 128 and value_len < 128 then
-      pos = pos + 2
-    else
-      if name_len < 128 then pos = pos + 1 else name_len = pair_length(raw, pos); pos = pos + 4 end
-      value_len = byte(raw, pos)
-      if value_len < 128 then pos = pos + 1 else value_len = pair_length(raw, pos); pos = pos + 4 end
-    end
-    local value_at = pos + name_len
-    env[sub(raw, pos, value_at - 1)] = sub(raw, value_at, value_at + value_len - 1)
-    pos = value_at + value_len
-  end
-  env.LUAFCGID_VERSION = version
-  return env
-end
+-- The env table is decoded here from the params as received (lua/params.lua) rather than
+-- converted from a Python dict (lupa's table_from: 1.6 us for nginx's 21 params, holding the
+-- interpreter lock); Lua runs without it. Hello world with upstream keep-alive: +9%
+-- requests/s, -6% CPU per request (median of six alternating 3 s runs).
+local decode_params, version = assert(loadfile_absolute(opts.libdir .. "/params.lua"))(),
+  opts.version
 
 -- Returns true, the body not yet sent and, when they were not sent either, the headers; or
 -- false, an error kind, its message and whether the headers already went out (then a 500
 -- page can no longer be sent). Headers and body stay apart: Python joins them with a copy,
 -- where Lua would also intern the joined string.
 local function serve(raw_params, input)
-  local env = decode_params(raw_params)
+  local env = assert(decode_params(raw_params))   -- checked as they were read (params.py)
+  env.LUAFCGID_VERSION = version
   -- The body's true length, as received: for a chunked request body Caddy sends -1 and
   -- Apache none, and readers that trust CONTENT_LENGTH (wsapi.request) would see an empty
   -- form.

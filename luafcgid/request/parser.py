@@ -8,6 +8,7 @@ without sockets (tests/test_parser.py, tests/test_fuzz.py).
 """
 
 from . import fastcgi as fcgi
+from .params import route
 
 _KNOWN_TYPES = frozenset(range(fcgi.BEGIN_REQUEST, fcgi.UNKNOWN_TYPE + 1))
 _HEADER = fcgi.HEADER.unpack_from
@@ -17,8 +18,7 @@ _BEGIN_SIZE = fcgi.BEGIN_BODY.size
 _BEGIN_REQUEST, _PARAMS, _STDIN, _ABORT = (fcgi.BEGIN_REQUEST, fcgi.PARAMS, fcgi.STDIN,
                                           fcgi.ABORT_REQUEST)
 _NOTHING = b""
-SCRIPT_FILENAME, SCRIPT_NAME = b"SCRIPT_FILENAME", b"SCRIPT_NAME"
-_READ = fcgi.names(SCRIPT_FILENAME, SCRIPT_NAME)   # the params the daemon itself reads
+SCRIPT_FILENAME = b"SCRIPT_FILENAME"
 
 
 class Request:
@@ -30,12 +30,10 @@ class Request:
     __slots__ = ("id", "keep", "params", "script", "name", "body", "too_large")
 
     def __init__(self, params, body=b"", too_large=False, request_id=1, keep=False):
-        read = fcgi.decode_params(params, _READ)
+        self.script, self.name = route(params)
         self.id = request_id
         self.keep = keep           # the web server keeps the connection open after it
         self.params = params
-        self.script = read.get(SCRIPT_FILENAME, _NOTHING)
-        self.name = read.get(SCRIPT_NAME)
         self.body = body
         self.too_large = too_large   # the body was larger than maxpost (and dropped)
 
