@@ -1,7 +1,8 @@
 """The length of the Python path a request takes (issue 16), in the serving process: the
 Python and C function calls per request, counted with a profile hook (sys.setprofile and
-threading.setprofile) in every thread, and the process's CPU time per request without the
-hook, for requests sent one at a time.
+threading.setprofile) in every thread, the bytecode instructions, counted with a trace hook
+(f_trace_opcodes), and the process's CPU time per request without the hooks, for requests
+sent one at a time. The counts are exact and the same on any machine; the CPU time is not.
 
 luafcgid runs the shipped etc/luafcgid.yaml with 1 process of 1 worker (--set overrides a
 setting, e.g. --set access_log=/tmp/a.log to see what the access log costs); --against
@@ -34,12 +35,12 @@ from luafcgid.request import fastcgi as fcgi
 WARMUP = 200
 
 # Run in the server's process before its own code. With CALLS_PROFILE set, a profile hook
-# counts the events of the kinds in `counts` while counting is on. A thread that is neither
-# profiled (it starts first) nor given signals reads "start" and "stop" from the control pipe
-# and answers the counts and the process's CPU seconds.
+# counts the calls and a trace hook the instructions while counting is on. A thread that is
+# neither hooked (it starts first) nor given signals reads "start" and "stop" from the control
+# pipe and answers the counts and the process's CPU seconds.
 WRAPPER = r"""
 import json, os, runpy, signal, sys, threading, time
-counts = {"call": 0, "c_call": 0}
+counts = {"call": 0, "c_call": 0, "opcode": 0}
 by_function = os.environ.pop("CALLS_BY_FUNCTION", "")
 functions = {} if by_function else None
 on = False
@@ -51,6 +52,12 @@ def profile(frame, event, arg):
             name = (f"{frame.f_code.co_filename.rsplit('/', 2)[-1]}:{frame.f_code.co_name}"
                     if event == "call" else f"C {getattr(arg, '__qualname__', arg)}")
             functions[name] = functions.get(name, 0) + 1
+
+def trace(frame, event, arg):
+    frame.f_trace_opcodes = True
+    if on and event == "opcode":
+        counts["opcode"] += 1
+    return trace
 
 def control(read_fd, write_fd):
     global on
@@ -72,6 +79,8 @@ threading.Thread(target=control, args=(read_fd, write_fd), daemon=True).start()
 if os.environ.pop("CALLS_PROFILE", ""):
     threading.setprofile(profile)
     sys.setprofile(profile)
+    threading.settrace(trace)
+    sys.settrace(trace)
 sys.argv = sys.argv[1:]
 if sys.argv[0] == "-m":
     sys.argv = sys.argv[1:]
@@ -181,13 +190,14 @@ class Served:
         return json.loads(self.answers.readline())
 
     def measure(self, requests):
-        """What `requests` requests cost: {"call", "c_call" per request, "functions" (name:
-        per request) or None, "cpu": µs per request}."""
+        """What `requests` requests cost: {"call", "c_call", "opcode" per request,
+        "functions" (name: calls per request) or None, "cpu": µs per request}."""
         before = self._ask("start")
         send_requests(self.address, self.params, requests, self.keep)
         after = self._ask("stop")
         functions = after["functions"]
         return {"call": after["call"] / requests, "c_call": after["c_call"] / requests,
+                "opcode": after["opcode"] / requests,
                 "functions": functions and {name: n / requests for name, n in functions.items()},
                 "cpu": (after["cpu"] - before["cpu"]) / requests * 1e6}
 
@@ -263,10 +273,11 @@ def main(argv=None):
     mode = "one kept connection" if args.keepalive else "a new connection each"
     print(f"{args.workload}, {args.requests} requests one at a time, {mode}; per request:")
     width = max(len(name) for name in peers)
-    print(f"{'peer':<{width}}  {'Python calls':>12}  {'C calls':>8}  {'CPU µs':>7}")
+    print(f"{'peer':<{width}}  {'Python calls':>12}  {'C calls':>8}  {'instructions':>12}"
+          f"  {'CPU µs':>7}")
     for name in peers:
         print(f"{name:<{width}}  {counted[name]['call']:>12.1f}  {counted[name]['c_call']:>8.1f}"
-              f"  {statistics.median(cpu[name]):>7.1f}")
+              f"  {counted[name]['opcode']:>12.0f}  {statistics.median(cpu[name]):>7.1f}")
     for name in peers:
         if counted[name]["functions"]:
             print(f"\n{name}, calls per request by function:")
