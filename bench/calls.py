@@ -45,18 +45,26 @@ by_function = os.environ.pop("CALLS_BY_FUNCTION", "")
 functions = {} if by_function else None
 on = False
 
+def name(frame):
+    return f"{frame.f_code.co_filename.rsplit('/', 2)[-1]}:{frame.f_code.co_name}"
+
+def count(key, kind):
+    entry = functions.setdefault(key, [0, 0])
+    entry[kind] += 1
+
 def profile(frame, event, arg):
     if on and event in counts:
         counts[event] += 1
         if functions is not None:
-            name = (f"{frame.f_code.co_filename.rsplit('/', 2)[-1]}:{frame.f_code.co_name}"
-                    if event == "call" else f"C {getattr(arg, '__qualname__', arg)}")
-            functions[name] = functions.get(name, 0) + 1
+            count(name(frame) if event == "call" else
+                  f"C {getattr(arg, '__qualname__', arg)}", 0)
 
 def trace(frame, event, arg):
     frame.f_trace_opcodes = True
     if on and event == "opcode":
         counts["opcode"] += 1
+        if functions is not None:
+            count(name(frame), 1)
     return trace
 
 def control(read_fd, write_fd):
@@ -191,14 +199,16 @@ class Served:
 
     def measure(self, requests):
         """What `requests` requests cost: {"call", "c_call", "opcode" per request,
-        "functions" (name: calls per request) or None, "cpu": µs per request}."""
+        "functions" (name: [calls, instructions] per request) or None, "cpu": µs per
+        request}."""
         before = self._ask("start")
         send_requests(self.address, self.params, requests, self.keep)
         after = self._ask("stop")
         functions = after["functions"]
         return {"call": after["call"] / requests, "c_call": after["c_call"] / requests,
                 "opcode": after["opcode"] / requests,
-                "functions": functions and {name: n / requests for name, n in functions.items()},
+                "functions": functions and {name: [n / requests for n in counts]
+                                            for name, counts in functions.items()},
                 "cpu": (after["cpu"] - before["cpu"]) / requests * 1e6}
 
     def stop(self):
@@ -240,7 +250,7 @@ def main(argv=None):
     p.add_argument("--keepalive", action="store_true", help="one kept connection")
     p.add_argument("--against", metavar="CHECKOUT", help="another checkout's luafcgid beside")
     p.add_argument("--by-function", action="store_true",
-                   help="also list the calls per request of each function")
+                   help="also list the calls and instructions per request of each function")
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], type=setting,
                    help="override a luafcgid setting (YAML value); repeatable")
     args = p.parse_args(argv)
@@ -280,9 +290,10 @@ def main(argv=None):
               f"  {counted[name]['opcode']:>12.0f}  {statistics.median(cpu[name]):>7.1f}")
     for name in peers:
         if counted[name]["functions"]:
-            print(f"\n{name}, calls per request by function:")
-            for function, n in sorted(counted[name]["functions"].items(), key=lambda kv: -kv[1]):
-                print(f"{n:8.2f}  {function}")
+            print(f"\n{name}, per request by function:\n{'calls':>8} {'instructions':>12}")
+            for function, (calls, opcodes) in sorted(counted[name]["functions"].items(),
+                                                     key=lambda kv: (-kv[1][1], -kv[1][0])):
+                print(f"{calls:8.2f} {opcodes:12.1f}  {function}")
     return 0
 
 

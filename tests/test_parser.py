@@ -2,6 +2,8 @@
 replies it leaves for the connection to send, when it says the connection ends. The same
 records through a real daemon are in test_protocol.py."""
 
+import types
+
 import pytest
 from conftest import RawClient
 
@@ -34,6 +36,24 @@ def test_a_request_fed_byte_by_byte_is_kept_until_complete():
     assert fields(parser.next(LIMITS)) == (1, False, PARAMS, b"a=1", False)
     assert not parser.in_progress
     parser.eof()   # between requests: a clean end
+
+
+@pytest.mark.parametrize("keep_conn", [False, True])
+def test_a_request_read_whole_or_record_by_record_is_the_same(keep_conn):
+    """next() takes a whole bodiless request in one step, anything else record by record."""
+    data = request_bytes(request_id=7, keep_conn=keep_conn)
+    whole, cut = Parser(), Parser()
+    whole.received(data)
+    cut.received(data[:-1])
+    assert cut.next(LIMITS) is None
+    cut.received(data[-1:])
+    assert fields(whole.next(LIMITS)) == fields(cut.next(LIMITS)) == (7, keep_conn, PARAMS,
+                                                                       b"", False)
+    assert not whole.in_progress and not cut.in_progress
+    too_long = Parser()
+    too_long.received(data)
+    with pytest.raises(fcgi.ProtocolError, match="longer than max_params"):
+        too_long.next(types.SimpleNamespace(max_params=10, maxpost=100, workers=3))
 
 
 def test_requests_received_together_come_out_one_by_one():
