@@ -24,7 +24,7 @@ def lua(request):
 
 
 def test_a_runaway_handler_is_stopped_and_its_state_discarded(stack, lua):
-    s = stack(lua=lua, request_timeout=0.3)
+    s = stack(lua=lua, request_timeout=0.3, showerrors=True)
     s.write("spin.lua", """
         count = 0
         function main(env, con)
@@ -47,7 +47,7 @@ def test_a_runaway_handler_is_stopped_and_its_state_discarded(stack, lua):
     "resume_later()",
 ], ids=["pcall-loop", "pcall-error-loop", "coroutine", "coroutine-made-at-load"])
 def test_catching_the_timeout_does_not_evade_it(stack, lua, code):
-    s = stack(lua=lua, request_timeout=0.3)
+    s = stack(lua=lua, request_timeout=0.3, showerrors=True)
     s.write("evade.lua", f"""
         local co = coroutine.create(function() while true do end end)
         function resume_later() coroutine.resume(co) while true do end end
@@ -58,7 +58,7 @@ def test_catching_the_timeout_does_not_evade_it(stack, lua, code):
 
 
 def test_a_runaway_script_top_level_is_stopped(stack, lua):
-    s = stack(lua=lua, request_timeout=0.3)
+    s = stack(lua=lua, request_timeout=0.3, showerrors=True)
     s.write("load.lua", "while true do end\nfunction main(env, con) con:puts('never') end\n")
     status, _, body = s.get("/load.lua", timeout=60)
     assert status == 500 and b"Timeout Error" in body
@@ -92,7 +92,7 @@ def test_a_request_within_the_timeout_is_not_stopped(stack, lua):
 
 
 def test_a_memory_bomb_is_stopped_and_its_state_discarded(stack, lua):
-    s = stack(lua=lua, memory_limit="32M")
+    s = stack(lua=lua, memory_limit="32M", showerrors=True)
     s.write("bomb.lua", """
         count = 0
         function main(env, con)
@@ -111,7 +111,7 @@ def test_a_memory_bomb_is_stopped_and_its_state_discarded(stack, lua):
 
 
 def test_one_huge_allocation_is_refused(stack, lua):
-    s = stack(lua=lua, memory_limit="32M")
+    s = stack(lua=lua, memory_limit="32M", showerrors=True)
     s.write("huge.lua", """
         function main(env, con) local s = string.rep("x", 2^30 - 1); con:puts(#s) end
     """)

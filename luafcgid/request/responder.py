@@ -131,7 +131,7 @@ class Responder:
             out.end(pages.forbidden())
             return
         if path is None:
-            out.end(pages.not_found(script.decode(errors="replace")))
+            out.end(pages.not_found())
             return
         if body_too_large:
             out.end(pages.too_large(self.config.maxpost))
@@ -165,7 +165,7 @@ class Responder:
             return
         except ScriptGone:   # deleted since its location was cached
             self._located.pop(script, None)
-            out.end(pages.not_found(script.decode(errors="replace")))
+            out.end(pages.not_found())
             return
         except PoolClosed:
             if self._successor is not None:
