@@ -282,7 +282,8 @@ SETTINGS = (
             "response"),
     Setting("maxpost", integer(0), 1048576,
             "Most request-body bytes accepted; a larger body is answered 413 without running "
-            "the handler.", "response"),
+            "the handler, as soon as it passes this (or CONTENT_LENGTH says it will), and is "
+            "not read on: the connection closes.", "response"),
     Setting("headersize", integer(0), 64,
             "Accepted for compatibility with the original's configs; buffers grow as needed.",
             "response"),
