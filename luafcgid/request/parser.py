@@ -110,8 +110,10 @@ class Parser:
             elif rtype == _PARAMS:
                 if content:
                     self._add_params(content, limits)
-                elif self._announced_too_large(limits):
-                    return self._too_large()
+                else:   # their end: a body CONTENT_LENGTH announces too large is refused now
+                    announced = self._decode_params().get(b"CONTENT_LENGTH")
+                    if announced and announced.isdigit() and int(announced) > limits.maxpost:
+                        return self._too_large()
             elif rtype == _STDIN:
                 if not content:
                     self._pos = pos
@@ -160,15 +162,11 @@ class Parser:
                                                else b"".join(params))
         return self._decoded
 
-    def _announced_too_large(self, limits):
-        """At the end of the params: whether CONTENT_LENGTH says the body passes maxpost."""
-        length = self._decode_params().get(b"CONTENT_LENGTH")
-        return length is not None and length.isdigit() and int(length) > limits.maxpost
-
     def _complete(self):
-        body = self._body
+        body, params = self._body, self._decoded
         # bytes() of bytes is no copy
-        request = (self._id, self._keep, self._decode_params(),
+        request = (self._id, self._keep,
+                   params if params is not None else self._decode_params(),
                    bytes(body[0]) if len(body) == 1 else b"".join(body), False)
         self._reset()
         return request
