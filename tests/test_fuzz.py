@@ -37,7 +37,8 @@ def _routed(data):
             assert str(refused) == str(exc)
             return
         raise AssertionError(f"Lua read what Python refused ({exc})")
-    assert route(data) == (python.get(b"SCRIPT_FILENAME", b""), python.get(b"SCRIPT_NAME"))
+    assert route(data) == (python.get(b"SCRIPT_FILENAME", b""), python.get(b"SCRIPT_NAME"),
+                           python.get(b"CONTENT_LENGTH"))
 
 
 @BOUNDED
@@ -46,7 +47,8 @@ def test_lua_and_python_read_any_bytes_alike(data):
     _routed(data)
 
 
-names = st.sampled_from([b"SCRIPT_FILENAME", b"SCRIPT_NAME", b"SCRIPT_NAMEX", b"X" * 15])
+names = st.sampled_from([b"SCRIPT_FILENAME", b"SCRIPT_NAME", b"CONTENT_LENGTH", b"SCRIPT_NAMEX",
+                         b"X" * 15])
 
 
 @BOUNDED

@@ -15,18 +15,23 @@ traceback is written when it hands back to the request.
 import logging
 
 from .describe import describe
+from .logs import escape
 from .logs import slow as slowlog
 
 log = logging.getLogger("luafcgid")
 
 
 def report(worker, now):
-    """Write the slow request `worker` runs, with its Lua traceback when it runs Lua."""
-    message = f"slow request: {describe(worker)} has run {now - worker.started:.3f} s"
+    """Write the slow request `worker` runs, with its Lua traceback when it runs Lua. The
+    slowlog's formatter leaves an entry's lines as they are: its fields are escaped here
+    (logs.escape)."""
+    message = "slow request: " + escape(describe(worker, now - worker.started))
 
     def write(traceback):
         try:
-            slowlog.warning("%s\n%s", message, traceback if traceback is not None else
+            # a frame names its script and function, which a line feed could be part of
+            slowlog.warning("%s\n%s", message, escape(traceback, continued=True)
+                            if traceback is not None else
                             "(no Lua traceback: the request ended or was stopped first)")
         except Exception:
             log.exception("slowlog hook failed")

@@ -161,6 +161,14 @@ class Output:
             log.info("client went away while receiving the response: %s", exc)
 
 
+def _hung_up(sock):
+    """Whether the peer closed the connection (or shut down its sending side), read
+    nothing."""
+    poller = select.poll()
+    poller.register(sock, select.POLLRDHUP)
+    return bool(poller.poll(0))
+
+
 def _unix_peer(sock):
     """Who is on the other end of a Unix socket, for the log: its pid and uid."""
     try:
@@ -172,7 +180,7 @@ def _unix_peer(sock):
 
 
 class Connection:
-    __slots__ = ("sock", "fd", "address", "parser", "began", "kept", "hung_up")
+    __slots__ = ("sock", "fd", "address", "parser", "began", "kept", "hung_up", "lingering")
 
     def __init__(self, sock, fd, address):
         self.sock = sock
@@ -182,6 +190,7 @@ class Connection:
         self.began = None        # monotonic time the request being received began to arrive
         self.kept = False        # the web server asked to keep it open after a request
         self.hung_up = False     # the web server has shut down its sending side
+        self.lingering = 0.0     # monotonic time it was answered 413 (see serve); 0.0 if not
 
     @property
     def peer(self):
@@ -193,8 +202,16 @@ class Connection:
         """Read what has arrived and answer the requests it completes with `responder`
         under `config` (a reload replaces them: each read takes the current ones), counted
         in `worker` (the serving thread's worker.Worker). True when the connection waits
-        for more bytes (park it); False when it is finished."""
+        for more bytes (park it); False when it is finished.
+
+        After a request too large (413) nothing more is read: the connection lingers,
+        parked, until the web server hangs up (or LINGER seconds, acceptor.close_idle).
+        nginx, still sending the body, then finds the socket full and reads the 413; closed
+        at once, nginx failed its next write (EPIPE) and answered 502, 19 times in 30, and
+        reading on to drop the body kept it sending to the end."""
         sock, parser = self.sock, self.parser
+        if self.lingering:
+            return not _hung_up(sock)
         try:
             while True:
                 try:
@@ -215,16 +232,21 @@ class Connection:
                         break
                     self.began = None
                     self.kept = keep = request.keep
-                    # without a finish handler the connection closes right after the response
-                    out = Output(sock, request.id, not keep and bool(config.finishhandler),
-                                 config.client_timeout, worker.out_lock)
+                    # without a finish handler the connection closes right after the
+                    # response; after a 413 it lingers (see above), its response ended by a
+                    # half close
+                    out = Output(sock, request.id, request.too_large or not keep
+                                 and bool(config.finishhandler), config.client_timeout,
+                                 worker.out_lock)
                     worker.begin(request.params)
                     try:
                         responder.respond(request, out, worker)
                     finally:
                         worker.end(out.status, out.sent)
+                    if request.too_large:
+                        self.lingering = _monotonic()
                     if not keep:
-                        return False
+                        return bool(self.lingering)
                 if parser.closing:
                     return False
                 # a short read: nothing more had arrived, but maybe the end (epoll says)

@@ -1,4 +1,5 @@
-"""The two params a request is routed by, SCRIPT_FILENAME and SCRIPT_NAME, read in Lua.
+"""The params a request is routed by, SCRIPT_FILENAME, SCRIPT_NAME and CONTENT_LENGTH, read
+in Lua.
 
 Every pair is checked on the way (a state's runtime.lua decodes the params with the same
 walk, lua/params.lua, and trusts them). In Python the walk over the 21 params nginx sends
@@ -15,11 +16,12 @@ from . import fastcgi as fcgi
 
 _READER = """
 local decode = assert(loadfile(...))()
-local ONLY = {SCRIPT_FILENAME = true, SCRIPT_NAME = true, [15] = true, [11] = true}
+local ONLY = {SCRIPT_FILENAME = true, SCRIPT_NAME = true, CONTENT_LENGTH = true,
+              [15] = true, [11] = true, [14] = true}
 return function(raw)
   local read, problem = decode(raw, ONLY)
   if read == nil then return false, problem end
-  return true, read.SCRIPT_FILENAME or "", read.SCRIPT_NAME
+  return true, read.SCRIPT_FILENAME or "", read.SCRIPT_NAME, read.CONTENT_LENGTH
 end
 """
 
@@ -34,14 +36,14 @@ def _reader():
 
 
 def route(params):
-    """(SCRIPT_FILENAME, SCRIPT_NAME) of encoded params: b"" for a missing SCRIPT_FILENAME,
-    None for a missing SCRIPT_NAME. Raises ProtocolError when they are not name-value
-    pairs."""
+    """(SCRIPT_FILENAME, SCRIPT_NAME, CONTENT_LENGTH) of encoded params: b"" for a missing
+    SCRIPT_FILENAME, None for another one missing. Raises ProtocolError when they are not
+    name-value pairs."""
     try:
         read = _thread.read
     except AttributeError:
         read = _thread.read = _reader()
-    result = read(params)   # true, SCRIPT_FILENAME, SCRIPT_NAME; or false, what is wrong
+    result = read(params)   # true and the three; or false and what is wrong
     if not result[0]:
         raise fcgi.ProtocolError(result[1].decode())
-    return result[1], result[2]
+    return result[1:]

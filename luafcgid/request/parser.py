@@ -23,7 +23,8 @@ _NOTHING = b""
 # A request without a body, whole in one read, as nginx sends a GET: BEGIN_REQUEST, one PARAMS
 # record, then the empty PARAMS and empty STDIN records that end them. next() takes it in one
 # step (about 50 bytecode instructions where reading it record by record took 320), and
-# everything else record by record, which would read it the same way.
+# everything else (a CONTENT_LENGTH past maxpost too) record by record, which would read it
+# the same way.
 _WHOLE = struct.Struct("!BBHHBx HB5x BBHHBx").unpack_from   # BEGIN_REQUEST, PARAMS header
 _WHOLE_LEN = 24
 _ENDS = {}   # request id -> its empty PARAMS and STDIN records
@@ -35,29 +36,37 @@ def _ends(request_id):
         ends = _ENDS[request_id] = (fcgi.record(fcgi.PARAMS, request_id)
                                     + fcgi.record(fcgi.STDIN, request_id))
     return ends
-SCRIPT_FILENAME = b"SCRIPT_FILENAME"
+
+
+def _announced_too_large(length, limits):
+    """Whether a CONTENT_LENGTH param announces a body larger than maxpost."""
+    return length.isdigit() and int(length) > limits.maxpost
 
 
 class Request:
     """One complete request: its params as received (`params`, encoded: a Lua state decodes
-    them itself, without the interpreter lock), the two of them the daemon reads (the script
-    and, for the status and ping pages, SCRIPT_NAME), and its body. Raises ProtocolError
-    when the params are not valid name-value pairs."""
+    them itself, without the interpreter lock), the two of them the daemon routes it by (its
+    script and, for the status and ping pages, SCRIPT_NAME: params.route), and its body. A
+    request too large (its body past maxpost) has none."""
 
     __slots__ = ("id", "keep", "params", "script", "name", "body", "too_large")
 
-    def __init__(self, params, body=b"", too_large=False, request_id=1, keep=False):
-        self.script, self.name = route(params)
+    def __init__(self, params, script, name, body=b"", too_large=False, request_id=1,
+                 keep=False):
         self.id = request_id
         self.keep = keep           # the web server keeps the connection open after it
         self.params = params
+        self.script = script       # SCRIPT_FILENAME as sent (b"" when none)
+        self.name = name           # SCRIPT_NAME, or None
         self.body = body
-        self.too_large = too_large   # the body was larger than maxpost (and dropped)
+        self.too_large = too_large
 
     @classmethod
     def of(cls, params, body=b"", too_large=False):
         """A request with `params` given as a dict of bytes (the development server's)."""
-        return cls(fcgi.encode_params(params), body, too_large)
+        encoded = fcgi.encode_params(params)
+        script, name, _ = route(encoded)
+        return cls(encoded, script, name, body, too_large)
 
 
 class Parser:
@@ -66,10 +75,16 @@ class Parser:
 
     After next(), `replies` holds records the connection must send before anything else
     (management answers, END_REQUEST for a refused request); `closing` says the
-    connection ends once they are sent."""
+    connection ends once they are sent (and the request next() returned, if any, is
+    answered).
+
+    A body larger than maxpost is not read to its end (one client streamed 53 GB in 38 s
+    until client_timeout): the request comes out too_large as soon as its CONTENT_LENGTH
+    says so or its body passes maxpost, to be answered 413 at once, with `closing` set:
+    nothing after it is read."""
 
     __slots__ = ("replies", "closing", "_buf", "_pos", "_id", "_keep", "_params",
-                 "_params_len", "_body", "_body_len", "_too_large")
+                 "_params_len", "_routed", "_body", "_body_len")
 
     def __init__(self):
         self.replies = []
@@ -77,8 +92,9 @@ class Parser:
         self._buf = _NOTHING   # bytes as received, or a bytearray while a record is cut
         self._pos = 0          # where the unparsed bytes in _buf begin
         self._id = None        # the active request, once its BEGIN_REQUEST arrived
-        # _keep, _params, _params_len, _body, _body_len and _too_large are the active
-        # request's, set by _begin and read only while there is one
+        # _keep, _params, _params_len, _routed (the params joined and route()'s, once their
+        # stream ended), _body and _body_len are the active request's, set by _begin and
+        # read only while there is one
 
     def received(self, data):
         """Add bytes read from the connection."""
@@ -109,7 +125,8 @@ class Parser:
 
     def next(self, limits):
         """The next complete Request, or None when more bytes are needed (or `closing` is
-        set). Raises ProtocolError on bytes that are not valid FastCGI."""
+        set). A request too_large has no body, and `closing` set. Raises ProtocolError on
+        bytes that are not valid FastCGI."""
         if self.closing:
             return None
         buf, pos = self._buf, self._pos
@@ -123,9 +140,12 @@ class Parser:
                     and not padding and role == fcgi.RESPONDER and params_type == _PARAMS
                     and params_id == rid != 0 and 0 < params_len <= limits.max_params
                     and buf[stop:stop + 2 * _HEADER_LEN] == (_ENDS.get(rid) or _ends(rid))):
-                self._pos = stop + 2 * _HEADER_LEN
-                return Request(bytes(buf[start:start + params_len]), _NOTHING, False, rid,
-                               bool(flags & fcgi.KEEP_CONN))
+                params = bytes(buf[start:start + params_len])
+                script, name, length = route(params)
+                if not length or not _announced_too_large(length, limits):
+                    self._pos = stop + 2 * _HEADER_LEN
+                    return Request(params, script, name, _NOTHING, False, rid,
+                                   bool(flags & fcgi.KEEP_CONN))
         while end - pos >= _HEADER_LEN:
             version, rtype, rid, length, padding = _HEADER(buf, pos)
             if version != 1:
@@ -140,22 +160,31 @@ class Parser:
             if rid == self._id:
                 if rtype == _PARAMS:
                     if content:
+                        self._routed = None   # (params after the end of their stream count too)
                         self._params.append(content)
                         self._params_len += len(content)
                         if self._params_len > limits.max_params:
                             raise fcgi.ProtocolError(
                                 f"params longer than max_params ({limits.max_params} bytes)")
+                    else:   # their end: a body CONTENT_LENGTH announces too large is refused now
+                        length = self._route()[3]
+                        if length and _announced_too_large(length, limits):
+                            return self._too_large()
                 elif rtype == _STDIN:
                     if content:
-                        self._add_body(content, limits)
+                        self._body_len += len(content)
+                        if self._body_len > limits.maxpost:
+                            return self._too_large()
+                        self._body.append(content)
                         continue
                     self._pos = pos
                     self._id = None
-                    params, body = self._params, self._body
-                    # one record each is the common case: no join (bytes() of bytes is no copy)
-                    return Request(bytes(params[0]) if len(params) == 1 else b"".join(params),
+                    params, script, name, _ = self._routed or self._route()
+                    body = self._body
+                    # one record is the common case: no join (bytes() of bytes is no copy)
+                    return Request(params, script, name,
                                    bytes(body[0]) if len(body) == 1 else b"".join(body),
-                                   self._too_large, rid, self._keep)
+                                   False, rid, self._keep)
                 elif rtype == _ABORT:
                     self.replies.append(_end_request(rid, fcgi.REQUEST_COMPLETE))
                     self.closing = not self._keep
@@ -191,17 +220,26 @@ class Parser:
             self.closing = not flags & fcgi.KEEP_CONN
         else:
             self._id, self._keep = rid, bool(flags & fcgi.KEEP_CONN)
-            self._params, self._params_len = [], 0
-            self._body, self._body_len, self._too_large = [], 0, False
+            self._params, self._params_len, self._routed = [], 0, None
+            self._body, self._body_len = [], 0
         return self.closing
 
-    def _add_body(self, content, limits):
-        self._body_len += len(content)
-        if self._body_len > limits.maxpost:
-            self._too_large = True
-            self._body = []
-        elif not self._too_large:
-            self._body.append(content)
+    def _route(self):
+        """The active request's params joined, and what route() reads in them."""
+        params = self._params
+        # one record is the common case: no join (bytes() of bytes is no copy)
+        joined = bytes(params[0]) if len(params) == 1 else b"".join(params)
+        self._routed = (joined, *route(joined))
+        return self._routed
+
+    def _too_large(self):
+        """The active request, too large, to be answered now; nothing after it is read."""
+        params, script, name, _ = self._routed or self._route()
+        request = Request(params, script, name, _NOTHING, True, self._id)
+        self._id = None
+        self._buf, self._pos = _NOTHING, 0
+        self.closing = True
+        return request
 
     def _management(self, rtype, content, limits):
         if rtype == fcgi.GET_VALUES:

@@ -17,9 +17,10 @@ from ..states.state import LuaState, ScriptError, ScriptGone
 from ..states.worker import FINISHING
 from . import fastcgi as fcgi
 from . import pages
-from .parser import SCRIPT_FILENAME
 
 log = logging.getLogger("luafcgid")
+
+SCRIPT_FILENAME = b"SCRIPT_FILENAME"
 
 
 def apache_script_filename(script):
@@ -119,7 +120,8 @@ class Responder:
         if worker is not None:
             worker.script = script
         if not script:
-            uri = fcgi.decode_params(params).get(b"REQUEST_URI", b"?").decode(errors="replace")
+            uri = fcgi.decode_params(params).get(b"REQUEST_URI", b"?").decode(
+                errors="surrogateescape")
             log.warning("request for %s has no SCRIPT_FILENAME param (is 'fastcgi_param "
                         "SCRIPT_FILENAME' in the web server's config?)", uri)
             out.end(pages.bad_request("The request names no script (SCRIPT_FILENAME)."))
@@ -129,11 +131,11 @@ class Responder:
             try:
                 path = self.locate(script)
             except Forbidden as exc:
-                log.warning("refused %s: %s", script.decode(errors="replace"), exc)
+                log.warning("refused %s: %s", script.decode(errors="surrogateescape"), exc)
                 out.end(pages.forbidden())
                 return
             if path is None:
-                out.end(pages.not_found(script.decode(errors="replace")))
+                out.end(pages.not_found())
                 return
         if request.too_large:
             out.end(pages.too_large(self.config.maxpost))
@@ -155,7 +157,7 @@ class Responder:
             return
         except ScriptGone:   # deleted since its location was cached
             self._located.pop(script, None)
-            out.end(pages.not_found(script.decode(errors="replace")))
+            out.end(pages.not_found())
             return
         except PoolClosed:
             if self._successor is not None:
