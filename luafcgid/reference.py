@@ -83,7 +83,7 @@ def man_page():
            "A YAML mapping of setting names to values. Every setting is optional; relative "
            "paths resolve against the file's directory. "
            + _roff("`luafcgid --check -c FILE` names every problem; `luafcgid settings --format "
-                   "yaml` prints a sample file with every default."),
+                   "yaml` prints a sample file: every default, and example values marked as such."),
            ".PP",
            "SIGHUP re-reads the file; settings marked \\fBrestart\\fR keep their running "
            "value until luafcgid is restarted. This page is generated from the settings "
