@@ -3,13 +3,14 @@ and groups that do not exist, missing directories (none is created), TCP on ever
 interface; and the sample config says which of its values are examples."""
 
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from conftest import ROOT, can_connect
+from conftest import ROOT, can_connect, libfcgi_request, wait_for
 
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="the root checks need root")
 
@@ -87,3 +88,14 @@ def test_the_sample_config_marks_its_examples():
     # a value shown as itself is the default: no example line before it
     at = next(i for i, line in enumerate(lines) if line.startswith("states: "))
     assert not lines[at - 1].startswith("# example")
+
+
+def test_a_reload_is_refused_for_what_the_start_would_refuse(daemon, site, tmp_path):
+    site.write("hi.lua", "function main(env, con) con:puts('hi') end")
+    d = daemon(roots=[site.path])
+    d.write_config(roots=[str(tmp_path / "no-such-root")])
+    d.signal(signal.SIGHUP)
+    wait_for(lambda: "reload refused" in d.log(), what="the refused reload")
+    assert f"roots: no such directory: {tmp_path}/no-such-root" in d.log()
+    status, _, body = libfcgi_request(d.address, {"SCRIPT_FILENAME": site.file("hi.lua")})
+    assert (status, body) == ("200 OK", b"hi")   # still serving with the running config
