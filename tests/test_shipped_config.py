@@ -119,8 +119,10 @@ def test_the_shipped_config_serves_behind_debian_nginx_as_its_own_user(install):
         wait_for(lambda: can_connect(("127.0.0.1", port)) or nginx.poll() is not None,
                  what="nginx to listen")
         assert nginx.poll() is None, nginx.stderr.read().decode()
-        workers = _children(nginx.pid)
-        assert workers and {_uid(pid) for pid in workers} == {pwd.getpwnam("www-data").pw_uid}
+        # the master listens before it starts its workers, which then drop root
+        www_data = pwd.getpwnam("www-data").pw_uid
+        wait_for(lambda: {_uid(pid) for pid in _children(nginx.pid)} == {www_data},
+                 what="nginx's workers, running as www-data")
 
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         connection.request("GET", "/index.lua")
