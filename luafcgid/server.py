@@ -14,6 +14,7 @@ from .listener import Listener, ListenError
 from .ops import describe, slowlog
 from .ops.status import Status
 from .request.acceptor import Acceptor
+from .request.clients import admission
 from .request.responder import Responder
 from .states import vm
 from .states.closer import Closer
@@ -61,7 +62,8 @@ class Server:
         # the p99 latency. At 1 ms, with 256 clients through nginx, p99 fell from 57 to 28 ms
         # (processes 2, workers 2) and from 49 to 44 ms (processes 1, workers 3).
         sys.setswitchinterval(SWITCH_INTERVAL)
-        self.acceptor = Acceptor(self.listener.sock)
+        self.acceptor = Acceptor(self.listener.sock,
+                                 admission(self.config.allowed_clients, self.listener.sock))
         self.heartbeat.start(self.responder.pool, self.responder.forget_locations)
         self.watcher.start()
         for _ in range(self.config.workers):
@@ -155,6 +157,8 @@ class Server:
                             "socket passed by systemd that needs a restart")
         elif any(getattr(config, name) != getattr(self.config, name) for name in LISTENER):
             self._rebind(config)
+        # the re-read config passed preflight (cli.py), so this socket is not refused
+        self.acceptor.admit = admission(config.allowed_clients, self.listener.sock)
         self._configure_workers(config)
         self.closer.patience = config.request_timeout
         heartbeat = Heartbeat(config.sweep)

@@ -45,7 +45,10 @@ LINGER = 1.0
 
 
 class Acceptor:
-    def __init__(self, sock):
+    def __init__(self, sock, admit=None):
+        """`admit(address)`, when set, says whether a peer may be served at all
+        (clients.py)."""
+        self.admit = admit
         self._epoll = select.epoll()
         self._watched = {}   # fd -> Connection registered in the epoll set, parked or served
         self._parked = {}    # fd -> monotonic time parked, of those waiting in the set
@@ -115,20 +118,25 @@ class Acceptor:
             self.park(connection)
 
     def _accept(self):
-        """A Connection of the next socket in the backlog, or None. Takes the raw accept()
-        and builds a C socket object (_socket.socket) with the listener's known family:
-        socket.accept() asks for the family and type as enums, costing a microsecond a
-        connection, and socket.socket's __init__ and close() are Python, 3 calls more."""
-        try:
-            fd, address = self.sock._accept()
-        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-            return None   # the backlog is empty, or the client gave up
-        except OSError as exc:
-            if exc.errno in _TRANSIENT:
-                log.error("accept failed: %s; retrying", exc)
-                time.sleep(0.1)
-            return None
-        return Connection(_socket.socket(self._family, socket.SOCK_STREAM, 0, fd), fd, address)
+        """A Connection of the next admitted socket in the backlog, or None. Takes the raw
+        accept() and builds a C socket object (_socket.socket) with the listener's known
+        family: socket.accept() asks for the family and type as enums, costing a
+        microsecond a connection, and socket.socket's __init__ and close() are Python, 3
+        calls more."""
+        while True:
+            try:
+                fd, address = self.sock._accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return None   # the backlog is empty, or the client gave up
+            except OSError as exc:
+                if exc.errno in _TRANSIENT:
+                    log.error("accept failed: %s; retrying", exc)
+                    time.sleep(0.1)
+                return None
+            if self.admit is None or self.admit(address):
+                return Connection(_socket.socket(self._family, socket.SOCK_STREAM, 0, fd), fd,
+                                  address)
+            os.close(fd)
 
     def park(self, connection):
         """Keep a connection until more bytes arrive on it. False when bytes arrived while
