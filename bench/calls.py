@@ -29,7 +29,7 @@ import time
 
 from bench.bench import setting
 from bench.common import BENCH, REPO
-from bench.peers import luafcgid_command, luafcgid_config, luafcgid_env, shipped_settings
+from bench.peers import luafcgid_config, luafcgid_env, shipped_settings
 from luafcgid.request import fastcgi as fcgi
 
 WARMUP = 200
@@ -229,7 +229,13 @@ def luafcgid(directory, settings, checkout=REPO):
         {"processes": 1, "workers": 1, **dict(settings)}))
     env = dict(luafcgid_env(), PYTHONPATH=os.pathsep.join(
         [checkout] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    return luafcgid_command(config)[1:], listen, env, checkout
+    command = ["-m", "luafcgid", "-c", config]
+    # as root, pages run as root only with -R, where the checkout's daemon knows it
+    if os.geteuid() == 0 and "--allow-to-run-as-root" in subprocess.run(
+            [sys.executable, "-m", "luafcgid", "--help"], capture_output=True, text=True,
+            cwd=checkout, env=env).stdout:
+        command.append("-R")
+    return command, listen, env, checkout
 
 
 def floor(directory):
