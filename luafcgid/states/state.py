@@ -11,8 +11,12 @@ from . import errors, hooks, vm, workdir
 
 log = logging.getLogger("luafcgid")
 
-LUA_DIR = str(resources.files("luafcgid") / "lua")
-_BOOTSTRAP = (resources.files("luafcgid") / "lua" / "runtime.lua").read_bytes()
+_LUA = resources.files("luafcgid") / "lua"
+LUA_DIR = str(_LUA)
+_BOOTSTRAP = (_LUA / "runtime.lua").read_bytes()
+# runtime.lua's parts, by name, read once: every new state gets their source, reads no file
+PARTS = {path.name[:-len(".lua")]: path.read_bytes() for path in (_LUA / "runtime").iterdir()
+         if path.name.endswith(".lua")}
 ENV_VERSION = 2   # env.LUAFCGID_VERSION; the original sent 1
 # The most bytes of a response that cross from Lua to Python at once (runtime.lua's CHUNK).
 # Three concurrent 100 MiB responses raised the daemon's peak RSS by 3 MiB with 256 KiB;
@@ -159,7 +163,7 @@ class LuaState:
             "buffering": config.buffering, "timeout": config.request_timeout,
             "prelude": config.prelude or "", "libdir": LUA_DIR, "bytecode": config.bytecode,
             "rewrite_paths": not workdir.per_thread(), "chunk": CHUNK, "version": ENV_VERSION,
-            "kinds": errors.LUA_KINDS,
+            "kinds": errors.LUA_KINDS, "parts": PARTS,
         }), recursive=True)
         try:
             result = self.runtime.execute(_BOOTSTRAP, os.fsencode(path),
