@@ -4,9 +4,9 @@
 -- the script and returns the functions the Python side calls per request. Everything here
 -- is local, so a script sees only the standard libraries and its own globals.
 --
--- The parts lie in runtime/, in the order they run here; the daemon hands over their source
--- (opts.parts: no file is read per state), and each gets what it uses and returns what later
--- parts use.
+-- The parts lie in runtime/, in the order they run here; the daemon hands them over compiled
+-- (opts.parts: no file is read or compiled per state), and each gets what it uses and returns
+-- what later parts use.
 
 local script, dir, config, send, log, opts = ...
 
@@ -16,7 +16,7 @@ local loadstring = loadstring or load
 local loadfile_absolute, io_open = loadfile, io.open   -- before any part rewrites them
 
 local function part(name, ...)
-  return assert(loadstring(opts.parts[name], "=runtime/" .. name .. ".lua"))(...)
+  return assert(loadstring(opts.parts[name]))(...)
 end
 
 python = nil
