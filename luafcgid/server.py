@@ -11,6 +11,7 @@ import time
 
 from .config import LISTENER, RESTART_ONLY, keep_running
 from .listener import Listener, ListenError
+from .ops import access_format
 from .ops.metrics import Metrics, current_worker
 from .ops.slowlog import SlowLog
 from .ops.status import Status
@@ -43,6 +44,7 @@ class Server:
         self.scoreboard = scoreboard
         self.supervisor = supervisor
         self.metrics = Metrics(config.workers, config.slowlog_timeout)
+        self._log_access(config)
         self.slowlog = SlowLog(lambda: self.config, self.metrics)
         self.watcher = Watcher(lambda: self.config, self._replace_stuck, self.slowlog.check)
         for worker in self.metrics.workers:
@@ -73,6 +75,11 @@ class Server:
         log.info("luafcgid serving on %s with %d workers, %d states, Lua %s",
                  self.listener.description, self.config.workers, self.config.states,
                  self.config.lua)
+
+    def _log_access(self, config):
+        """The access log's format, compiled once per config (the config checked it)."""
+        self.metrics.log_access(access_format.compile(config.access_format)
+                                if config.access_log else None)
 
     def _start_worker(self, worker):
         self._threads.append(vm.start_thread(self.config.lua, self._work,
@@ -152,6 +159,7 @@ class Server:
         elif any(getattr(config, name) != getattr(self.config, name) for name in LISTENER):
             self._rebind(config)
         self.metrics.slow_after = config.slowlog_timeout
+        self._log_access(config)
         self.closer.patience = config.request_timeout
         heartbeat = Heartbeat(config.sweep)
         old, self.responder = self.responder, Responder(config, self.status, self.closer,
