@@ -114,7 +114,8 @@ def _reread(args):
 
 def _setup_logs(config, args):
     logs.setup(config.logfile, to_stderr=not args.daemon, access_log=config.access_log,
-               slowlog=config.slowlog)
+               slowlog=config.slowlog,
+               syslog=(config.syslog_address, config.syslog_facility, config.syslog_ident))
 
 
 def run(argv):

@@ -6,6 +6,7 @@ import re
 import yaml
 
 from .ops import access_format
+from .ops.logs import SYSLOG
 from .settings import BY_NAME, SETTINGS, SettingError
 from .states import vm
 
@@ -13,7 +14,6 @@ from .states import vm
 # listening socket's, which only a lone server owning its socket can apply by rebinding.
 RESTART_ONLY = tuple(setting.name for setting in SETTINGS if not setting.live)
 LISTENER = tuple(setting.name for setting in SETTINGS if setting.section == "listener")
-SYSLOG = "syslog"   # the logfile that sends the log to the system logger
 
 
 class ConfigError(Exception):

@@ -1,5 +1,6 @@
-"""The logs, through Python logging: the error log (timestamps and the worker's name), and
-the optional access log and slowlog. SIGUSR1 reopens them all (logrotate's postrotate).
+"""The logs, through Python logging: the error log (timestamps and the worker's name), to
+a file or to the system logger (logfile: syslog), and the optional access log and slowlog.
+SIGUSR1 reopens the files (logrotate's postrotate).
 
 A log that cannot be written (a full disk) never stops serving: the failure is reported on
 standard error once, its lines are lost meanwhile, and writing resumes when it can. A file
@@ -7,10 +8,15 @@ that cannot be reopened keeps its old stream and is tried again every second.
 """
 
 import logging
+import logging.handlers
 import os
+import socket
 import sys
 
 FORMAT = "%(asctime)s %(levelname)s [%(threadName)s] %(message)s"
+# the system logger stamps the time, and the level is the line's priority
+SYSLOG_FORMAT = "[%(threadName)s] %(message)s"
+SYSLOG = "syslog"   # the logfile that means the system logger
 
 log = logging.getLogger("luafcgid")
 access = logging.getLogger("luafcgid.access")
@@ -84,6 +90,48 @@ class LogFile(logging.FileHandler):
         return True
 
 
+class Syslog(logging.handlers.SysLogHandler):
+    """The error log sent to the system logger's Unix datagram socket (journald and rsyslog
+    listen on /dev/log), as "<PRI>ident[pid]: [thread] message", the form syslog(3) sends.
+    A logger that is gone or refuses is reported once, like a file that cannot be written;
+    each line tries the socket again (SysLogHandler reconnects), so lines flow once it is
+    back."""
+
+    failing = False
+
+    def __init__(self, address, facility, ident):
+        # SysLogHandler, like openlog(3), ignores a logger that is not there: a wrong
+        # syslog_address is refused here instead (OSError), at start and at reload
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.connect(address)
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot reach the system logger at {address}: "
+                                         f"{exc.strerror}") from None
+        super().__init__(address, self.facility_names[facility], socket.SOCK_DGRAM)
+        self._failed_now = False
+        self.append_nul = False   # not in RFC 3164; rsyslog writes it into the line
+        self.label = ident
+
+    def format(self, record):
+        # the process id at the time of the line: serving processes are forked after setup
+        return f"{self.label}[{os.getpid()}]: {super().format(record)}"
+
+    def emit(self, record):
+        self._failed_now = False
+        super().emit(record)
+        if self.failing and not self._failed_now:
+            self.failing = False
+            _report(f"sending the log to {self.address} again")
+
+    def handleError(self, record):
+        self._failed_now = True
+        if not self.failing:
+            self.failing = True
+            _report(f"cannot send the log to {self.address}: {sys.exc_info()[1]}; its lines "
+                    f"are lost until the system logger takes them")
+
+
 def _route(logger, handlers, formatter):
     old = list(logger.handlers)
     for handler in handlers:
@@ -97,20 +145,24 @@ def _route(logger, handlers, formatter):
     logger.propagate = False
 
 
-def setup(logfile, to_stderr=True, access_log=None, slowlog=None):
-    """Log to `logfile` (when set) and to standard error (when asked); the access log and
-    the slowlog only go to their files, and are off when not set."""
-    # every file is opened before any logger changes, so a file that cannot be opened
-    # (OSError) leaves the logging as it was
-    for path in (logfile, access_log, slowlog):
-        if path:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-    handlers = [LogFile(logfile)] if logfile else []
-    if to_stderr or not logfile:
-        handlers.append(logging.StreamHandler(sys.stderr))
+def setup(logfile, to_stderr=True, access_log=None, slowlog=None, syslog=None):
+    """Log to `logfile` (when set) and to standard error (when asked), or with logfile
+    "syslog" to the system logger only, Syslog(*syslog) (address, facility, ident); the
+    access log and the slowlog only go to their files, and are off when not set."""
+    # every file (and the system logger) is opened before any logger changes, so one that
+    # cannot be opened (OSError) leaves the logging as it was
+    files = [path for path in (logfile, access_log, slowlog) if path and path != SYSLOG]
+    for path in files:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    if logfile == SYSLOG:
+        handlers, formatter = [Syslog(*syslog)], logging.Formatter(SYSLOG_FORMAT)
+    else:
+        handlers, formatter = [LogFile(logfile)] if logfile else [], logging.Formatter(FORMAT)
+        if to_stderr or not logfile:
+            handlers.append(logging.StreamHandler(sys.stderr))
     access_handlers = [LogFile(access_log)] if access_log else []
     slow_handlers = [LogFile(slowlog)] if slowlog else []
-    _route(log, handlers, logging.Formatter(FORMAT))
+    _route(log, handlers, formatter)
     # the access log line carries its own time stamp; its handlers stay empty when it is
     # off, which is what the request path checks
     _route(access, access_handlers, logging.Formatter("%(message)s"))
@@ -119,7 +171,8 @@ def setup(logfile, to_stderr=True, access_log=None, slowlog=None):
 
 def files(config):
     """The log files the config names (for handing them to the user the daemon runs as)."""
-    return [path for path in (config.logfile, config.access_log, config.slowlog) if path]
+    return [path for path in (config.logfile, config.access_log, config.slowlog)
+            if path and path != SYSLOG]
 
 
 def _files():
