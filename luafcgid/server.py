@@ -78,8 +78,8 @@ class Server:
 
     def _log_access(self, config):
         """The access log's format, compiled once per config (the config checked it)."""
-        self.metrics.log_access(access_format.compile(config.access_format)
-                                if config.access_log else None)
+        self.metrics.configure(access_format.compile(config.access_format)
+                               if config.access_log else None, bool(config.status_path))
 
     def _start_worker(self, worker):
         self._threads.append(vm.start_thread(self.config.lua, self._work,
@@ -114,6 +114,7 @@ class Server:
             log.error("the supervisor (pid %d) is gone; stopping", self.supervisor)
             return False
         self.publish()
+        self.status.sample()
         self.acceptor.close_idle(self.config.client_timeout)
         return True
 
@@ -130,6 +131,7 @@ class Server:
 
     def _work(self, number):
         worker = current_worker.stats = self.metrics.workers[number - 1]
+        worker.tid, worker.born = threading.get_native_id(), time.time()
         while True:
             connection = self.acceptor.next()
             if connection is None:

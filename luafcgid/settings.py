@@ -366,8 +366,11 @@ SETTINGS = (
             "e.g. 5; null for never.", "process"),
     # -- status and ping pages
     Setting("status_path", optional(url_path), None,
-            "SCRIPT_NAME that answers the status page (plain text; ?json, ?openmetrics) "
-            "instead of a script, like php-fpm's pm.status_path.", "status",
+            "SCRIPT_NAME that answers the status page instead of a script, in php-fpm's "
+            "forms (pm.status_path): plain text, ?json, ?xml, ?html or ?openmetrics, and "
+            "?full for every worker; luafcgid's own figures (states, scripts, stuck "
+            "workers) follow php-fpm's. While it is set, each request's CPU time and its "
+            "state's memory are taken (about 1 us a request).", "status",
             example="/luafcgid-status"),
     Setting("ping_path", optional(url_path), None,
             "SCRIPT_NAME that answers 'pong', for health checks.", "status",
