@@ -114,6 +114,10 @@ class Server:
             log.error("the supervisor (pid %d) is gone; stopping", self.supervisor)
             return False
         self.publish()
+        if self.scoreboard is not None and self.config.status_path:
+            # for the status page's ?full in the other processes; only from here, the one
+            # thread that writes this process's slot of them
+            self.scoreboard.publish_workers(self.process, self.status.entries())
         self.status.sample()
         self.acceptor.close_idle(self.config.client_timeout)
         return True

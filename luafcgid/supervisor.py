@@ -34,7 +34,7 @@ class Supervisor:
         self.config = config
         self.listener = listener
         self.reread = reread
-        self.scoreboard = Scoreboard(config.processes)
+        self.scoreboard = Scoreboard(config.processes, config.workers)
         self.children = {}   # pid -> process number
         self.born = {}       # process number -> (pid, monotonic time it was started)
         self.due = {}        # process number -> monotonic time to start it (again)

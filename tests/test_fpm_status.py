@@ -149,19 +149,25 @@ def test_a_slow_request_is_listed_with_its_uri_under_json_full(stack, tmp_path):
         s.write("a.lua", "function main(env, con) local t = {} for i = 1, 5000 do t[i] = i "
                          "end con:puts('a') end")
         assert s.get("/a.lua")[2] == b"a"
-        while not slow[1].done():
-            gates[1].release()
+        wait_for(gates[1].release, what="the second slow request at its gate")
         assert slow[1].result()[2] == b"done"
-        idle = [e for e in page()["processes"] if e["state"] == "Idle"]
-        assert len(idle) == 1 and idle[0]["request uri"] in ("/a.lua", "/slow2.lua")
+        idle = []
+
+        def one_idle():
+            # a worker counts its request just after the client has the response
+            idle[:] = [e for e in page()["processes"] if e["state"] == "Idle"]
+            return len(idle) == 1
+
+        wait_for(one_idle, what="the worker of the second slow request idle again")
+        assert idle[0]["request uri"] in ("/a.lua", "/slow2.lua")
         assert idle[0]["last request memory"] > 5000 * 8 and idle[0]["requests"] >= 1
         assert 0 < idle[0]["request duration"] and idle[0]["last request cpu"] >= 0
         assert [e["request uri"] for e in page()["processes"]
                 if e["pid"] == entry["pid"]] == ["/slow1.lua?id=7"]   # still running
     finally:
         for thread, gate in zip(slow, gates):
-            while not thread.done():
-                gate.release()
+            if not thread.done():
+                wait_for(gate.release, what="a slow request at its gate")
     assert slow[0].result()[2] == b"done"
 
 
@@ -205,3 +211,28 @@ def test_xml_html_and_openmetrics(daemon):
     assert samples["phpfpm_up"] == 1 and samples["phpfpm_total_processes"] == 2
     assert samples["phpfpm_accepted_connections"] >= 3
     assert samples["luafcgid_failed_requests_total"] == 0
+
+
+def test_full_lists_the_workers_of_every_process(daemon, site):
+    d = daemon(processes=2, workers=2, states=2, status_path="/status")
+    site.write("p.lua", "function main(env, con) con:puts('p') end")
+
+    def every_worker():
+        ask(d.address, {b"SCRIPT_NAME": b"/p.lua", b"SCRIPT_FILENAME": site.file("p.lua").encode()})
+        page = json.loads(ask(d.address, EXPORTER)[2])
+        return len(page.get("serving_processes", ())) == 2 and len(page["processes"]) == 4 \
+            and page
+
+    wait_for(every_worker, what="both processes' workers on the page")
+    page = every_worker()
+    assert page["total processes"] == 4
+    assert len({entry["pid"] for entry in page["processes"]}) == 4   # thread ids
+    for entry in page["processes"]:
+        assert len(typed(entry, PROCESS_TYPES)) == len(PROCESS_TYPES)
+    tids = {pid: set(os.listdir(f"/proc/{pid}/task")) for pid in
+            (slot["pid"] for slot in page["serving_processes"])}
+    # each worker's pid is a thread of one serving process, two in each
+    owners = [[pid for pid, threads in tids.items() if str(e["pid"]) in threads]
+              for e in page["processes"]]
+    assert all(len(owner) == 1 for owner in owners)
+    assert sorted(len([o for o in owners if o[0] == pid]) for pid in tids) == [2, 2]

@@ -172,6 +172,11 @@ class Status:
             "requests", "failed_requests", "slow_requests", "active_workers", "workers",
             "stuck_workers")) + (slots,)
 
+    def entries(self):
+        """This process's workers, as ?full lists them (worker_entry)."""
+        now, wall = time.monotonic(), time.time()
+        return [worker_entry(worker, now, wall) for worker in self.metrics.workers]
+
     def sample(self):
         """Every second (the server's tick): the most workers active at once."""
         self.max_active = max(self.max_active, self._pool_totals()[3])
@@ -184,7 +189,6 @@ class Status:
         if queue is not None:
             self.max_queue = max(self.max_queue, queue)
         metrics = self.metrics
-        wall = time.time()
         figures = {
             "pool": access_format.POOL,
             "process manager": "static",
@@ -204,8 +208,11 @@ class Status:
         }
         processes = None
         if full:
-            now = time.monotonic()
-            processes = [worker_entry(worker, now, wall) for worker in metrics.workers]
+            processes = self.entries()
+            # with processes > 1 the other processes' workers, as of the last second
+            for slot in slots or ():
+                if slot["pid"] != os.getpid():
+                    processes += self.scoreboard.workers(slot["process"])
         scripts = defaultdict(lambda: {"clones": 0, "requests": 0, "loaded_at": 0.0,
                                        "memory_kb": None})
         for state in pool.states():
