@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, wait_for
+from conftest import ROOT, RawClient, split_response, wait_for
 from luafcgid import config
 from luafcgid.ops import access_format
 
@@ -102,8 +102,30 @@ def test_a_mapping_names_its_own_fields(stack, tmp_path):
     s = stack(access_log=log, access_format={"who": "%R %u", "code": "%s", "ua": "%{HTTP_USER_AGENT}e"})
     s.write("m.lua", 'function main(env, con) con:puts("m") end')
     assert s.get("/m.lua", headers={"User-Agent": 'say "hi"\\'})[0] == 200
+    # the value a JSON reader gets is the text line's field: escaped for the log
     assert json.loads(_lines(log, 1)[0]) == {"who": "127.0.0.1 ", "code": 200,
-                                             "ua": 'say "hi"\\'}
+                                             "ua": 'say "hi"\\x5C'}
+
+
+def test_every_field_is_escaped_in_text_and_json(daemon, site, tmp_path):
+    for spec, parse in (("%m|%{HTTP_X_EVIL}e|%f",
+                         lambda line: dict(zip(("m", "evil", "f"), line.split("|")))),
+                        ({"m": "%m", "evil": "%{HTTP_X_EVIL}e", "f": "%f"}, json.loads)):
+        log = tmp_path / f"access-{type(spec).__name__}.log"
+        d = daemon(access_log=str(log), access_format=spec)
+        site.write("e.lua", "function main(env, con) con:puts('e') end")
+        client = RawClient(d.address)
+        client.request({b"SCRIPT_FILENAME": site.file("e.lua").encode(),
+                        b"REQUEST_METHOD": b"GET\nforged 200",
+                        b"HTTP_X_EVIL": b"a\r\nb\x1b[31m\xff\\"})
+        assert split_response(client.response()[0])[2] == b"e"
+        client.close()
+        lines = _lines(str(log), 1)
+        assert len(lines) == 1
+        assert parse(lines[0]) == {"m": "GET\\x0Aforged 200",
+                                   "evil": "a\\x0D\\x0Ab\\x1B[31m\\xFF\\x5C",
+                                   "f": site.file("e.lua")}
+        d.stop()
 
 
 @pytest.mark.parametrize("spec, message", [

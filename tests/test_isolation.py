@@ -28,7 +28,7 @@ end
 
 def start(tmp_path, lua, **settings):
     s = Stack(tmp_path, {"lua": lua, "workers": 2, "request_timeout": TIMEOUT,
-                         "stuck_timeout": GRACE, **settings}).start()
+                         "stuck_timeout": GRACE, "showerrors": True, **settings}).start()
     s.write("hello.lua", HELLO)
     return s
 

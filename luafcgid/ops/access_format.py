@@ -23,6 +23,8 @@ import re
 import time
 from json.encoder import encode_basestring as _quote
 
+from .logs import escape
+
 # the format of the line luafcgid has always written: time, method, URI, status, bytes,
 # seconds, script
 DEFAULT = "%{%Y-%m-%dT%H:%M:%S%z}T %m %{REQUEST_URI}e %s %O %{seconds.6}d %f"
@@ -39,11 +41,6 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # codes whose text is a number: written as a JSON number when a JSON field is only that
 _NUMERIC = frozenset("sOdlMpPC")
 _DASH = b"-"
-
-
-def escape(value):
-    """A field for a log line. (logs.escape, from the secure-logs work, replaces this.)"""
-    return value.decode("utf-8", "replace") if type(value) is bytes else value
 
 
 class FormatError(ValueError):
