@@ -13,6 +13,7 @@ from . import config as configuration
 from .listener import Listener, ListenError
 from .ops import daemon, logs, privileges, signals, systemd
 from .reference import man_page, sample_config, settings_reference
+from .settings import SYSLOG_FACILITIES
 from .states import vm
 
 log = logging.getLogger("luafcgid")
@@ -115,7 +116,8 @@ def _reread(args):
 def _setup_logs(config, args):
     logs.setup(config.logfile, to_stderr=not args.daemon, access_log=config.access_log,
                slowlog=config.slowlog,
-               syslog=(config.syslog_address, config.syslog_facility, config.syslog_ident))
+               syslog=(config.syslog_address, SYSLOG_FACILITIES[config.syslog_facility],
+                       config.syslog_ident))
 
 
 def run(argv):

@@ -211,9 +211,10 @@ def access_format_value(value):
     return string(value)
 
 
-SYSLOG_FACILITIES = ("auth", "authpriv", "cron", "daemon", "ftp", "kern", "lpr", "mail",
-                     "news", "syslog", "user", "uucp", "local0", "local1", "local2", "local3",
-                     "local4", "local5", "local6", "local7")
+# syslog's facilities by name, with their codes (RFC 5424)
+SYSLOG_FACILITIES = {"kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "syslog": 5,
+                     "lpr": 6, "news": 7, "uucp": 8, "cron": 9, "authpriv": 10, "ftp": 11,
+                     **{f"local{n}": 16 + n for n in range(8)}}
 
 
 def syslog_facility(value):

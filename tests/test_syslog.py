@@ -80,7 +80,7 @@ def test_no_system_logger_there_is_a_clear_error(tmp_path):
 
 def test_a_bad_facility_is_refused():
     from luafcgid import config
-    with pytest.raises(config.ConfigError, match="syslog_facility: expected one of auth, "):
+    with pytest.raises(config.ConfigError, match="syslog_facility: expected one of kern, user, mail, daemon, "):
         config.defaults(syslog_facility="local9")
 
 
