@@ -212,10 +212,8 @@ def setup(logfile, to_stderr=True, access_log=None, slowlog=None, syslog=None):
     "syslog" to the system logger only, Syslog(*syslog) (address, facility, ident); the
     access log and the slowlog only go to their files, and are off when not set."""
     # every file (and the system logger) is opened before any logger changes, so one that
-    # cannot be opened (OSError) leaves the logging as it was
-    files = [path for path in (logfile, access_log, slowlog) if path and path != SYSLOG]
-    for path in files:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+    # cannot be opened (OSError; a missing directory too: none is created) leaves the
+    # logging as it was
     if logfile == SYSLOG:
         handlers, formatter = [Syslog(*syslog)], EscapingFormatter(SYSLOG_FORMAT)
     else:

@@ -1,12 +1,14 @@
 """The status and ping pages (php-fpm's pm.status_path and ping.path).
 
 The responder answers them when SCRIPT_NAME matches status_path or ping_path, before any
-script lookup. Only clients in status_allow (REMOTE_ADDR as the web server passes it) see
-them. The status page is php-fpm's (fpm_status.py renders it): plain text, ?json, ?xml,
-?html or ?openmetrics, and ?full lists every worker as php-fpm lists its processes (a worker
-thread serves one request at a time, as a php-fpm process does). luafcgid's own figures, the
-Lua states and scripts, failed requests, stuck workers and with processes > 1 each serving
-process, follow php-fpm's under their own names.
+script lookup. Only clients in status_allow see them, by REMOTE_ADDR: the web server's
+word, which anyone who can connect to luafcgid's socket can forge. That is why a TCP
+listener needs allowed_clients (clients.py): on a Unix socket, listen_mode and listen_group
+decide who can speak. The status page is php-fpm's (fpm_status.py renders it): plain text,
+?json, ?xml, ?html or ?openmetrics, and ?full lists every worker as php-fpm lists its
+processes (a worker thread serves one request at a time, as a php-fpm process does).
+luafcgid's own figures, the Lua states and scripts, failed requests, stuck workers and with
+processes > 1 each serving process, follow php-fpm's under their own names.
 """
 
 import os
@@ -14,9 +16,10 @@ import socket
 import subprocess
 import time
 from collections import defaultdict
-from ipaddress import ip_address, ip_network
+from ipaddress import ip_network
 
 from ..request import pages
+from ..request.clients import peer_address
 from . import access_format, fpm_status
 
 
@@ -148,12 +151,7 @@ class Status:
 
     @staticmethod
     def _guarded(allowed, params, page):
-        try:
-            peer = ip_address(params.get(b"REMOTE_ADDR", b"").decode())
-        except ValueError:
-            peer = None
-        if getattr(peer, "ipv4_mapped", None):
-            peer = peer.ipv4_mapped
+        peer = peer_address(params.get(b"REMOTE_ADDR", b"").decode(errors="replace"))
         if peer is None or not any(peer in network for network in allowed):
             return pages.response("403 Forbidden")
         return page(params)
