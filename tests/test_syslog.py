@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import AS_ROOT, ROOT
 
 LOCAL3 = 19
 ERR, WARNING, INFO = 3, 4, 6
@@ -71,7 +71,7 @@ def test_no_system_logger_there_is_a_clear_error(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text(f"listen: {tmp_path / 's.sock'}\nlogfile: syslog\n"
                       f"syslog_address: {tmp_path / 'nobody.sock'}\n")
-    started = subprocess.run([sys.executable, "-m", "luafcgid", "-c", str(config)],
+    started = subprocess.run([sys.executable, "-m", "luafcgid", "-c", str(config), *AS_ROOT],
                              capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert started.returncode == 1
     assert f"cannot reach the system logger at {tmp_path / 'nobody.sock'}: No such file" \
