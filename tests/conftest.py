@@ -457,5 +457,15 @@ def daemon(tmp_path):
 
 
 @pytest.fixture
+def open_dir():
+    """A directory every user may read (pytest's tmp_path is root's alone), for a daemon
+    that runs as another user (`user:`)."""
+    path = tempfile.mkdtemp(prefix="luafcgid-ops-")
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
 def site(tmp_path):
     return Site(tmp_path / "www")

@@ -3,13 +3,11 @@ listening socket's mode, dropping root, the pidfile, --daemon, and the signals."
 
 import os
 import pwd
-import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -157,16 +155,6 @@ def _uid_of(pid):
         for line in stream:
             if line.startswith("Uid:"):
                 return [int(x) for x in line.split()[1:]]
-
-
-@pytest.fixture
-def open_dir():
-    """A directory every user may read (pytest's tmp_path is root's alone), owned by
-    nobody as /var/log/luafcgid would be by the service user."""
-    path = tempfile.mkdtemp(prefix="luafcgid-ops-")
-    os.chmod(path, 0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")

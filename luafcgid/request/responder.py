@@ -99,6 +99,9 @@ class Responder:
             return None
         if not path.endswith(self.config.extensions):
             raise Forbidden(f"{path} does not end with one of {', '.join(self.config.extensions)}")
+        # a 403, as nginx and php-fpm answer, rather than a load that fails with a 500
+        if not os.access(path, os.R_OK):
+            raise Forbidden(f"{path} is not readable by the daemon's user")
         self._located[script] = path
         return path
 
