@@ -290,5 +290,5 @@ def test_a_full_disk_under_the_log_stops_no_serving(daemon, site, tmp_path, proc
     wait_for(logged_again, what="lines in the reopened log")
     assert d.proc.poll() is None
     assert d.stop() == 0
-    stderr = d.proc.stdout.read().decode()
+    stderr = d.output()
     assert f"cannot write to {logfile}: [Errno 28] No space left on device" in stderr
