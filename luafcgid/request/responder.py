@@ -53,8 +53,7 @@ class Responder:
                               config.max_requests, self._closer.close)
         # SCRIPT_NAME -> page (the status and ping pages), answered before any script
         self._routes = status.routes(config, self.pool) if status is not None else {}
-        # resolved once, so a root reached through a symbolic link still matches
-        self._roots = tuple(os.path.join(os.path.realpath(root), "") for root in config.roots)
+        self._roots = self._resolve_roots()
         self._located = {}   # SCRIPT_FILENAME -> real path, emptied by every sweep
         self._successor = None
         self._per_thread = workdir.per_thread()
@@ -79,6 +78,12 @@ class Responder:
             self.on_load(path)
         return state
 
+    def _resolve_roots(self):
+        """The roots as real paths, so that a root reached through a symbolic link still
+        matches. Resolved again at every sweep and when a script falls outside them: a
+        deploy swaps a `current` symlink to a new release (a few lstat calls each)."""
+        return tuple(os.path.join(os.path.realpath(root), "") for root in self.config.roots)
+
     def locate(self, script):
         """The real path of a non-empty regular file named by `script`, or None; raises
         Forbidden, before the file is opened, when confinement does not allow it."""
@@ -90,7 +95,9 @@ class Responder:
         except ValueError:   # a NUL byte in the name
             return None
         if self._roots and not path.startswith(self._roots):
-            raise Forbidden(f"{path} is outside every root")
+            self._roots = self._resolve_roots()
+            if not path.startswith(self._roots):
+                raise Forbidden(f"{path} is outside every root")
         try:
             st = os.stat(path)   # not opened: a missing file is a 404 whatever its name
         except OSError:
@@ -106,6 +113,7 @@ class Responder:
         return path
 
     def forget_locations(self):
+        self._roots = self._resolve_roots()
         self._located = {}
 
     def respond(self, params, body, out, body_too_large=False, worker=None, window=None):
