@@ -252,6 +252,23 @@ def test_sighup_applies_new_headers_without_failing_a_request(stack):
     assert set(seen[:first]) == {"1"} and set(seen[first:]) == {"2"}
 
 
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sighup_changing_lua_keeps_it_and_applies_the_live_settings(stack, processes):
+    # memory_limit is set by default: checking it must not try to load the other VM
+    s = stack(processes=processes, headers=["X-Version: 1"])
+    s.write("v.lua", "function main(env, con) con:puts(_VERSION) end")
+    assert s.get("/v.lua")[1]["x-version"] == "1"
+    s.daemon.write_config(lua="5.4", headers=["X-Version: 2"])
+    s.daemon.signal(signal.SIGHUP)
+    wait_for(lambda: s.daemon.log().count("reloaded ") == processes, what="the reload")
+    log = s.daemon.log()
+    assert "reload refused" not in log
+    assert log.count("reload: lua changed; restart luafcgid to apply it") == processes
+    for _ in range(4):
+        status, headers, body = s.get("/v.lua")
+        assert (status, headers["x-version"], body) == (200, "2", b"Lua 5.1")   # LuaJIT's
+
+
 def test_sigusr1_reopens_a_rotated_log(daemon, site):
     d = daemon(access_log=None)
     logfile = d.settings["logfile"]
