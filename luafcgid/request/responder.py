@@ -2,7 +2,8 @@
 
 Independent of the transport: the FastCGI connection and the development HTTP front both
 hand a request's params and body here with an output object that has `write(bytes)` (send
-response bytes now) and `end(bytes)` (send these last bytes and complete the response).
+response bytes now; raises connection.ClientGone once the client went away, which `broken`
+then says) and `end(bytes)` (send these last bytes and complete the response).
 """
 
 import logging
@@ -15,6 +16,7 @@ from ..states.pool import PoolClosed, StatePool
 from ..states.searchpath import search_paths
 from ..states.state import LuaState, Outcome, ScriptError, ScriptGone
 from . import pages
+from .connection import ClientGone
 
 log = logging.getLogger("luafcgid")
 
@@ -207,6 +209,8 @@ class Responder:
         the script's pcall (which leaves the state untrusted)."""
         try:
             return method(*args)
+        except ClientGone as exc:   # sending the last of a response, after the handler
+            return Outcome(False, kind="Client Gone", message=str(exc))
         except Exception as exc:
             memory = isinstance(exc, vm.load(self.config.lua).LuaMemoryError)
             return Outcome(False, kind="Memory Error" if memory else "Unknown Error",
@@ -217,6 +221,8 @@ class Responder:
             # the headers leave Lua apart from the body and are joined here: 3-4% of a
             # 25 KB page's time less than in Lua (parse and respond in-process, best of five)
             out.end(result.head + result.payload)
+        elif out.broken and result.kind not in _FATAL:
+            out.end()   # the page stopped at a write after its client left: no script error
         else:
             self._report(result.kind, path, result.message, out,
                          headers_sent=result.headers_sent)
