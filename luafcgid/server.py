@@ -179,15 +179,19 @@ class Server:
         log.info("reload: now listening on %s", config.listen)
 
     def stop(self):
-        """Stop accepting, let in-flight requests finish (at most shutdown_timeout seconds),
-        close every state and the listener. False when something could not end: a worker
+        """Stop accepting and close the listener, let in-flight requests finish (at most
+        shutdown_timeout seconds), close every state. False when something could not end: a worker
         or a state's close stuck in Lua (then see exit_leaving_lua)."""
         with self._threads_lock:
             if self.stopping:
                 return True
             self.stopping = True
-        log.info("stopping: draining in-flight requests")
         self.acceptor.close()
+        # New connections are refused from now on, so that the web server moves on to
+        # another upstream at once: left listening, they waited out the whole drain in the
+        # backlog and were then reset (a 502 after up to shutdown_timeout).
+        self.listener.close()
+        log.info("stopping: draining in-flight requests; new connections are refused")
         deadline = time.monotonic() + self.config.shutdown_timeout
         windows = [worker.window for worker in self.metrics.workers]
         # a worker stuck in Lua is not waited for: it would never end
@@ -210,7 +214,6 @@ class Server:
         if not closed:
             log.warning("states still closing after shutdown_timeout (a __gc finalizer that "
                         "does not return?); exiting without them")
-        self.listener.close()
         log.info("stopped")
         return closed and not busy and not self.closer.abandoned
 

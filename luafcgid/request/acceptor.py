@@ -166,8 +166,11 @@ class Acceptor:
             connection.close()
 
     def close(self):
-        """Wake every worker with None, and close the parked connections (workers close
-        those they serve)."""
+        """Stop accepting, wake every worker with None, and close the parked connections
+        (workers close those they serve)."""
+        # before the listener closes: with processes > 1 the others keep the socket open,
+        # so closing ours would leave it in this epoll set under a number reused later
+        self._epoll.unregister(self.sock.fileno())
         with self._lock:
             self.closed = True
             connections = [c for c in self._watched.values() if c.parked]
