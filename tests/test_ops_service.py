@@ -269,6 +269,67 @@ def test_sighup_changing_lua_keeps_it_and_applies_the_live_settings(stack, proce
         assert (status, headers["x-version"], body) == (200, "2", b"Lua 5.1")   # LuaJIT's
 
 
+def _proc_status(pid):
+    """/proc/PID/status as a dict; {} once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as stream:
+            return dict(line.rstrip("\n").split(":\t", 1) for line in stream)
+    except FileNotFoundError:
+        return {}
+
+
+STARTS = {
+    "os.execute": 'os.execute("sleep 1000 >/dev/null 2>&1 & echo $! > {pidfile}")',
+    "io.popen": """
+        local started = io.popen("sleep 1000 >/dev/null 2>&1 & echo $!")
+        local pid = started:read("*l")
+        started:close()
+        local out = io.open("{pidfile}", "w")
+        out:write(pid)
+        out:close()""",
+}
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+@pytest.mark.parametrize("start", STARTS)
+def test_a_process_a_page_starts_can_be_signalled(stack, start, processes):
+    s = stack(processes=processes)
+    pidfile = s.site.file("started.pid")
+    s.write("start.lua", f"""
+        function main(env, con)
+          {STARTS[start].format(pidfile=pidfile)}
+          con:puts("started")
+        end
+    """)
+    assert s.get("/start.lua")[::2] == (200, b"started")
+    with open(pidfile) as stream:
+        pid = int(stream.read())
+    try:
+        status = _proc_status(pid)
+        assert int(status["SigBlk"], 16) == 0
+        assert int(status["SigIgn"], 16) & (1 << (signal.SIGTERM - 1)) == 0
+        os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: _proc_status(pid).get("State", "Z").startswith("Z"),
+                 what="the page's process to die of SIGTERM")
+    finally:
+        if _proc_status(pid).get("State", "Z")[0] != "Z":
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_sigterm_during_start_up_waits_for_the_main_loop(tmp_path):
+    d = Daemon(tmp_path / "d")
+    os.mkfifo(d.settings["logfile"])   # start-up waits where it opens its log
+    d.start(wait=False)
+    wait_for(lambda: open(f"/proc/{d.proc.pid}/wchan").read() == "wait_for_partner",
+             what="start-up to reach the log")
+    d.signal(signal.SIGTERM)
+    with open(d.settings["logfile"]) as log:   # start-up goes on, and logs here to its exit
+        lines = log.read()
+    assert d.proc.wait(15) == 0
+    assert "luafcgid serving on" in lines and "stopped" in lines
+    assert not os.path.exists(d.address)
+
+
 def test_sigusr1_reopens_a_rotated_log(daemon, site):
     d = daemon(access_log=None)
     logfile = d.settings["logfile"]
