@@ -14,6 +14,7 @@ from .listener import Listener, ListenError
 from .ops.metrics import Metrics, current_worker
 from .ops.slowlog import SlowLog
 from .ops.status import Status
+from .ops.stdout import Capture
 from .request.acceptor import Acceptor
 from .request.connection import Connection
 from .request.responder import Responder
@@ -53,6 +54,7 @@ class Server:
         self.heartbeat = Heartbeat(config.sweep)
         self.responder = Responder(config, self.status, self.closer,
                                    on_load=self.heartbeat.watch)
+        self.stdout = Capture("stdout" if process is None else f"stdout-{process}")
         self.stopping = False
         self.acceptor = None
         self._threads = []   # one per metrics.workers entry, in the same order
@@ -64,6 +66,7 @@ class Server:
         # the p99 latency. At 1 ms, with 256 clients through nginx, p99 fell from 57 to 28 ms
         # (processes 2, workers 2) and from 49 to 44 ms (processes 1, workers 3).
         sys.setswitchinterval(SWITCH_INTERVAL)
+        self.stdout.start()
         self.acceptor = Acceptor(self.listener.sock, self._connect)
         self.heartbeat.start(self.responder)
         self.watcher.start()
@@ -214,6 +217,7 @@ class Server:
         if not closed:
             log.warning("states still closing after shutdown_timeout (a __gc finalizer that "
                         "does not return?); exiting without them")
+        self.stdout.stop()
         log.info("stopped")
         return closed and not busy and not self.closer.abandoned
 

@@ -330,6 +330,39 @@ def test_a_sigterm_during_start_up_waits_for_the_main_loop(tmp_path):
     assert not os.path.exists(d.address)
 
 
+@pytest.mark.parametrize("processes", [1, 2])
+@pytest.mark.parametrize("unbuffered", [False, True], ids=["", "PYTHONUNBUFFERED"])
+def test_what_a_page_prints_goes_to_the_error_log_line_by_line(stack, monkeypatch,
+                                                               unbuffered, processes):
+    # Python's -u makes the C library's standard output unbuffered; it is line-buffered
+    # either way
+    if unbuffered:
+        monkeypatch.setenv("PYTHONUNBUFFERED", "1")
+    else:
+        monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)
+    s = stack(processes=processes)
+    s.write("say.lua", """
+        function main(env, con)
+          print("from print", 42)
+          io.write("from io.write ", "in pieces", "\\n")
+          os.execute("echo from a process the page started")
+          io.write("the last words, with no line end")
+          con:puts("said")
+        end
+    """)
+    assert s.get("/say.lua")[::2] == (200, b"said")
+    said = ["from print\t42", "from io.write in pieces", "from a process the page started"]
+
+    def lines():
+        return [line.split("] ", 1)[-1] for line in s.daemon.log().splitlines()]
+
+    wait_for(lambda: all(line in lines() for line in said), what="the lines, while serving")
+    assert s.stop() == 0
+    assert "the last words, with no line end" in lines()   # flushed at stop
+    # (standard error has the log lines too, when not detached)
+    assert not [line for line in s.daemon.output().splitlines() if line.startswith("from ")]
+
+
 def test_sigusr1_reopens_a_rotated_log(daemon, site):
     d = daemon(access_log=None)
     logfile = d.settings["logfile"]
