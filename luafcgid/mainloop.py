@@ -2,8 +2,9 @@
 supervisor's processes) and the supervisor.
 
 It takes the signals (see signals.py; cli.run installs their handlers): SIGTERM and SIGINT
-end it, SIGUSR1 reopens the logs, SIGHUP reloads. Where the process is the service's main one it speaks systemd's notify
-protocol and pings its watchdog. Every second without a signal it calls the role's tick().
+end it, SIGUSR1 reopens the logs, SIGHUP reloads. Where the process is the service's main
+one it speaks systemd's notify protocol and pings its watchdog. Every second without a
+signal it calls the role's tick().
 
 A role provides: start(), summary() (one line for STATUS=), healthy(), tick() (False ends
 the loop), reopen() (after the logs were reopened), reload() and stop().

@@ -183,8 +183,8 @@ class Server:
 
     def stop(self):
         """Stop accepting and close the listener, let in-flight requests finish (at most
-        shutdown_timeout seconds), close every state. False when something could not end: a worker
-        or a state's close stuck in Lua (then see exit_leaving_lua)."""
+        shutdown_timeout seconds), close every state. False when something could not end:
+        a worker or a state's close stuck in Lua (then see exit_leaving_lua)."""
         with self._threads_lock:
             if self.stopping:
                 return True

@@ -241,7 +241,9 @@ def test_a_trickling_connection_is_closed_after_client_timeout(daemon):
 def test_at_the_descriptor_limit_accept_failures_are_logged_once_per_interval(daemon, site):
     d = daemon(workers=3, states=3, client_timeout=60)
     site.write("hi.lua", "function main(env, con) con:puts('hi') end")
-    # two descriptors to spare: two connections are accepted, the rest wait in the backlog
+    # two descriptors to spare, once started: two connections are accepted, the rest wait
+    # in the backlog (the socket listens before the workers start)
+    wait_for(lambda: "luafcgid serving on" in d.log(), what="the start")
     in_use = len(os.listdir(f"/proc/{d.proc.pid}/fd"))
     limit = resource.prlimit(d.proc.pid, resource.RLIMIT_NOFILE)
     resource.prlimit(d.proc.pid, resource.RLIMIT_NOFILE, (in_use + 2, limit[1]))
