@@ -276,12 +276,14 @@ SETTINGS = (
     Setting("buffering", boolean, True,
             "Buffer the body until the handler returns (con:flush() sends early). Off, each "
             "con:puts() goes straight to the web server.", "response"),
-    Setting("showerrors", boolean, True,
-            "Show the error kind and Lua message on 500 pages; off, a plain 500 page.",
+    Setting("showerrors", boolean, False,
+            "Show the error kind and Lua message on 500 pages (for development: they may "
+            "name files and hold data); off, a plain 500 page. The log has them either way.",
             "response"),
     Setting("maxpost", integer(0), 1048576,
             "Most request-body bytes accepted; a larger body is answered 413 without running "
-            "the handler.", "response"),
+            "the handler, as soon as it passes this (or CONTENT_LENGTH says it will), and is "
+            "not read on: the connection closes.", "response"),
     Setting("headersize", integer(0), 64,
             "Accepted for compatibility with the original's configs; buffers grow as needed.",
             "response"),

@@ -310,8 +310,9 @@ def stack(tmp_path):
 
 @pytest.fixture(scope="module")
 def shared_stack(tmp_path_factory):
-    """One daemon behind nginx for a whole module of tests that only add scripts."""
-    s = Stack(tmp_path_factory.mktemp("shared")).start()
+    """One daemon behind nginx for a whole module of tests that only add scripts. It shows
+    errors on its 500 pages: its tests read there what failed."""
+    s = Stack(tmp_path_factory.mktemp("shared"), {"showerrors": True}).start()
     yield s
     s.stop()
 

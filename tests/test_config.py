@@ -24,11 +24,13 @@ def problems(tmp_path, text):
     return info.value.problems
 
 
-def test_defaults_are_the_originals_except_listen():
+def test_defaults_are_the_originals_except_listen_and_showerrors():
     c = config.defaults()
     assert (c.workers, c.states, c.max_clones, c.sweep, c.retries) == (3, 5, 3, 1000, 2)
+    # the original showed Lua messages on error pages by default; PHP's production
+    # display_errors does not, nor does luafcgid
     assert (c.showerrors, c.buffering, c.handler, c.httpstatus, c.contenttype) == (
-        True, True, "main", "200 OK", "text/html")
+        False, True, "main", "200 OK", "text/html")
     assert (c.maxpost, c.headers, c.finishhandler) == (1048576, ("X-Powered-By: Lua",), None)
     assert c.listen == "/run/luafcgid/luafcgid.sock"   # never a TCP port on every interface
     assert c.listen_mode == 0o660

@@ -71,5 +71,7 @@ class Capture:
 
 
 def _log(line):
+    # bytes that are not UTF-8 (or a character cut between pieces) are kept, for the log's
+    # escaping to write as \xNN
     for at in range(0, max(len(line), 1), _LONGEST):
-        log.info("%s", line[at:at + _LONGEST].decode(errors="replace"))
+        log.info("%s", line[at:at + _LONGEST].decode("utf-8", "surrogateescape"))
