@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from conftest import AS_ROOT
 from luafcgid import config
 from luafcgid.reference import sample_config, settings_reference
 
@@ -87,7 +88,8 @@ def run_cli(*args):
 
 
 def test_check_passes_a_good_config_and_names_every_problem(tmp_path):
-    good = run_cli("-c", write(tmp_path, "workers: 2\nstates: 4\n"), "--check")
+    good = run_cli("-c", write(tmp_path, f"workers: 2\nstates: 4\nlisten: {tmp_path}/l.sock\n"),
+                   "--check", *AS_ROOT)
     assert good.returncode == 0 and "OK" in good.stdout
     bad = run_cli("-c", write(tmp_path, "workers: 0\nnope: 1\n"), "--check")
     assert bad.returncode == 2

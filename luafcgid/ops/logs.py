@@ -13,7 +13,6 @@ that cannot be reopened keeps its old stream and is tried again every second.
 """
 
 import logging
-import os
 import re
 import sys
 
@@ -151,10 +150,7 @@ def setup(logfile, to_stderr=True, access_log=None, slowlog=None):
     """Log to `logfile` (when set) and to standard error (when asked); the access log and
     the slowlog only go to their files, and are off when not set."""
     # every file is opened before any logger changes, so a file that cannot be opened
-    # (OSError) leaves the logging as it was
-    for path in (logfile, access_log, slowlog):
-        if path:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+    # (OSError; a missing directory too: none is created) leaves the logging as it was
     handlers = [LogFile(logfile)] if logfile else []
     if to_stderr or not logfile:
         handlers.append(logging.StreamHandler(sys.stderr))

@@ -44,9 +44,11 @@ LINGER = 1.0
 
 
 class Acceptor:
-    def __init__(self, sock, connect):
-        """`connect(sock, address)` makes a Connection of an accepted socket."""
+    def __init__(self, sock, connect, admit=None):
+        """`connect(sock, address)` makes a Connection of an accepted socket; `admit(address)`,
+        when set, says whether a peer may be served at all (clients.py)."""
         self._connect = connect
+        self.admit = admit
         self._epoll = select.epoll()
         self._watched = {}   # fd -> Connection registered in the epoll set, parked or served
         self._kept = set()   # fds of those kept alive by the web server (FCGI_KEEP_CONN)
@@ -113,21 +115,26 @@ class Acceptor:
         return first
 
     def _accept(self):
-        """A Connection of the next socket in the backlog, or None. Takes the raw accept()
-        and builds the socket object with the listener's known family: socket.accept()
-        asks for the family and type as enums, costing a microsecond a connection."""
-        try:
-            fd, address = self.sock._accept()
-        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-            return None   # the backlog is empty, or the client gave up
-        except OSError as exc:
-            if exc.errno in _TRANSIENT:
-                self._accept_failed(exc)
-                time.sleep(0.1)
-            return None
-        if self._reported_at is not None:
-            self._accept_recovered()
-        return self._connect(socket.socket(self._family, socket.SOCK_STREAM, 0, fd), address)
+        """A Connection of the next admitted socket in the backlog, or None. Takes the raw
+        accept() and builds the socket object with the listener's known family:
+        socket.accept() asks for the family and type as enums, costing a microsecond a
+        connection."""
+        while True:
+            try:
+                fd, address = self.sock._accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return None   # the backlog is empty, or the client gave up
+            except OSError as exc:
+                if exc.errno in _TRANSIENT:
+                    self._accept_failed(exc)
+                    time.sleep(0.1)
+                return None
+            if self._reported_at is not None:
+                self._accept_recovered()
+            if self.admit is None or self.admit(address):
+                return self._connect(socket.socket(self._family, socket.SOCK_STREAM, 0, fd),
+                                     address)
+            os.close(fd)
 
     def _accept_failed(self, exc):
         now = time.monotonic()
