@@ -137,7 +137,7 @@ def run(argv):
         return 0
     # from now on a SIGTERM waits for the main loop instead of killing a half-started
     # daemon that would leave its socket and pidfile behind
-    signals.block()
+    signals.install()
     try:
         listening = Listener.passed(passed) if passed is not None else Listener.bind(config)
         if args.daemon:

@@ -1,9 +1,10 @@
 """The main loop, in the main thread, of both roles: a server (serving itself, or one of a
 supervisor's processes) and the supervisor.
 
-It takes the signals (see signals.py): SIGTERM and SIGINT end it, SIGUSR1 reopens the logs,
-SIGHUP reloads. Where the process is the service's main one it speaks systemd's notify
-protocol and pings its watchdog. Every second without a signal it calls the role's tick().
+It takes the signals (see signals.py; cli.run installs their handlers): SIGTERM and SIGINT
+end it, SIGUSR1 reopens the logs, SIGHUP reloads. Where the process is the service's main
+one it speaks systemd's notify protocol and pings its watchdog. Every second without a
+signal it calls the role's tick().
 
 A role provides: start(), summary() (one line for STATUS=), healthy(), tick() (False ends
 the loop), reopen() (after the logs were reopened), reload() and stop().
@@ -23,7 +24,6 @@ def run(role, service=True):
     """Run `role` until a stop signal (or its tick() says so), then stop it; returns what
     its stop() returned. `service`: this process is the one systemd (if any) started and
     watches."""
-    signals.block()   # before any thread or child starts: they inherit the mask
     role.start()
     watchdog = systemd.Watchdog() if service else None
     if service:

@@ -90,6 +90,9 @@ class Supervisor:
 
     def stop(self):
         self.stopping = True
+        # refused from now on (the file of a Unix socket is gone), as each process closes
+        # its copy: the web server moves on to another upstream instead of waiting
+        self.listener.close()
         self._signal_all(signal.SIGTERM)
         deadline = time.monotonic() + self.config.shutdown_timeout + 5
         while self.children and time.monotonic() < deadline:
@@ -98,7 +101,6 @@ class Supervisor:
         if self.children:
             log.error("processes %s did not stop; killing them", sorted(self.children.values()))
             self._signal_all(signal.SIGKILL)
-        self.listener.close()
         log.info("stopped")
 
     # -- process life ---------------------------------------------------------------------

@@ -35,6 +35,9 @@ log = logging.getLogger("luafcgid")
 _TRANSIENT = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _WATCHED = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
 _ACCEPT_BATCH = 64
+# At the descriptor limit every worker fails to accept ten times a second (about 30 log
+# lines a second with 3 workers): the first failure is logged, then a count per interval.
+_REPORT_EVERY = 5.0
 # How long a connection answered 413, the rest of its body unread, waits for the web server
 # to hang up: nginx does within milliseconds of reading the 413
 LINGER = 1.0
@@ -54,6 +57,8 @@ class Acceptor:
         # never drained: once written, it wakes every worker, level-triggered
         self._epoll.register(self._wake_read, select.EPOLLIN)
         self.closed = False
+        self._failures = 0         # accept failures not yet logged
+        self._reported_at = None   # monotonic time of the last "accept failed" line
         self.sock = None
         self._family = None
         self.listen_on(sock)
@@ -121,13 +126,37 @@ class Acceptor:
                 return None   # the backlog is empty, or the client gave up
             except OSError as exc:
                 if exc.errno in _TRANSIENT:
-                    log.error("accept failed: %s; retrying", exc)
+                    self._accept_failed(exc)
                     time.sleep(0.1)
                 return None
+            if self._reported_at is not None:
+                self._accept_recovered()
             if self.admit is None or self.admit(address):
                 return self._connect(socket.socket(self._family, socket.SOCK_STREAM, 0, fd),
                                      address)
             os.close(fd)
+
+    def _accept_failed(self, exc):
+        now = time.monotonic()
+        with self._lock:
+            self._failures += 1
+            first = self._reported_at is None
+            if not first and now - self._reported_at < _REPORT_EVERY:
+                return
+            failures, self._failures, self._reported_at = self._failures, 0, now
+        if first:
+            log.error("accept failed: %s; retrying (reported every %g s while it lasts)",
+                      exc, _REPORT_EVERY)
+        else:
+            log.error("accept failed %d more time(s) since the last report: %s; retrying",
+                      failures, exc)
+
+    def _accept_recovered(self):
+        with self._lock:
+            if self._reported_at is None:
+                return
+            failures, self._failures, self._reported_at = self._failures, 0, None
+        log.info("accept works again (%d failure(s) since the last report)", failures)
 
     def park(self, connection):
         """Keep a connection until more bytes arrive on it. False when bytes arrived while
@@ -181,8 +210,11 @@ class Acceptor:
             connection.close()
 
     def close(self):
-        """Wake every worker with None, and close the parked connections (workers close
-        those they serve)."""
+        """Stop accepting, wake every worker with None, and close the parked connections
+        (workers close those they serve)."""
+        # before the listener closes: with processes > 1 the others keep the socket open,
+        # so closing ours would leave it in this epoll set under a number reused later
+        self._epoll.unregister(self.sock.fileno())
         with self._lock:
             self.closed = True
             connections = [c for c in self._watched.values() if c.parked]
