@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 
+from . import procman
 from .config import LISTENER, RESTART_ONLY, keep_running
 from .listener import Listener, ListenError
 from .ops.metrics import Metrics, current_worker
@@ -35,13 +36,17 @@ class Server:
         """Serves on `listener` (a listener.Listener); a reload applies reread() (a Config,
         or None when the file is bad). `process` numbers this serving process when a
         supervisor (pid `supervisor`) runs several: they serve on the supervisor's listener,
-        publish their counters on its `scoreboard`, and stop when it is gone."""
+        publish their counters on its `scoreboard` (and there ask to be replaced when
+        recycling says so), and stop when it is gone."""
         self.config = config
         self.listener = listener
         self.reread = reread
         self.process = process
         self.scoreboard = scoreboard
         self.supervisor = supervisor
+        self.recycling = procman.Recycling(config.process_max_requests,
+                                           config.process_max_memory)
+        self.retiring = False   # asked the supervisor for a successor
         self.metrics = Metrics(config.workers, config.slowlog_timeout)
         self.slowlog = SlowLog(lambda: self.config, self.metrics)
         self.watcher = Watcher(lambda: self.config, self._replace_stuck, self.slowlog.check)
@@ -106,6 +111,12 @@ class Server:
         if self.supervisor is not None and os.getppid() != self.supervisor:
             log.error("the supervisor (pid %d) is gone; stopping", self.supervisor)
             return False
+        if self.scoreboard is not None and not self.retiring:
+            why = self.recycling.due(self.metrics.totals()[0])
+            if why:
+                log.info("process %d %s; asking the supervisor for a successor",
+                         self.process, why)
+                self.retiring = True
         self.publish()
         self.acceptor.close_idle(self.config.client_timeout)
         return True
@@ -219,7 +230,8 @@ class Server:
         if self.scoreboard is not None:
             requests, failed, slow, active = self.metrics.totals()
             self.scoreboard.publish(self.process, os.getpid(), requests, failed, slow, active,
-                                    len(self.metrics.workers), len(self.watcher.stuck()))
+                                    len(self.metrics.workers), len(self.watcher.stuck()),
+                                    self.retiring)
 
 
 def exit_leaving_lua():
