@@ -144,7 +144,7 @@ class Server:
                 except Exception:
                     log.exception("unexpected error serving %s", connection.peer)
                     keep = False
-                if not keep or self.stopping:
+                if not keep:
                     self.acceptor.discard(connection)
                     break
                 if self.acceptor.park(connection):
@@ -206,6 +206,8 @@ class Server:
                   for thread, window in zip(self._threads, windows)):
             if time.monotonic() >= deadline:
                 break
+            self.acceptor.drain(self.config.client_timeout,
+                                held=sum(bool(window.stuck) for window in windows))
             time.sleep(0.02)
         busy = sum(thread.is_alive() for thread in self._threads)
         if busy:

@@ -252,7 +252,7 @@ class Connection:
             server.responder.respond(params, body, out, too_large, worker)
         finally:
             worker.end(out)
-        return keep_conn and not server.stopping
+        return keep_conn
 
     def _send_replies(self):
         replies = b"".join(self.parser.replies)
