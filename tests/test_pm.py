@@ -53,31 +53,38 @@ def _release(held, fifo):
 @pytest.mark.parametrize("processes, keepalive", [(2, 0), (1, 128)])
 def test_recycling_loses_no_request(stack, processes, keepalive):
     """Each process is replaced after about 20 requests: its successor starts first, then
-    it drains. Requests keep coming from 4 clients meanwhile; every one is answered 200.
-    With processes: 1 a supervisor runs, for the recycling."""
+    it drains. POSTs (which nginx passes to no other connection when one fails) keep coming
+    from 4 clients meanwhile; every one is answered 200 with its own body. With
+    processes: 1 a supervisor runs, for the recycling."""
     s = stack(processes=processes, workers=2, process_max_requests=20, keepalive=keepalive)
-    s.write("pid.lua", PID_PAGE)
+    s.write("echo.lua", """
+        local pid = io.open("/proc/self/stat"):read("*l"):match("^(%d+)")
+        function main(env, con) con:puts(pid, " ", con:gets()) end
+    """)
     answers, stop = [], threading.Event()
 
-    def client():
+    def client(number):
+        sent = 0
         while not stop.is_set():
-            status, _, body = s.get("/pid.lua")
-            answers.append((status, body))
+            sent += 1
+            body = f"{number}.{sent}".encode()
+            status, _, answer = s.get("/echo.lua", method="POST", body=body)
+            pid, _, echoed = answer.partition(b" ")
+            answers.append((status, pid))
+            assert echoed == body
 
     def replaced():
         return len(re.findall(r"is replaced by process \d+ \(pid \d+\); stopping it",
                               s.daemon.log()))
 
-    clients = [threading.Thread(target=client) for _ in range(4)]
-    for c in clients:
-        c.start()
+    clients = [InThread(client, number) for number in range(4)]
     try:
         wait_for(lambda: len(answers) >= 300 and replaced() >= 3, timeout=60,
                  what="300 requests across 3 replacements")
     finally:
         stop.set()
         for c in clients:
-            c.join(60)
+            c.result()
     assert {status for status, _ in answers} == {200}, [a for a in answers if a[0] != 200][:3]
     assert len({body for _, body in answers}) >= processes + 2   # successors answered
     assert "asking the supervisor for a successor" in s.daemon.log()
