@@ -98,7 +98,7 @@ def luafcgid(count, tmp):
 
     daemon = Daemon(os.path.join(tmp, "luafcgid"), {
         "pm": "ondemand", "processes": 2, "workers": 2, "process_idle_timeout": 1,
-        "logfile": None}).start()
+        "logfile": os.path.join(tmp, "luafcgid.log")}).start()
     try:
         return trials(count, daemon.address, hello, daemon.proc.pid, fresh)
     finally:

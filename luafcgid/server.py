@@ -35,7 +35,7 @@ class Server:
                  supervisor=None):
         """Serves on `listener` (a listener.Listener); a reload applies reread() (a Config,
         or None when the file is bad). `process` numbers this serving process when a
-        supervisor (pid `supervisor`) runs several: they serve on the supervisor's listener,
+        supervisor (pid `supervisor`) runs it: they serve on the supervisor's listener,
         publish their counters on its `scoreboard` (and there ask to be replaced when
         recycling says so), and stop when it is gone."""
         self.config = config
@@ -158,7 +158,7 @@ class Server:
             log.warning("reload: %s changed; restart luafcgid to apply it", name)
         if not self.listener.owned:
             if keep_running(self.config, config, LISTENER):
-                log.warning("reload: listener settings changed; with processes > 1 or a "
+                log.warning("reload: listener settings changed; under the supervisor or a "
                             "socket passed by systemd that needs a restart")
         elif any(getattr(config, name) != getattr(self.config, name) for name in LISTENER):
             self._rebind(config)

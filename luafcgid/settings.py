@@ -306,9 +306,9 @@ SETTINGS = (
     Setting("shutdown_timeout", number(0), 30.0,
             "Seconds in-flight requests are given to finish on SIGTERM.", "process"),
     Setting("process_timeout", number(2), 30.0,
-            "With processes > 1: a serving process whose main loop has not reported to the "
-            "supervisor for this many seconds (it does every second) is hung; the supervisor "
-            "kills it and starts another.", "process"),
+            "Under the supervisor (see pm): a serving process whose main loop has not "
+            "reported to it for this many seconds (it does every second) is hung; the "
+            "supervisor kills it and starts another.", "process"),
     Setting("user", optional(string), None,
             "When started as root: the user to run as after binding the socket and opening "
             "the logs and the pidfile (which are handed to this user), e.g. luafcgid.",
@@ -401,8 +401,9 @@ SETTINGS = (
     Setting("stuck_timeout", number(0), 1.0,
             "Seconds a call may run on past request_timeout, where it could not be stopped, "
             "before its worker counts as stuck: the request is answered 500 at once, the "
-            "worker is logged and listed on the status page, and with processes > 1 the "
-            "supervisor replaces the process (its other requests finish first).", "limits"),
+            "worker is logged and listed on the status page, and the supervisor (see pm), "
+            "when it runs, replaces the process (its successor starts first, its other "
+            "requests finish).", "limits"),
     Setting("bytecode", boolean, False,
             "Let states load precompiled Lua (luac or string.dump output) in scripts, the "
             "prelude, load, loadstring, loadfile, dofile and require. Off, they load source "
