@@ -8,24 +8,21 @@ then one more (answered by the process just started): the difference is what ond
 For luafcgid a third figure splits it: a script never loaded before on a running process
 (its Lua state's creation and the script's load), which the first request pays too.
 
-    python3 bench/ondemand.py              # 15 trials per peer
-    python3 bench/ondemand.py --trials 30
+    python3 -m bench.ondemand              # 15 trials per peer
+    python3 -m bench.ondemand --trials 30
+
+from the checkout (it imports the tests' Daemon and raw FastCGI client: tests/conftest.py)
 """
 
 import argparse
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 
-BENCH = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(BENCH)
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), BENCH]
-
-from bench import find_php_fpm  # noqa: E402
-from conftest import Daemon, RawClient, Site, can_connect, split_response  # noqa: E402
+from bench.peers import find_php_fpm
+from tests.conftest import Daemon, RawClient, Site, can_connect, split_response
 
 PHP_FPM_CONF = """\
 [global]
