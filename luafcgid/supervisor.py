@@ -120,6 +120,7 @@ class Supervisor:
         return None, GLANCE if soon else mainloop.TICK
 
     def tick(self):
+        """Every second, and as soon as watch() asked: reap, observe, act."""
         now = time.monotonic()
         self._reap(now)
         self._observe()
@@ -195,8 +196,7 @@ class Supervisor:
         """Start and stop processes as procman's policy says; tell a process being replaced
         to stop once its successor has reported (at once if none is to start)."""
         staying = self._staying()
-        waiting = (procman.starts_on_demand(self.config) and not self.stopping
-                   and self._waiting(now, staying))
+        waiting = procman.starts_on_demand(self.config) and self._waiting(now, staying)
         start, stop = procman.plan(self.config, [
             procman.Process(child.pid, child.idle(), child.busy) for child in staying],
             waiting)
