@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 
+from . import procman
 from .config import LISTENER, RESTART_ONLY, keep_running
 from .listener import Listener, ListenError
 from .ops.metrics import Metrics, current_worker
@@ -36,14 +37,18 @@ class Server:
                  supervisor=None):
         """Serves on `listener` (a listener.Listener); a reload applies reread() (a Config,
         or None when the file is bad). `process` numbers this serving process when a
-        supervisor (pid `supervisor`) runs several: they serve on the supervisor's listener,
-        publish their counters on its `scoreboard`, and stop when it is gone."""
+        supervisor (pid `supervisor`) runs it: they serve on the supervisor's listener,
+        publish their counters on its `scoreboard` (and there ask to be replaced when
+        recycling says so), and stop when it is gone."""
         self.config = config
         self.listener = listener
         self.reread = reread
         self.process = process
         self.scoreboard = scoreboard
         self.supervisor = supervisor
+        self.recycling = procman.Recycling(config.process_max_requests,
+                                           config.process_max_memory)
+        self.retiring = False   # asked the supervisor for a successor
         self.metrics = Metrics(config.workers, config.slowlog_timeout)
         self.slowlog = SlowLog(lambda: self.config, self.metrics)
         self.watcher = Watcher(lambda: self.config, self._replace_stuck, self.slowlog.check)
@@ -111,6 +116,12 @@ class Server:
         if self.supervisor is not None and os.getppid() != self.supervisor:
             log.error("the supervisor (pid %d) is gone; stopping", self.supervisor)
             return False
+        if self.scoreboard is not None and not self.retiring:
+            why = self.recycling.due(self.metrics.totals()[0])
+            if why:
+                log.info("process %d %s; asking the supervisor for a successor",
+                         self.process, why)
+                self.retiring = True
         self.publish()
         self.acceptor.close_idle(self.config.client_timeout)
         return True
@@ -138,7 +149,7 @@ class Server:
                 except Exception:
                     log.exception("unexpected error serving %s", connection.peer)
                     keep = False
-                if not keep or self.stopping:
+                if not keep:
                     self.acceptor.discard(connection)
                     break
                 if self.acceptor.park(connection):
@@ -152,7 +163,7 @@ class Server:
             log.warning("reload: %s changed; restart luafcgid to apply it", name)
         if not self.listener.owned:
             if keep_running(self.config, config, LISTENER):
-                log.warning("reload: listener settings changed; with processes > 1 or a "
+                log.warning("reload: listener settings changed; under the supervisor or a "
                             "socket passed by systemd that needs a restart")
         elif any(getattr(config, name) != getattr(self.config, name) for name in LISTENER):
             self._rebind(config)
@@ -206,6 +217,8 @@ class Server:
                   for thread, window in zip(self._threads, windows)):
             if time.monotonic() >= deadline:
                 break
+            self.acceptor.drain(self.config.client_timeout,
+                                held=sum(bool(window.stuck) for window in windows))
             time.sleep(0.02)
         busy = sum(thread.is_alive() for thread in self._threads)
         if busy:
@@ -230,7 +243,8 @@ class Server:
         if self.scoreboard is not None:
             requests, failed, slow, active = self.metrics.totals()
             self.scoreboard.publish(self.process, os.getpid(), requests, failed, slow, active,
-                                    len(self.metrics.workers), len(self.watcher.stuck()))
+                                    len(self.metrics.workers), len(self.watcher.stuck()),
+                                    self.retiring)
 
 
 def exit_leaving_lua():

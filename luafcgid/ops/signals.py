@@ -55,14 +55,20 @@ def install():
         signal.siginterrupt(signum, False)
 
 
-def wait(timeout):
-    """The next signal, or None after `timeout` seconds without one."""
+def wait(timeout, readable=None):
+    """The next signal, or None after `timeout` seconds without one or, when `readable` (a
+    file descriptor) is given, as soon as it can be read."""
     deadline = time.monotonic() + timeout
+    watched = [_pipe[0]] if readable is None else [_pipe[0], readable]
     while not _pending:
         remaining = deadline - time.monotonic()
-        if remaining <= 0 or not select.select([_pipe[0]], [], [], remaining)[0]:
+        ready = select.select(watched, [], [], remaining)[0] if remaining > 0 else []
+        if not ready:
             return None
-        _pending.extend(signum for signum in os.read(_pipe[0], 64) if signum in HANDLED)
+        if _pipe[0] in ready:
+            _pending.extend(signum for signum in os.read(_pipe[0], 64) if signum in HANDLED)
+        if not _pending and readable in ready:
+            return None
     return _pending.pop(0)
 
 

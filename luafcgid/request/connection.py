@@ -280,7 +280,7 @@ class Connection:
             worker.end(out)
         if too_large:
             self.lingering = _monotonic()
-        return keep_conn and not server.stopping
+        return keep_conn
 
     def _send_replies(self):
         replies = b"".join(self.parser.replies)
