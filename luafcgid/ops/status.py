@@ -125,7 +125,7 @@ class Status:
     def __init__(self, metrics, sock, stuck, scoreboard=None, publish=None):
         """The figures of `metrics` (a metrics.Metrics), the accept queue of sock() (the
         listening socket), the workers stuck() in Lua (deadline.Watcher.stuck), and with
-        processes > 1 every process's from `scoreboard`, on which publish() puts this
+        the supervisor every process's from `scoreboard`, on which publish() puts this
         one's first."""
         self.metrics = metrics
         self.sock = sock
@@ -189,7 +189,7 @@ class Status:
         metrics = self.metrics
         figures = {
             "pool": access_format.POOL,
-            "process manager": "static",
+            "process manager": config.pm,
             "start time": int(metrics.started),
             "start since": int(metrics.uptime()),
             # php-fpm counts a request when it is accepted: the ones running too
