@@ -106,6 +106,6 @@ def test_a_logger_that_goes_away_is_reported_once_and_taken_up_again(daemon, sit
         d.stop()   # while the logger is there
     finally:
         receiver.close()
-    output = d.proc.stdout.read().decode()
+    output = d.output()
     assert output.count(f"cannot send the log to {address}") == 1
     assert f"sending the log to {address} again" in output
