@@ -10,10 +10,12 @@ import yaml
 
 from . import __version__, preflight
 from . import config as configuration
+from . import procman
 from .listener import Listener, ListenError
 from . import environment
 from .ops import daemon, logs, privileges, signals, systemd
 from .reference import man_page, sample_config, settings_reference
+from .settings import SYSLOG_FACILITIES
 from .states import vm
 
 log = logging.getLogger("luafcgid")
@@ -119,7 +121,9 @@ def _reread(args, machine):
 
 def _setup_logs(config, args):
     logs.setup(config.logfile, to_stderr=not args.daemon, access_log=config.access_log,
-               slowlog=config.slowlog)
+               slowlog=config.slowlog,
+               syslog=(config.syslog_address, SYSLOG_FACILITIES[config.syslog_facility],
+                       config.syslog_ident))
 
 
 def run(argv):
@@ -138,7 +142,7 @@ def run(argv):
         return 0
     # from now on a SIGTERM waits for the main loop instead of killing a half-started
     # daemon that would leave its socket and pidfile behind
-    signals.block()
+    signals.install()
     try:
         listening = Listener.passed(passed) if passed is not None else Listener.bind(config)
         if args.daemon:
@@ -156,7 +160,7 @@ def run(argv):
         return 1
     # the serving process(es) are made only now: the supervisor's parent serves nothing
     reread = functools.partial(_reread, args, machine)
-    if config.processes > 1:
+    if procman.supervised(config):
         return Supervisor(config, listening, reread).run()
     if not mainloop.run(Server(config, listening, reread)):
         exit_leaving_lua()

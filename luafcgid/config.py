@@ -5,6 +5,9 @@ import re
 
 import yaml
 
+from . import procman
+from .ops import access_format
+from .ops.logs import SYSLOG
 from .settings import BY_NAME, SETTINGS, SettingError
 from .states import vm
 
@@ -72,8 +75,10 @@ def from_mapping(raw, source="<config>", base_dir=None):
         except SettingError as exc:
             problems.append(f"{setting.name}: {exc}")
             continue
-        # listen is a path only when it names a Unix socket (it contains a slash)
-        if setting.is_path and value is not None and (setting.name != "listen" or "/" in value):
+        # listen is a path only when it names a Unix socket (it contains a slash); logfile
+        # is none when it says syslog
+        if (setting.is_path and value is not None and (setting.name != "listen" or "/" in value)
+                and not (setting.name == "logfile" and value == SYSLOG)):
             value = _resolve(base_dir, value)
         values[setting.name] = value
     if not problems:
@@ -91,6 +96,7 @@ def _cross_checks(values):
     if values["clones"] is not None and values["clones"] > values["states"]:
         problems.append(f"clones: must be at most states ({values['states']}), "
                         f"got {values['clones']}")
+    problems += procman.problems(values)
     if values["finishhandler"] is not None and values["finishhandler"] == values["handler"]:
         problems.append("finishhandler: must differ from handler")
     if values["memory_limit"] is not None and values["memory_limit"] <= values["maxpost"]:
@@ -109,6 +115,10 @@ def _cross_checks(values):
             problems.append(f"lua_cpath: {pattern} holds C modules for Lua {match.group(1)}, "
                             f"but the states run Lua {version} (lua: {values['lua']}); a C "
                             f"module built for another Lua version fails to load or crashes")
+    try:
+        access_format.compile(values["access_format"])
+    except access_format.FormatError as exc:
+        problems.append(f"access_format: {exc}")
     prelude = values["prelude"]
     if prelude is not None:
         if not os.path.isfile(prelude):

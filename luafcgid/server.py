@@ -9,10 +9,12 @@ import sys
 import threading
 import time
 
+from . import procman
 from .config import LISTENER, RESTART_ONLY, keep_running
 from .listener import Listener, ListenError
-from .ops import describe, slowlog
+from .ops import access_format, describe, slowlog
 from .ops.status import Status
+from .ops.stdout import Capture
 from .request.acceptor import Acceptor
 from .request.clients import admission
 from .request.responder import Responder
@@ -34,8 +36,9 @@ class Server:
                  supervisor=None):
         """Serves on `listener` (a listener.Listener); a reload applies reread() (a Config,
         or None when the file is bad). `process` numbers this serving process when a
-        supervisor (pid `supervisor`) runs several: they serve on the supervisor's listener,
-        publish their counters on its `scoreboard`, and stop when it is gone."""
+        supervisor (pid `supervisor`) runs it: they serve on the supervisor's listener,
+        publish their counters on its `scoreboard` (and there ask to be replaced when
+        recycling says so), and stop when it is gone."""
         vm.load(config.lua)   # the process's VM, before any thread reads a request with it
         self.config = config
         self.listener = listener
@@ -43,6 +46,9 @@ class Server:
         self.process = process
         self.scoreboard = scoreboard
         self.supervisor = supervisor
+        self.recycling = procman.Recycling(config.process_max_requests,
+                                           config.process_max_memory)
+        self.retiring = False   # asked the supervisor for a successor
         self.workers = Workers(self._worker_name)
         self._configure_workers(config)
         self.watcher = Watcher(self.workers, lambda: self.config, self._replace_stuck,
@@ -52,6 +58,7 @@ class Server:
         self.heartbeat = Heartbeat(config.sweep)
         self.responder = Responder(config, self.status, self.closer,
                                    on_load=self.heartbeat.watch)
+        self.stdout = Capture("stdout" if process is None else f"stdout-{process}")
         self.stopping = False
         self.acceptor = None
         self._threads_lock = threading.Lock()
@@ -62,6 +69,7 @@ class Server:
         # the p99 latency. At 1 ms, with 256 clients through nginx, p99 fell from 57 to 28 ms
         # (processes 2, workers 2) and from 49 to 44 ms (processes 1, workers 3).
         sys.setswitchinterval(SWITCH_INTERVAL)
+        self.stdout.start()
         self.acceptor = Acceptor(self.listener.sock,
                                  admission(self.config.allowed_clients, self.listener.sock))
         self.heartbeat.start(self.responder.pool, self.responder.forget_locations)
@@ -74,9 +82,17 @@ class Server:
                  self.config.lua)
 
     def _configure_workers(self, config):
-        self.workers.configure(config.slowlog_timeout,
-                               config.slowlog_timeout is not None and bool(config.slowlog),
-                               describe.access if config.access_log else None)
+        """What the workers measure and write for the running config: the slowlog, the
+        access log (its format compiled once per config, which the config checked), the
+        status page (it shows each worker's last request)."""
+        access = (access_format.compile(config.access_format) if config.access_log
+                  else None)
+        status_page = bool(config.status_path)
+        self.workers.configure(
+            config.slowlog_timeout, config.slowlog_timeout is not None and bool(config.slowlog),
+            None if access is None else describe.access_writer(access), status_page,
+            status_page or (access is not None and access.measure_cpu),
+            status_page or (access is not None and access.measure_memory))
 
     def _start_worker(self, worker):
         worker.thread = vm.start_thread(self.config.lua, self._work, worker.name, (worker,))
@@ -112,7 +128,18 @@ class Server:
         if self.supervisor is not None and os.getppid() != self.supervisor:
             log.error("the supervisor (pid %d) is gone; stopping", self.supervisor)
             return False
+        if self.scoreboard is not None and not self.retiring:
+            why = self.recycling.due(self.workers.totals()[0])
+            if why:
+                log.info("process %d %s; asking the supervisor for a successor",
+                         self.process, why)
+                self.retiring = True
         self.publish()
+        if self.scoreboard is not None and self.config.status_path:
+            # for the status page's ?full in the other processes; only from here, the one
+            # thread that writes this process's slot of them
+            self.scoreboard.publish_workers(self.process, self.status.entries())
+        self.status.sample()
         self.acceptor.close_idle(self.config.client_timeout)
         return True
 
@@ -125,7 +152,7 @@ class Server:
             self.apply(config)
 
     def _work(self, worker):
-        worker.ident = threading.get_ident()
+        worker.run_here()
         acceptor = self.acceptor
         while True:
             worker.stage = IDLE
@@ -139,7 +166,7 @@ class Server:
                 except Exception:
                     log.exception("unexpected error serving %s", connection.peer)
                     keep = False
-                if not keep or self.stopping:
+                if not keep:
                     acceptor.discard(connection)
                     break
                 if acceptor.park(connection):
@@ -153,7 +180,7 @@ class Server:
             log.warning("reload: %s changed; restart luafcgid to apply it", name)
         if not self.listener.owned:
             if keep_running(self.config, config, LISTENER):
-                log.warning("reload: listener settings changed; with processes > 1 or a "
+                log.warning("reload: listener settings changed; under the supervisor or a "
                             "socket passed by systemd that needs a restart")
         elif any(getattr(config, name) != getattr(self.config, name) for name in LISTENER):
             self._rebind(config)
@@ -187,20 +214,26 @@ class Server:
         log.info("reload: now listening on %s", config.listen)
 
     def stop(self):
-        """Stop accepting, let in-flight requests finish (at most shutdown_timeout seconds),
-        close every state and the listener. False when something could not end: a worker
-        or a state's close stuck in Lua (then see exit_leaving_lua)."""
+        """Stop accepting and close the listener, let in-flight requests finish (at most
+        shutdown_timeout seconds), close every state. False when something could not end:
+        a worker or a state's close stuck in Lua (then see exit_leaving_lua)."""
         with self._threads_lock:
             if self.stopping:
                 return True
             self.stopping = True
-        log.info("stopping: draining in-flight requests")
         self.acceptor.close()
+        # New connections are refused from now on, so that the web server moves on to
+        # another upstream at once: left listening, they waited out the whole drain in the
+        # backlog and were then reset (a 502 after up to shutdown_timeout).
+        self.listener.close()
+        log.info("stopping: draining in-flight requests; new connections are refused")
         deadline = time.monotonic() + self.config.shutdown_timeout
         # a worker stuck in Lua is not waited for: it would never end
         while any(worker.thread.is_alive() and not worker.stuck for worker in self.workers):
             if time.monotonic() >= deadline:
                 break
+            self.acceptor.drain(self.config.client_timeout,
+                                held=sum(bool(worker.stuck) for worker in self.workers))
             time.sleep(0.02)
         busy = sum(worker.thread.is_alive() for worker in self.workers)
         if busy:
@@ -216,7 +249,7 @@ class Server:
         if not closed:
             log.warning("states still closing after shutdown_timeout (a __gc finalizer that "
                         "does not return?); exiting without them")
-        self.listener.close()
+        self.stdout.stop()
         log.info("stopped")
         return closed and not busy and not self.closer.abandoned
 
@@ -226,7 +259,8 @@ class Server:
             requests, failed, slow, active = self.workers.totals()
             self.scoreboard.publish(self.process, os.getpid(), requests, failed, slow, active,
                                     len(self.workers),
-                                    sum(bool(worker.stuck) for worker in self.workers))
+                                    sum(bool(worker.stuck) for worker in self.workers),
+                                    self.retiring)
 
 
 def exit_leaving_lua():

@@ -129,6 +129,14 @@ def lua_version(value):
     return value
 
 
+def choice(*options):
+    def convert(value):
+        if value not in options:
+            raise SettingError(f"expected one of {', '.join(options)}, got {value!r}")
+        return value
+    return convert
+
+
 def file_mode(value):
     if isinstance(value, str) and re.fullmatch(r"0?[0-7]{3}", value):
         return int(value, 8)
@@ -197,6 +205,31 @@ def address_list(value):
         except ValueError:
             raise SettingError(f"expected an address or network like 10.0.0.0/8, got {item!r}") from None
     return tuple(networks)
+
+
+def access_format_value(value):
+    """A format string, or a mapping of JSON names to format strings; config.py compiles it
+    (ops/access_format.py) and reports what is wrong in it."""
+    if isinstance(value, dict):
+        for name, spec in value.items():
+            if not isinstance(name, str) or not isinstance(spec, str):
+                raise SettingError(f"a mapping of JSON names to formats (strings), got "
+                                   f"{name!r}: {spec!r}")
+        return value
+    return string(value)
+
+
+# syslog's facilities by name, with their codes (RFC 5424)
+SYSLOG_FACILITIES = {"kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "syslog": 5,
+                     "lpr": 6, "news": 7, "uucp": 8, "cron": 9, "authpriv": 10, "ftp": 11,
+                     **{f"local{n}": 16 + n for n in range(8)}}
+
+
+def syslog_facility(value):
+    value = string(value).lower()
+    if value not in SYSLOG_FACILITIES:
+        raise SettingError(f"expected one of {', '.join(SYSLOG_FACILITIES)}, got {value!r}")
+    return value
 
 
 def client_list(value):
@@ -325,17 +358,27 @@ SETTINGS = (
             "response"),
     # -- process
     Setting("logfile", optional(string), "luafcgid.log",
-            "Log file; null logs to standard error only.", "process", is_path=True,
-            example="/var/log/luafcgid/luafcgid.log"),
+            "Log file; syslog sends the log to the system logger (the journal, under "
+            "systemd) instead, as php-fpm's error_log = syslog; null logs to standard error "
+            "only.", "process", is_path=True, example="/var/log/luafcgid/luafcgid.log"),
+    Setting("syslog_facility", syslog_facility, "daemon",
+            "With logfile: syslog, the facility the lines are sent with (php-fpm's "
+            "syslog.facility): daemon, user, local0 to local7, ...", "process"),
+    Setting("syslog_ident", string, "luafcgid",
+            "With logfile: syslog, the name every line is sent under, followed by the "
+            "process id (php-fpm's syslog.ident).", "process"),
+    Setting("syslog_address", string, "/dev/log",
+            "With logfile: syslog, the system logger's Unix datagram socket.", "process",
+            is_path=True),
     Setting("pidfile", optional(string), None,
             "File the daemon's process id is written to.", "process", live=False,
             is_path=True),
     Setting("shutdown_timeout", number(0), 30.0,
             "Seconds in-flight requests are given to finish on SIGTERM.", "process"),
     Setting("process_timeout", number(2), 30.0,
-            "With processes > 1: a serving process whose main loop has not reported to the "
-            "supervisor for this many seconds (it does every second) is hung; the supervisor "
-            "kills it and starts another.", "process"),
+            "Under the supervisor (see pm): a serving process whose main loop has not "
+            "reported to it for this many seconds (it does every second) is hung; the "
+            "supervisor kills it and starts another.", "process"),
     Setting("user", optional(string), None,
             "When started as root: the user to run as after binding the socket and opening "
             "the logs and the pidfile (which are handed to this user), e.g. luafcgid. Started "
@@ -345,9 +388,20 @@ SETTINGS = (
             "Group to run as with user; null means the user's primary group.", "process",
             live=False),
     Setting("access_log", optional(string), None,
-            "Access log: one line per request (time, method, URI, status, bytes, seconds, "
-            "script), e.g. /var/log/luafcgid/access.log; null for none.", "process",
-            is_path=True),
+            "Access log: one line per request, as access_format says, e.g. "
+            "/var/log/luafcgid/access.log; null for none.", "process", is_path=True),
+    Setting("access_format", access_format_value,
+            "%{%Y-%m-%dT%H:%M:%S%z}T %m %{REQUEST_URI}e %s %O %{seconds.6}d %f",
+            "The access log's line, in php-fpm's access.format codes: %R remote address, "
+            "%u remote user, %m method, %r URI without the query, %q query, %Q '?' if there "
+            "is a query, %s status, %O bytes sent, %f script, %l request content length, "
+            "%d duration ({seconds}, {mili}, {micro}; {seconds.6} for 6 decimals), %M the "
+            "Lua state's memory after the request ({bytes}, {kilo}, {mega}), %C CPU "
+            "percent of the worker thread, %t start and %T end time ({strftime format}), "
+            "%{NAME}e a FastCGI param, %{NAME}o a response header, %n pool, %p pid, %P "
+            "parent pid, %% a percent sign. Every field is escaped. json writes one JSON "
+            "object per line (time, remote_addr, method, uri, status, bytes, seconds, "
+            "script, pid); a mapping of names to formats writes those.", "process"),
     Setting("slowlog", optional(string), None,
             "Log of requests that ran longer than slowlog_timeout, with the Lua traceback of "
             "where they were (Lua 5.2 to 5.5; see the manual for LuaJIT and 5.1), e.g. "
@@ -365,10 +419,56 @@ SETTINGS = (
             "Environment variables scripts see, as NAME: value (like php-fpm's env[NAME]); "
             "a value $OTHER takes the daemon's variable OTHER (unset: not set).", "process",
             live=False, example={"PATH": "/usr/local/bin:/usr/bin:/bin"}),
+    # -- process management
+    Setting("pm", choice("static", "ondemand", "dynamic"), "static",
+            "How many serving processes run, with php-fpm's meanings: static runs processes "
+            "all the time; ondemand runs none until a request waits, then starts one at a "
+            "time, up to processes, and stops each after process_idle_timeout without "
+            "requests; dynamic keeps between min_spare_processes and max_spare_processes "
+            "idle, up to processes. Any pm but static, like recycling, runs the supervisor "
+            "even with processes: 1.", "pm", live=False),
+    Setting("start_processes", optional(integer(1)), None,
+            "pm dynamic: processes started at boot; null means min_spare_processes + "
+            "(max_spare_processes - min_spare_processes) / 2, as php-fpm's "
+            "pm.start_servers.", "pm", live=False),
+    Setting("min_spare_processes", integer(1), 1,
+            "pm dynamic: when fewer processes are idle (served nothing in the last second), "
+            "more start, up to processes (php-fpm's pm.min_spare_servers).", "pm"),
+    Setting("max_spare_processes", integer(1), 2,
+            "pm dynamic: when more processes are idle, the one idle longest is stopped, one "
+            "a second (php-fpm's pm.max_spare_servers).", "pm"),
+    Setting("process_idle_timeout", number(1), 10.0,
+            "pm ondemand: seconds a process may serve nothing before it is stopped, one a "
+            "second (php-fpm's "
+            "pm.process_idle_timeout).", "pm"),
+    Setting("process_max_requests", integer(0), 0,
+            "Requests a serving process answers before it is replaced, against leaks "
+            "memory_limit cannot see (php-fpm's pm.max_requests; max_requests counts per Lua "
+            "state): its successor starts first, then it finishes the requests it holds and "
+            "exits, and no request is lost. Each process draws its own limit up to 10% "
+            "higher, so that processes started together are not replaced together "
+            "(gunicorn's max_requests_jitter). Checked every second. 0: never.", "pm",
+            live=False),
+    Setting("process_max_memory", optional(byte_size), None,
+            "A serving process whose resident memory (RSS) passes this (\"512M\", \"1G\" or "
+            "bytes) is replaced like at process_max_requests: against leaks in C modules, "
+            "lupa or Python, which memory_limit (one Lua state's heap) does not bound. "
+            "Checked every second. null: never.", "pm", live=False),
+    Setting("emergency_restart_threshold", integer(0), 10,
+            "A serving process that exits unasked is started again at once; once this many "
+            "exited within emergency_restart_interval, each restart waits, 1 s, then 2, 4 "
+            "... up to 30 s, with a line in the log, until processes run for "
+            "emergency_restart_interval without one exiting. (php-fpm restarts its master "
+            "instead.) 0: never wait.", "pm"),
+    Setting("emergency_restart_interval", number(1), 10.0,
+            "Seconds: see emergency_restart_threshold.", "pm"),
     # -- status and ping pages
     Setting("status_path", optional(url_path), None,
-            "SCRIPT_NAME that answers the status page (plain text; ?json, ?openmetrics) "
-            "instead of a script, like php-fpm's pm.status_path.", "status",
+            "SCRIPT_NAME that answers the status page instead of a script, in php-fpm's "
+            "forms (pm.status_path): plain text, ?json, ?xml, ?html or ?openmetrics, and "
+            "?full for every worker; luafcgid's own figures (states, scripts, stuck "
+            "workers) follow php-fpm's. While it is set, each request's CPU time and its "
+            "state's memory are taken (about 1 us a request).", "status",
             example="/luafcgid-status"),
     Setting("ping_path", optional(url_path), None,
             "SCRIPT_NAME that answers 'pong', for health checks.", "status",
@@ -398,8 +498,9 @@ SETTINGS = (
     Setting("stuck_timeout", number(0), 1.0,
             "Seconds a call may run on past request_timeout, where it could not be stopped, "
             "before its worker counts as stuck: the request is answered 500 at once, the "
-            "worker is logged and listed on the status page, and with processes > 1 the "
-            "supervisor replaces the process (its other requests finish first).", "limits"),
+            "worker is logged and listed on the status page, and the supervisor (see pm), "
+            "when it runs, replaces the process (its successor starts first, its other "
+            "requests finish).", "limits"),
     Setting("bytecode", boolean, False,
             "Let states load precompiled Lua (luac or string.dump output) in scripts, the "
             "prelude, load, loadstring, loadfile, dofile and require. Off, they load source "

@@ -1,8 +1,9 @@
 """Missing scripts, Lua errors and the 500 page, through nginx."""
 
 import os
+import pathlib
 
-from conftest import wait_for
+from conftest import Stack, wait_for
 
 
 def test_missing_script_is_404_naming_no_path_even_with_showerrors(shared_stack):
@@ -132,8 +133,10 @@ def test_error_kinds_are_spelled_once_and_both_sides_know_the_same():
     used = {name for text in lua.values() for name in re.findall(r"\bKIND\.(\w+)", text)}
     assert used == set(errors.LUA_KINDS)
     kinds = {errors.RUNTIME, errors.SYNTAX, errors.FILE, errors.MEMORY, errors.TIMEOUT,
-             errors.UNKNOWN}
-    assert set(errors.LUA_KINDS.values()) | {errors.TIMEOUT} == kinds
+             errors.UNKNOWN, errors.CLIENT_GONE}
+    # the daemon's own: only its clock says a call ran too long, only its output that the
+    # client went away
+    assert set(errors.LUA_KINDS.values()) | {errors.TIMEOUT, errors.CLIENT_GONE} == kinds
     assert errors.FATAL < kinds
     python = {path: open(path).read() for path in glob.glob(f"{package}/**/*.py",
                                                                 recursive=True)
@@ -141,3 +144,20 @@ def test_error_kinds_are_spelled_once_and_both_sides_know_the_same():
     for path, text in {**lua, **python}.items():
         spelled = [kind for kind in kinds if f'"{kind}"' in text]
         assert not spelled, f"{path} spells out {spelled}"
+
+
+def test_an_unreadable_script_is_403_as_nginx_and_php_fpm_answer(open_dir):
+    # root reads any file: the daemon runs as nobody when the tests run as root
+    user = {"user": "nobody", "group": "nogroup"} if os.geteuid() == 0 else {}
+    s = Stack(pathlib.Path(open_dir), user).start()
+    try:
+        s.write("ok.lua", "function main(env, con) con:puts('ok') end")
+        path = s.write("locked.lua", "function main(env, con) con:puts('locked') end")
+        os.chmod(path, 0)
+        status, _, body = s.get("/locked.lua")
+        assert status == 403 and b"locked" not in body
+        log = s.daemon.log()
+        assert f"refused {path}: {path} is not readable" in log and "File Error" not in log
+        assert s.get("/ok.lua")[::2] == (200, b"ok")
+    finally:
+        s.stop()

@@ -70,14 +70,17 @@ def _status(head):
 
 
 class Output:
-    """Response bytes for one request, as STDOUT records. A web server that went away
-    makes further writes no-ops, so the script runs on without noticing. Keeps the status
-    (from the Status line) and the byte count for the counters and the access log.
+    """Response bytes for one request, as STDOUT records. Once the web server went away,
+    every write raises ClientGone, which stops the page at its next con:puts or con:flush
+    (an error it may catch): running on, a 4-second export held its worker to its end,
+    and an endless stream for ever. Keeps the status (from the Status line, 499 as nginx
+    logs it when the client went away before the response was complete), the first bytes
+    and the byte count for the counters and the access log.
     Written by the worker, and by the request_timeout watcher when it gives up on the
     request (abandon): `lock`, the worker's, keeps their records whole."""
 
     __slots__ = ("sock", "request_id", "half_close", "timeout", "lock", "ended", "broken",
-                 "status", "sent")
+                 "status", "first", "sent")
 
     def __init__(self, sock, request_id, half_close, timeout, lock):
         """`half_close`: shut the sending side once the response is complete (nginx
@@ -92,6 +95,7 @@ class Output:
         self.ended = False
         self.broken = False
         self.status = 200   # the response's HTTP status, once its first bytes went out
+        self.first = None   # the first bytes written (a reference), for %{NAME}o
         self.sent = 0
 
     def write(self, data):
@@ -99,8 +103,11 @@ class Output:
             if data and not self.ended and not self.broken:
                 if not self.sent:
                     self.status = _status(data)
+                    self.first = data
                 self.sent += len(data)
                 self._send(data, b"")
+            if self.broken:
+                raise ClientGone("the client went away")
 
     def end(self, data=b""):
         """Send `data` last and complete the response."""
@@ -110,6 +117,7 @@ class Output:
             self.ended = True
             if not self.sent:
                 self.status = _status(data)
+                self.first = data
             self.sent += len(data)
             if not self.broken:
                 request_id = self.request_id
@@ -158,6 +166,7 @@ class Output:
                 send_parts(sock, [memoryview(tail)[sent:]], self.timeout)
         except OSError as exc:
             self.broken = True
+            self.status = 499
             log.info("client went away while receiving the response: %s", exc)
 
 
@@ -189,7 +198,11 @@ class Connection:
         self.parser = Parser()
         self.began = None        # monotonic time the request being received began to arrive
         self.kept = False        # the web server asked to keep it open after a request
-        self.hung_up = False     # the web server has shut down its sending side
+        # the acceptor saw the peer shut its side: a short read no longer means nothing more
+        # is there, since the end of the stream is "more" that edge-triggered epoll reports
+        # only once (a request cut short and its end in one event left the connection parked
+        # until client_timeout)
+        self.hung_up = False
         self.lingering = 0.0     # monotonic time it was answered 413 (see serve); 0.0 if not
 
     @property
@@ -242,15 +255,14 @@ class Connection:
                     try:
                         responder.respond(request, out, worker)
                     finally:
-                        worker.end(out.status, out.sent)
+                        worker.end(out)
                     if request.too_large:
                         self.lingering = _monotonic()
                     if not keep:
                         return bool(self.lingering)
                 if parser.closing:
                     return False
-                # a short read: nothing more had arrived, but maybe the end (epoll says)
-                if len(data) < _RECV_SIZE and not self.hung_up:
+                if len(data) < _RECV_SIZE and not self.hung_up:   # nothing more had arrived
                     return self._waiting()
         except fcgi.ProtocolError as exc:
             log.warning("malformed FastCGI from %s: %s; connection closed", self.peer, exc)

@@ -2,7 +2,8 @@
 
 Independent of the transport: the FastCGI connection and the development HTTP front both
 hand a request (a parser.Request) here with an output object that has `write(bytes)` (send
-response bytes now) and `end(bytes)` (send these last bytes and complete the response).
+response bytes now; raises connection.ClientGone once the client went away, which `broken`
+then says) and `end(bytes)` (send these last bytes and complete the response).
 """
 
 import logging
@@ -52,8 +53,7 @@ class Responder:
                               config.max_requests, self._closer.close)
         # SCRIPT_NAME -> page (the status and ping pages), answered before any script
         self._routes = status.routes(config, self.pool) if status is not None else {}
-        # resolved once, so a root reached through a symbolic link still matches
-        self._roots = tuple(os.path.join(os.path.realpath(root), "") for root in config.roots)
+        self._roots = self._resolve_roots()
         self._located = {}   # SCRIPT_FILENAME -> real path, emptied by every sweep
         self._successor = None
         self._per_thread = workdir.per_thread()
@@ -78,6 +78,12 @@ class Responder:
             self.on_load(path)
         return state
 
+    def _resolve_roots(self):
+        """The roots as real paths, so that a root reached through a symbolic link still
+        matches. Resolved again at every sweep and when a script falls outside them: a
+        deploy swaps a `current` symlink to a new release (a few lstat calls each)."""
+        return tuple(os.path.join(os.path.realpath(root), "") for root in self.config.roots)
+
     def locate(self, script):
         """The real path of a non-empty regular file named by `script`, or None; raises
         Forbidden, before the file is opened, when confinement does not allow it."""
@@ -89,7 +95,9 @@ class Responder:
         except ValueError:   # a NUL byte in the name
             return None
         if self._roots and not path.startswith(self._roots):
-            raise Forbidden(f"{path} is outside every root")
+            self._roots = self._resolve_roots()
+            if not path.startswith(self._roots):
+                raise Forbidden(f"{path} is outside every root")
         try:
             st = os.stat(path)   # not opened: a missing file is a 404 whatever its name
         except OSError:
@@ -98,10 +106,14 @@ class Responder:
             return None
         if not path.endswith(self.config.extensions):
             raise Forbidden(f"{path} does not end with one of {', '.join(self.config.extensions)}")
+        # a 403, as nginx and php-fpm answer, rather than a load that fails with a 500
+        if not os.access(path, os.R_OK):
+            raise Forbidden(f"{path} is not readable by the daemon's user")
         self._located[script] = path
         return path
 
     def forget_locations(self):
+        self._roots = self._resolve_roots()
         self._located = {}
 
     def respond(self, request, out, worker=None):
@@ -166,6 +178,8 @@ class Responder:
                 out.end(pages.unavailable())
             return
         result = state.serve(params, request.body, out, worker)
+        if worker is not None and worker.measure_memory:
+            worker.memory = state.memory()
         discard = not result.ok and result.kind in errors.FATAL
         finish = self.config.finishhandler and not discard
         if not finish:
@@ -178,6 +192,8 @@ class Responder:
                 # 25 KB page's time less than in Lua (parse and respond in-process, best of
                 # five)
                 out.end(result.head + result.payload)
+            elif out.broken and result.kind not in errors.FATAL:
+                out.end()   # the page stopped at a write after its client left: no error
             else:
                 self._report(result.kind, path, result.message, out, result.headers_sent)
             if finish:

@@ -11,6 +11,7 @@ FILE = "File Error"         # the script's file or directory cannot be read or e
 MEMORY = "Memory Error"     # the state reached memory_limit
 TIMEOUT = "Timeout Error"   # a call ran past request_timeout
 UNKNOWN = "Unknown Error"   # lupa failed outside the script's pcall
+CLIENT_GONE = "Client Gone"   # the response could not be sent: no fault of the script's
 
 # The kinds runtime.lua produces, by the names it knows them by (KIND.runtime, ...). A
 # timeout is not among them: only the daemon's clock says a call ran too long (state.py).

@@ -114,11 +114,12 @@ class _Channel:
     """The Python end of a state's callbacks. Holds no reference to the runtime, so a
     discarded state is freed (and its Lua finalizers run) as soon as the pool drops it."""
 
-    __slots__ = ("out", "sent")
+    __slots__ = ("out", "sent", "refused")
 
     def __init__(self):
         self.out = None
-        self.sent = False   # send() was called during the current request
+        self.sent = False      # send() was called during the current request
+        self.refused = False   # and `out` refused what it was given (the client went away)
 
     # Both are reachable from a script (debug.getupvalue on con's methods), so they take
     # nothing but the byte strings runtime.lua passes.
@@ -129,7 +130,11 @@ class _Channel:
         out = self.out
         if out is not None:
             self.sent = True
-            out.write(data)
+            try:
+                out.write(data)
+            except Exception:
+                self.refused = True
+                raise
 
     def log(self, script, message):
         if type(script) is not bytes or type(message) is not bytes:
@@ -202,6 +207,11 @@ class LuaState:
         if not result.ok:
             raise ScriptError(result.kind, result.message)
 
+    def memory(self):
+        """Bytes the state's Lua heap holds now, as its memory_limit counts them (0 without
+        a memory_limit, which is when lupa does not count)."""
+        return self.runtime.get_memory_used() or 0
+
     def changed_on_disk(self):
         """Whether the script, or the prelude it ran, changed (or went) since this state
         loaded."""
@@ -217,7 +227,7 @@ class LuaState:
         decodes) and `body`, writing to `out` what the script flushes; an Outcome."""
         channel = self._channel
         channel.out = out
-        channel.sent = False
+        channel.sent = channel.refused = False
         try:
             return self._call(worker, self._serve, params, body)
         finally:
@@ -235,12 +245,12 @@ class LuaState:
             try:
                 return _outcome(function(*args))
             except Exception as exc:
-                return _lupa_failure(self._module, exc)
+                return self._failure(exc)
         worker.enter(self)
         try:
             result = _outcome(function(*args))
         except Exception as exc:   # (LuaJIT) the stop hook fires in runtime.lua's code too
-            result = _lupa_failure(self._module, exc)
+            result = self._failure(exc)
         finally:
             worker.leave(self)
         if worker.expired:
@@ -248,6 +258,13 @@ class LuaState:
                            message=f"{self.path}: request_timeout ({self.timeout:g} s) exceeded",
                            headers_sent=self._channel.sent)
         return result
+
+    def _failure(self, exc):
+        """The Outcome of a call that raised `exc` out of the runtime: the output's own
+        refusal (its client went away while the rest of a response was sent), or lupa's."""
+        if self._channel.refused:
+            return Outcome(False, kind=errors.CLIENT_GONE, message=str(exc))
+        return _lupa_failure(self._module, exc)
 
     def close(self):
         """Let go of the script's objects and collect them in a Lua call, which holds no

@@ -1,10 +1,14 @@
 """One record per worker thread, like php-fpm's scoreboard entry (fpm_request.c): the stage it
-is in, the request it serves as the responder resolved it, its counters, and the call into Lua
-it runs. ops/describe.py words the request for every log line from it, and the status page
-reads it.
+is in, the request it serves (once idle, the last it served) as the responder resolved it,
+its counters, and the call into Lua it runs. ops/describe.py words the request for the log
+lines about it, ops/access_format.py for the access log; the status page lists the records
+as php-fpm lists its processes.
 
 Its worker writes it with plain attribute stores, no lock: readers on other threads (the
-status page, the watcher) may see a request late, which is all they promise. Only a call into
+status page, the watcher) may see a request late, which is all they promise. What a request
+costs to measure is taken only when something reads it (configure): the clock at its end
+for the slowlog's count, the access log and the status page, the thread's CPU clock and the
+state's memory for the status page and an access_format that shows them. Only a call into
 Lua that something may interrupt is watched, under the record's lock (enter and leave): one
 on a state with a request_timeout, or any while the slowlog is on. The watcher thread arms
 hooks on the running state only under that lock, so a hook never lands on the next call;
@@ -18,12 +22,15 @@ import time
 log = logging.getLogger("luafcgid")
 
 _monotonic = time.monotonic
+_thread_time = time.thread_time
 _get_ident = threading.get_ident
 
 IDLE, READING, RUNNING, FINISHING = range(4)
-# Stage names: waiting for a connection; reading a request from one; answering a complete
-# request (its script runs); the response went out and the finish handler runs.
-STAGES = ("idle", "reading", "running", "finishing")
+# The stages by the names php-fpm gives them (fpm_request_get_stage_name), which its status
+# page shows and its exporters count: waiting for a connection; reading a request from one;
+# answering a complete request (its script runs); the response went out and the finish
+# handler runs.
+STAGES = ("Idle", "Reading headers", "Running", "Finishing")
 
 # what check() found due
 STUCK = 1   # the running call was given up on just now
@@ -31,17 +38,19 @@ SLOW = 2    # the request ran longer than slowlog_timeout: report it (once)
 
 
 class Worker:
-    __slots__ = ("number", "name", "thread", "ident", "stage", "requests", "failed", "slow",
-                 "started", "params", "script", "slow_after", "watched", "access", "out_lock",
-                 "lock",
-                 "state", "call_started", "deadline", "expired", "stuck", "abandon",
-                 "reported")
+    __slots__ = ("number", "name", "thread", "ident", "tid", "born", "stage", "requests",
+                 "failed", "slow", "started", "params", "script", "seconds", "status", "sent",
+                 "head", "cpu", "cpu_started", "memory", "slow_after", "watched", "access",
+                 "timed", "measure_cpu", "measure_memory", "out_lock", "lock", "state",
+                 "call_started", "deadline", "expired", "stuck", "abandon", "reported")
 
     def __init__(self, number, name):
         self.number = number
         self.name = name
         self.thread = None       # the threading.Thread serving as this worker
-        self.ident = None        # its OS thread, once it runs
+        self.ident = None        # its thread's id, once it runs (threading.get_ident)
+        self.tid = 0             # and the kernel's (the status page's "pid", as ps -L shows)
+        self.born = time.time()  # Unix time it started
         self.stage = IDLE
         self.requests = 0        # requests answered
         self.failed = 0          # answered with a 5xx status
@@ -49,11 +58,22 @@ class Worker:
         self.started = 0.0       # monotonic time the request being served began
         self.params = None       # its FastCGI params, encoded
         self.script = None       # its script as the responder resolved it (bytes)
+        # the last request answered, when measured (see configure): its seconds, status,
+        # bytes sent and first bytes (for the access log), CPU seconds of the thread, and
+        # its state's memory (bytes)
+        self.seconds = 0.0
+        self.status = self.sent = 0
+        self.head = None
+        self.cpu = self.cpu_started = 0.0
+        self.memory = 0
         # set by configure(): slowlog_timeout (None: off); whether every Lua call is
-        # watched (the slowlog is written); access(worker, status, sent, seconds) or None
+        # watched (the slowlog is written); access(worker) writing the access log line, or
+        # None; whether the end of a request is timed, the thread's CPU clock read, the
+        # state's memory taken
         self.slow_after = None
         self.watched = False
         self.access = None
+        self.timed = self.measure_cpu = self.measure_memory = False
         # the responses it writes, under which the watcher may complete one (abandon)
         self.out_lock = threading.RLock()
         # the watched call into Lua, under `lock`
@@ -66,30 +86,50 @@ class Worker:
         self.abandon = None      # answers the request at once; returns False to be retried
         self.reported = -1       # `requests` when the slowlog reported the request
 
-    def configure(self, slow_after, watched, access):
+    def configure(self, slow_after, watched, access, status_page, measure_cpu,
+                  measure_memory):
+        """slowlog_timeout (None: off); whether the slowlog is written (every call into Lua
+        is then watched); access(worker), the access log's writer (None: no access log);
+        whether the status page is served (it shows the last request's duration); whether
+        a request's CPU time and its state's memory are taken."""
         self.slow_after, self.watched, self.access = slow_after, watched, access
+        self.timed = slow_after is not None or access is not None or status_page
+        self.measure_cpu, self.measure_memory = measure_cpu, measure_memory
+
+    def run_here(self):
+        """Called on the worker's own thread as it starts: its ids and start time."""
+        self.ident, self.tid, self.born = _get_ident(), threading.get_native_id(), time.time()
 
     # -- the request, on the worker's thread ----------------------------------------------
 
     def begin(self, params):
         """A request with `params` (encoded) begins."""
         self.params = params
+        self.script = None
         self.started = _monotonic()
+        if self.measure_cpu:
+            self.cpu_started = _thread_time()
         self.stage = RUNNING
 
-    def end(self, status, sent):
-        """Count the request just answered with `status`, `sent` bytes."""
+    def end(self, out):
+        """Count the request just answered through `out` (a connection.Output: its
+        `status`, `sent` and `first` bytes). The request stays in the record until the next
+        begins, for the status page."""
         self.stage = READING
         self.requests += 1
+        status = out.status
         if status >= 500:
             self.failed += 1
-        if self.slow_after is not None or self.access is not None:
-            seconds = _monotonic() - self.started
+        if self.timed:
+            seconds = self.seconds = _monotonic() - self.started
+            if self.measure_cpu:
+                self.cpu = _thread_time() - self.cpu_started
             if self.slow_after is not None and seconds > self.slow_after:
                 self.slow += 1
             if self.access is not None:
-                self.access(self, status, sent, seconds)
-        self.params = self.script = self.abandon = None
+                self.status, self.sent, self.head = status, out.sent, out.first
+                self.access(self)
+        self.abandon = None
 
     # -- a watched call into Lua, on the worker's thread ----------------------------------
 
@@ -170,7 +210,7 @@ class Workers:
         self._name = name
         self._all = []
         self._lock = threading.Lock()
-        self._settings = (None, False, None)
+        self._settings = (None, False, None, False, False, False)
 
     def add(self):
         with self._lock:
@@ -183,13 +223,12 @@ class Workers:
         with self._lock:
             self._all.remove(worker)
 
-    def configure(self, slow_after, watched, access):
-        """slowlog_timeout (None: off), whether the slowlog is written (every call into Lua
-        is then watched) and access(worker, status, sent, seconds) (None: no access log)."""
+    def configure(self, *settings):
+        """Worker.configure(*settings) for each worker, now and added later."""
         with self._lock:
-            self._settings = (slow_after, watched, access)
+            self._settings = settings
             for worker in self._all:
-                worker.configure(slow_after, watched, access)
+                worker.configure(*settings)
 
     def __iter__(self):
         return iter(tuple(self._all))
