@@ -125,10 +125,10 @@ class Status:
         uptime = metrics.uptime()
         scripts = defaultdict(lambda: {"clones": 0, "requests": 0, "loaded_at": 0.0,
                                        "memory_kb": None})
-        for state, requests in pool.usage():
+        for state, served in pool.usage():
             entry = scripts[state.path]
             entry["clones"] += 1
-            entry["requests"] += requests
+            entry["requests"] += served
             entry["loaded_at"] = max(entry["loaded_at"], state.loaded_at)
             memory = pool.inspect(state, _memory_kb)
             if memory is not None:
