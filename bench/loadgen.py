@@ -9,6 +9,22 @@ from collections import namedtuple
 
 Load = namedtuple("Load", "requests rate p99_ms non_2xx socket_errors")
 
+SITE = """
+local pages, weights, total = {PAGES}, {}, 0
+for rank = 1, pages do total = total + 1 / rank; weights[rank] = total end
+math.randomseed(os.time() + tonumber(tostring({}):match("0x(%x+)") or "1", 16) % 1000)
+request = function()
+  local pick, rank = math.random() * total, 1
+  while weights[rank] < pick do rank = rank + 1 end
+  local path = "/p" .. rank .. ".lua"
+  if {POST} then
+    return wrk.format("POST", path, {["Content-Type"] = "application/x-www-form-urlencoded"},
+                      "a=1&b=hello")
+  end
+  return wrk.format("GET", path)
+end
+"""
+
 DONE = """
 done = function(summary, latency, requests)
   local e = summary.errors
@@ -16,6 +32,13 @@ done = function(summary, latency, requests)
     latency:percentile(99), e.status, e.connect + e.read + e.write + e.timeout))
 end
 """
+
+
+def site(pages, post="false"):
+    """A wrk script for a site of pages /p1.lua ... /pN.lua, page n picked with weight 1/n
+    (a few pages are hot, most are rare); a small form is POSTed where the Lua expression
+    `post` (of `rank`) holds."""
+    return SITE.replace("{PAGES}", str(pages)).replace("{POST}", post)
 
 
 def run(url, script, connections, seconds, threads=1):

@@ -182,19 +182,6 @@ def run_memory(args):
 
 # -- site ---------------------------------------------------------------------------------
 
-# wrk: each request picks a page with popularity falling as 1/rank
-WRK_SITE = """
-local pages, weights, total = {PAGES}, {}, 0
-for rank = 1, pages do total = total + 1 / rank; weights[rank] = total end
-math.randomseed(os.time() + tonumber(tostring({}):match("0x(%x+)") or "1", 16) % 1000)
-request = function()
-  local pick, rank = math.random() * total, 1
-  while weights[rank] < pick do rank = rank + 1 end
-  return wrk.format("GET", "/p" .. rank .. ".lua")
-end
-"""
-
-
 def pool_at_stop(log):
     """Summed created and evicted of every process's 'pool at stop' line."""
     created = sum(map(int, re.findall(r"pool at stop: .*?created=(\d+)", log)))
@@ -215,7 +202,7 @@ def site(args, page, pages, states, retries):
         code = stream.read()
     for rank in range(1, pages + 1):
         stack.write(f"p{rank}.lua", code)
-    script = WRK_SITE.replace("{PAGES}", str(pages))
+    script = loadgen.site(pages)
     stack.start()
     try:
         url = f"http://127.0.0.1:{stack.nginx.port}"
