@@ -16,7 +16,7 @@
 
     python3 bench/pool_scale.py                      # hits: 100 and 1000 scripts x 16, 256 states
     python3 bench/pool_scale.py memory --lua luajit,5.4
-    python3 bench/pool_scale.py site --pages 1,40 --states 5,64 --duration 10
+    python3 bench/pool_scale.py site --pages 1,40 --states 5,64 --duration 10 --rounds 3
 """
 
 import argparse
@@ -219,17 +219,25 @@ def run_site(args):
     if shutil.which("wrk") is None:
         raise SystemExit("pool_scale: wrk is not installed (apt-get install wrk)")
     workloads = {"hello": HELLO, "page": PAGE}
+    cases = [(workload, pages, states, retries)
+             for workload in args.workloads.split(",")
+             for states in map(int, args.states.split(","))
+             for retries in map(int, args.retries.split(","))
+             for pages in map(int, args.pages.split(","))]
+    runs = {case: [] for case in cases}
+    for _ in range(args.rounds):   # in alternation, so that the machine's drift is shared
+        for case in cases:
+            workload, pages, states, retries = case
+            runs[case].append(site(args, workloads[workload], pages, states, retries))
 
     def rows():
-        for workload in args.workloads.split(","):
-            for states in map(int, args.states.split(",")):
-                for retries in map(int, args.retries.split(",")):
-                    for pages in map(int, args.pages.split(",")):
-                        load, created, evicted = site(args, workloads[workload], pages,
-                                                      states, retries)
-                        yield [workload, str(pages), str(states), str(retries),
-                               f"{load.rate:.0f}", f"{load.p99_ms:.1f}", str(created),
-                               str(evicted), str(load.non_2xx + load.socket_errors)]
+        for case in cases:
+            load, created, evicted = sorted(runs[case], key=lambda run: run[0].rate)[
+                len(runs[case]) // 2]   # the median run
+            workload, pages, states, retries = case
+            yield [workload, str(pages), str(states), str(retries), f"{load.rate:.0f}",
+                   f"{load.p99_ms:.1f}", str(created), str(evicted),
+                   str(load.non_2xx + load.socket_errors)]
 
     table(["workload", "pages", "states", "retries", "req/s", "p99 ms", "loads", "evictions",
            "failed"], rows(), args.markdown)
@@ -252,6 +260,8 @@ def main(argv=None):
     parser.add_argument("--connections", type=int, default=16, help="site: wrk connections")
     parser.add_argument("--duration", type=int, default=10, help="site: seconds per run")
     parser.add_argument("--warmup", type=float, default=2, help="site: seconds of warm-up")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="site: runs of each case, in alternation; the median is shown")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="site: another luafcgid setting; repeatable")
     parser.add_argument("--markdown", metavar="FILE", help="also write the table as Markdown")
