@@ -34,7 +34,7 @@ class _Script:
     def __init__(self, path, now):
         self.path = path
         self.states = []    # its records, busy or idle
-        self.idle = []      # its idle records
+        self.idle = []      # its idle records, the most recently used last
         self.loading = 0    # states of it being created
         self.rate = 0.0     # requests, each one's weight decaying by e every RATE_WINDOW
         self.counted_at = now
@@ -59,10 +59,6 @@ class _Record:
         self.requests = 0     # requests it served
         self.last_used = now
         self.stale = False    # flushed while busy: closed when given back
-
-
-def _last_used(record):
-    return record.last_used
 
 
 class StatePool:
@@ -106,7 +102,7 @@ class StatePool:
                 now = self._clock()
                 script = self._scripts.get(path)
                 if script is not None and script.idle:
-                    record = max(script.idle, key=_last_used)
+                    record = script.idle[-1]   # the most recently used: the others age
                     self._take(record)
                     self._count(record, now)
                     return record.state
@@ -239,7 +235,11 @@ class StatePool:
 
     def _take(self, record):
         """Lend an idle state: the one way a state leaves the idle list but to be closed."""
-        record.script.idle.remove(record)
+        idle = record.script.idle
+        if idle[-1] is record:
+            idle.pop()
+        else:
+            idle.remove(record)
         record.busy = True
 
     @staticmethod
@@ -256,8 +256,12 @@ class StatePool:
         self.recycled += recycle
         if drop:
             self._remove(record)
-        else:
-            record.script.idle.append(record)
+        else:   # in the order of last use (a look leaves a state's age as it was)
+            idle = record.script.idle
+            place = len(idle)
+            while place and idle[place - 1].last_used > record.last_used:
+                place -= 1
+            idle.insert(place, record)
         self._cond.notify_all()
         return drop
 
