@@ -120,6 +120,17 @@ def test_inspect_lends_only_an_idle_state_and_a_look_is_not_a_use():
     assert closed == [looked_at]
 
 
+def test_a_look_leaves_the_most_recently_used_state_first():
+    pool, _, clock = fake_pool(states=2)
+    older, newer = pool.acquire("a"), pool.acquire("a")
+    clock.now = 1001
+    pool.release(older)
+    clock.now = 1002
+    pool.release(newer)
+    assert pool.inspect(older, lambda s: "looked") == "looked"
+    assert pool.acquire("a") is newer
+
+
 # -- when a request waits, and for how long -----------------------------------------------
 
 def full_pool_with_a_busy_script(retries):
