@@ -242,9 +242,13 @@ SETTINGS = (
             "per second it served on 64. The original's default was 5.", "pool"),
     Setting("clones", optional(integer(1)), None,
             "Most states holding the same script; null means as many as workers.", "pool"),
-    Setting("retries", integer(0), 2,
-            "Times to wait briefly for a busy clone to go idle before creating another clone.",
-            "pool"),
+    Setting("retries", integer(0), 20,
+            "Longest wait, in milliseconds, of a request whose script's states are all busy "
+            "before its new clone replaces another script's idle state (only when the pool is "
+            "full). It waits twice the time its script's requests typically hold a state, if "
+            "that is at most this long, and not at all for slower scripts: a short wait spares "
+            "reloads when several hot pages share a full pool. 0: never wait. (The original "
+            "counted idle-state searches, 2 by default.)", "pool"),
     Setting("sweep", integer(1), 1000,
             "The heartbeat's period in milliseconds: every sweep, states whose script changed on "
             "disk are flushed (the file watcher flushes most at once).",

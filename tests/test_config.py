@@ -24,10 +24,11 @@ def problems(tmp_path, text):
     return info.value.problems
 
 
-def test_defaults_are_the_originals_except_listen_and_states():
+def test_defaults_are_the_originals_except_listen_and_the_pool():
     c = config.defaults()
-    # states: 64, not the original's 5, which serialised the pages of a real site (issue 17)
-    assert (c.workers, c.states, c.max_clones, c.sweep, c.retries) == (3, 64, 3, 1000, 2)
+    # states: 64, not the original's 5, which serialised the pages of a real site, and retries
+    # a time in ms (issue 17)
+    assert (c.workers, c.states, c.max_clones, c.sweep, c.retries) == (3, 64, 3, 1000, 20)
     assert (c.showerrors, c.buffering, c.handler, c.httpstatus, c.contenttype) == (
         True, True, "main", "200 OK", "text/html")
     assert (c.maxpost, c.headers, c.finishhandler) == (1048576, ("X-Powered-By: Lua",), None)

@@ -12,7 +12,7 @@ from luafcgid import config
 from luafcgid.request.responder import Responder
 from luafcgid.states.pool import PoolClosed, StatePool
 
-FOREVER = 600_000   # retries: a moment's wait longer than any test
+FOREVER = 600_000   # retries (ms): a moment longer than any test
 
 
 class Fake:
@@ -133,10 +133,13 @@ def test_a_look_leaves_the_most_recently_used_state_first():
 
 # -- when a request waits, and for how long -----------------------------------------------
 
-def full_pool_with_a_busy_script(retries):
-    """A pool of 2 states: "a" busy, "b" idle."""
+def full_pool_with_a_busy_script(retries, hold=None):
+    """A pool of 2 states: "a" busy, "b" idle; "a"'s one earlier request held its state for
+    `hold` seconds (None: no earlier request)."""
     pool, closed, clock = fake_pool(states=2, retries=retries)
-    other = use(pool, clock, "b", at=1000)
+    if hold is not None:
+        use(pool, clock, "a", at=clock.now + hold)
+    other = use(pool, clock, "b", at=clock.now + 1)
     return pool, closed, pool.acquire("a"), other
 
 
@@ -147,20 +150,34 @@ def test_a_clone_replaces_another_scripts_idle_state_rather_than_wait():
     assert closed == [other] and pool.evicted == 1
 
 
-def test_the_moment_a_clone_waits_for_its_own_script_is_bounded():
-    # "a" is never released: the clone is made once the moment (20 ms) is over
-    pool, closed, busy, other = full_pool_with_a_busy_script(retries=20)
-    clone = InThread(pool.acquire, "a").result(timeout=10)
-    assert clone is not busy and closed == [other]
-
-
-def test_within_its_moment_a_clone_takes_its_scripts_released_state():
-    pool, closed, busy, _ = full_pool_with_a_busy_script(retries=FOREVER)
+def test_a_fast_script_waits_a_moment_for_its_own_state():
+    # requests of "a" hold a state 100 s: the moment is 200 s, within the longest
+    pool, closed, busy, _ = full_pool_with_a_busy_script(retries=FOREVER, hold=100)
     waiter = InThread(pool.acquire, "a")
     wait_for(lambda: pool.stats()["waiting"] == 1, what="the request to wait")
     pool.release(busy)
     assert waiter.result(timeout=10) is busy
     assert closed == [] and pool.evicted == 0
+
+
+def test_the_moment_is_twice_the_scripts_hold_time():
+    # "a" is never released: the clone is made once the moment (10 ms) is over
+    pool, closed, busy, other = full_pool_with_a_busy_script(retries=FOREVER, hold=0.005)
+    clone = InThread(pool.acquire, "a").result(timeout=10)
+    assert clone is not busy and closed == [other]
+
+
+def test_a_slow_scripts_request_does_not_wait_for_its_own_state():
+    # twice its hold time is longer than the longest moment: no moment at all
+    pool, closed, busy, other = full_pool_with_a_busy_script(retries=FOREVER, hold=1000)
+    clone = InThread(pool.acquire, "a").result(timeout=10)
+    assert clone is not busy and closed == [other]
+
+
+def test_while_the_hold_time_is_unknown_the_moment_is_the_longest():
+    pool, closed, busy, other = full_pool_with_a_busy_script(retries=20)
+    clone = InThread(pool.acquire, "a").result(timeout=10)
+    assert clone is not busy and closed == [other]
 
 
 def test_a_script_with_clones_states_waits_for_one_of_them():

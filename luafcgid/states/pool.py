@@ -10,16 +10,19 @@ The policy, for sites with more pages than states:
   in a free slot, or in place of the idle state least worth keeping (_choose_victim);
 - a request waits only for what no new state can give it: its script has `clones` states,
   or every state is busy or loading. A clone that would displace another script's state
-  first waits for one of its own script's states for at most `retries` ms, which spares the
-  displaced script a reload when requests are short (see the README's pool figures).
+  first waits a moment for one of its own script's states: twice the time its script's
+  requests typically hold a state, if that is at most `retries` ms (at most that long while
+  it is not known yet). For short requests the wait is shorter than the reloads it spares
+  (4 hot pages on 4 states thrashed without it); a slow page's request does not wait at all
+  (it used to queue on the page's busy state when the pool was full of other pages).
 """
 
 import math
 import threading
 import time
 
-LOOK = 0.001   # seconds of the moment's wait, per `retries`
 RATE_WINDOW = 60.0   # seconds: a script's rate counts the requests of about the last minute
+HOLD_WEIGHT = 1 / 8   # of the newest request in a script's typical hold time
 
 
 class PoolClosed(Exception):
@@ -29,7 +32,7 @@ class PoolClosed(Exception):
 class _Script:
     """One script's states (and states being loaded) and how often it is asked for."""
 
-    __slots__ = ("path", "states", "idle", "loading", "rate", "counted_at")
+    __slots__ = ("path", "states", "idle", "loading", "rate", "counted_at", "hold")
 
     def __init__(self, path, now):
         self.path = path
@@ -38,6 +41,7 @@ class _Script:
         self.loading = 0    # states of it being created
         self.rate = 0.0     # requests, each one's weight decaying by e every RATE_WINDOW
         self.counted_at = now
+        self.hold = None    # seconds a request typically holds a state (a moving average)
 
     def rate_at(self, now):
         return self.rate * math.exp((self.counted_at - now) / RATE_WINDOW)
@@ -46,11 +50,21 @@ class _Script:
         self.rate = self.rate_at(now) + 1.0
         self.counted_at = now
 
+    def held(self, seconds):
+        hold = self.hold
+        self.hold = seconds if hold is None else hold + (seconds - hold) * HOLD_WEIGHT
+
+    def moment(self, longest):
+        """How long a request for a clone waits for one of this script's states first."""
+        if self.hold is None:
+            return longest
+        return 2 * self.hold if 2 * self.hold <= longest else 0.0
+
 
 class _Record:
     """The pool's bookkeeping for one loaded state."""
 
-    __slots__ = ("state", "script", "busy", "requests", "last_used", "stale")
+    __slots__ = ("state", "script", "busy", "requests", "last_used", "lent_at", "stale")
 
     def __init__(self, state, script, now):
         self.state = state
@@ -58,6 +72,7 @@ class _Record:
         self.busy = False
         self.requests = 0     # requests it served
         self.last_used = now
+        self.lent_at = now    # when its current request took it
         self.stale = False    # flushed while busy: closed when given back
 
 
@@ -65,15 +80,16 @@ class StatePool:
     def __init__(self, create, states, clones, retries, max_requests=0,
                  close=lambda state: state.close(), clock=time.monotonic):
         """`create(path, *context)` builds a loaded state (or raises); the pool only calls it
-        outside its lock. `close(state)` closes a state the pool lets go of. A state is
-        closed after `max_requests` requests (0: never). `clock()` gives the seconds that
-        ages and rates are measured in."""
+        outside its lock. `close(state)` closes a state the pool lets go of. `retries`: the
+        longest moment, in ms (see above). A state is closed after `max_requests` requests
+        (0: never). `clock()` gives the seconds that ages, rates and hold times are measured
+        in."""
         self._create = create
         self._close = close
         self._clock = clock
         self.max_states = states
         self.max_clones = clones
-        self.retries = retries
+        self.longest_moment = retries / 1000
         self.max_requests = max_requests
         self._cond = threading.Condition(threading.Lock())
         self._scripts = {}   # path -> _Script, while it has states, loaded or loading
@@ -113,7 +129,7 @@ class StatePool:
                 if self._total >= self.max_states:
                     if count:
                         if patience is None:
-                            patience = time.monotonic() + self.retries * LOOK
+                            patience = time.monotonic() + script.moment(self.longest_moment)
                         left = patience - time.monotonic()
                         if left > 0:
                             self._wait(left)
@@ -153,7 +169,8 @@ class StatePool:
         """Give a state back; a discarded, stale or worn-out one is closed instead of kept."""
         with self._cond:
             record = self._records[state]
-            record.last_used = self._clock()
+            record.last_used = now = self._clock()
+            record.script.held(now - record.lent_at)
             drop = self._settle(record, discard)
         if drop:
             self._close(state)
@@ -245,6 +262,7 @@ class StatePool:
     @staticmethod
     def _count(record, now):
         record.requests += 1
+        record.lent_at = now
         record.script.count(now)
 
     def _settle(self, record, discard=False):
