@@ -104,6 +104,19 @@ def test_a_rate_fades_once_its_script_is_no_longer_asked_for():
     assert closed == [hot]
 
 
+def test_a_clone_made_for_a_moment_of_concurrency_goes_before_another_scripts_state():
+    pool, closed, clock = fake_pool(states=3)
+    first, clone = pool.acquire("hot"), pool.acquire("hot")   # both busy at once, once
+    pool.release(clone)
+    pool.release(first)
+    for _ in range(20):   # one at a time: the most recently used state serves them
+        assert use(pool, clock, "hot", at=1000) is first
+    use(pool, clock, "other", at=1000.5)   # used later than the clone, and as often
+    clock.now = 1001
+    pool.acquire("new")
+    assert closed == [clone]
+
+
 def test_inspect_lends_only_an_idle_state_and_a_look_is_not_a_use():
     pool, closed, clock = fake_pool(states=3)
     looked_at = use(pool, clock, "a", at=1000)

@@ -21,7 +21,7 @@ import math
 import threading
 import time
 
-RATE_WINDOW = 60.0   # seconds: a script's rate counts the requests of about the last minute
+RATE_WINDOW = 60.0   # seconds: a state's rate counts the requests of about the last minute
 HOLD_WEIGHT = 1 / 8   # of the newest request in a script's typical hold time
 
 
@@ -30,25 +30,16 @@ class PoolClosed(Exception):
 
 
 class _Script:
-    """One script's states (and states being loaded) and how often it is asked for."""
+    """One script's states (and states being loaded) and how long its requests take."""
 
-    __slots__ = ("path", "states", "idle", "loading", "rate", "counted_at", "hold")
+    __slots__ = ("path", "states", "idle", "loading", "hold")
 
-    def __init__(self, path, now):
+    def __init__(self, path):
         self.path = path
         self.states = []    # its records, busy or idle
         self.idle = []      # its idle records, the most recently used last
         self.loading = 0    # states of it being created
-        self.rate = 0.0     # requests, each one's weight decaying by e every RATE_WINDOW
-        self.counted_at = now
         self.hold = None    # seconds a request typically holds a state (a moving average)
-
-    def rate_at(self, now):
-        return self.rate * math.exp((self.counted_at - now) / RATE_WINDOW)
-
-    def count(self, now):
-        self.rate = self.rate_at(now) + 1.0
-        self.counted_at = now
 
     def held(self, seconds):
         hold = self.hold
@@ -64,16 +55,27 @@ class _Script:
 class _Record:
     """The pool's bookkeeping for one loaded state."""
 
-    __slots__ = ("state", "script", "busy", "requests", "last_used", "lent_at", "stale")
+    __slots__ = ("state", "script", "busy", "requests", "rate", "last_used", "lent_at",
+                 "stale")
 
     def __init__(self, state, script, now):
         self.state = state
         self.script = script
         self.busy = False
         self.requests = 0     # requests it served
-        self.last_used = now
+        self.rate = 0.0       # the same, each one's weight decaying by e every RATE_WINDOW
+        self.last_used = now  # when its last request gave it back
         self.lent_at = now    # when its current request took it
         self.stale = False    # flushed while busy: closed when given back
+
+    def rate_at(self, now):
+        return self.rate * math.exp((self.lent_at - now) / RATE_WINDOW)
+
+    def lend(self, now):
+        """Count a request taking this state at `now`."""
+        self.rate = self.rate_at(now) + 1.0
+        self.requests += 1
+        self.lent_at = now
 
 
 class StatePool:
@@ -120,7 +122,7 @@ class StatePool:
                 if script is not None and script.idle:
                     record = script.idle[-1]   # the most recently used: the others age
                     self._take(record)
-                    self._count(record, now)
+                    record.lend(now)
                     return record.state
                 count = len(script.states) + script.loading if script is not None else 0
                 if count >= self.max_clones:
@@ -141,7 +143,7 @@ class StatePool:
                     self._remove(victim)
                     self.evicted += 1
                 if script is None:
-                    script = self._scripts[path] = _Script(path, now)
+                    script = self._scripts[path] = _Script(path)
                 script.loading += 1
                 self._total += 1
                 break
@@ -162,7 +164,7 @@ class StatePool:
             script.states.append(record)
             self.created += 1
             record.busy = True
-            self._count(record, record.last_used)
+            record.lend(record.lent_at)
         return state
 
     def release(self, state, discard=False):
@@ -178,7 +180,7 @@ class StatePool:
     def inspect(self, state, look):
         """look(state) with `state` lent to the caller, if it is idle now; else None (a busy
         state's runtime belongs to its worker: Lua is not for two threads at once). A look is
-        not a use: the state's age and its script's rate stay as they were."""
+        not a use: the state's age and rate stay as they were."""
         with self._cond:
             record = self._records.get(state)
             if record is None or record.busy:
@@ -259,12 +261,6 @@ class StatePool:
             idle.remove(record)
         record.busy = True
 
-    @staticmethod
-    def _count(record, now):
-        record.requests += 1
-        record.lent_at = now
-        record.script.count(now)
-
     def _settle(self, record, discard=False):
         """Decide whether a state coming back is kept (idle) or dropped; True: close it."""
         record.busy = False
@@ -297,18 +293,18 @@ class StatePool:
             del self._scripts[script.path]
 
     def _choose_victim(self, now):
-        """The idle state least worth keeping: idle longest, relative to its share of its
-        script's request rate. A hot script's states thus outlive a one-off script's state
-        that was used more recently, and a script no longer asked for loses its rate within
-        minutes. The idle time counts from one second, so that in a burst (all idle for
-        milliseconds) the rate still decides."""
+        """The idle state least worth keeping: idle longest, relative to its request rate. A
+        script's requests go to its most recently used state first, so its busiest state
+        carries its script's rate, and a clone only the requests that found the others busy:
+        a hot script's state thus outlives a one-off script's state that was used more
+        recently, a clone made for a moment of concurrency goes before another script's
+        only state, and a script no longer asked for loses its rate within minutes. The idle
+        time counts from one second, so that in a burst (all idle for milliseconds) the rate
+        still decides."""
         victim, worst = None, -1.0
         for script in self._scripts.values():
-            if not script.idle:
-                continue
-            share = len(script.states) / (1.0 + script.rate_at(now))
             for record in script.idle:
-                score = (now - record.last_used + 1.0) * share
+                score = (now - record.last_used + 1.0) / (1.0 + record.rate_at(now))
                 if score > worst:
                     victim, worst = record, score
         return victim
