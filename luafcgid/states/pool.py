@@ -7,7 +7,8 @@ least as many states as workers, so a waiting worker is always woken by a releas
 The policy, for sites with more pages than states:
 - a request takes its script's most recently used idle state (the others age, and go first);
 - when its script has none idle, it gets a new state: a clone (at most `clones` per script)
-  in a free slot, or in place of the idle state least worth keeping (_choose_victim);
+  in a free slot, or in place of the idle state least worth keeping: idle longest, for its
+  own recent request rate (_choose_victim);
 - a request waits only for what no new state can give it: its script has `clones` states,
   or every state is busy or loading. A clone that would displace another script's state
   first waits a moment for one of its own script's states: twice the time its script's
