@@ -20,6 +20,7 @@
 """
 
 import argparse
+import contextlib
 import gc
 import multiprocessing
 import os
@@ -91,10 +92,21 @@ def table(header, rows_of, markdown_file):
         markdown(markdown_file, header, rows)
 
 
+@contextlib.contextmanager
+def scripts_directory():
+    """A temporary directory for scripts served in-process; serving moves this thread into
+    it (workdir.py), so the thread is moved back before it goes."""
+    try:
+        with tempfile.TemporaryDirectory() as root:
+            yield root
+    finally:
+        os.chdir(ROOT)
+
+
 # -- hits ---------------------------------------------------------------------------------
 
 def hits(scripts, states, requests, seed=1):
-    with tempfile.TemporaryDirectory() as root:
+    with scripts_directory() as root:
         paths = []
         for n in range(scripts):
             path = os.path.join(root, f"s{n}.lua")
@@ -140,7 +152,7 @@ def _heap_kb(state):
 def memory(lua, name, source, copies):
     """(RSS KiB, Lua heap KiB) per loaded state of `source`, over `copies` states (after a
     first one, which pays for the VM's and modules' shared code)."""
-    with tempfile.TemporaryDirectory() as root:
+    with scripts_directory() as root:
         paths = []
         for n in range(copies + 1):
             path = os.path.join(root, f"{name}{n}.lua")
@@ -159,7 +171,6 @@ def memory(lua, name, source, copies):
         heaps = [pool.inspect(state, _heap_kb) for state in pool.states()]
         assert len(heaps) == copies + 1, "a state failed to load"
         responder.pool.close()
-        os.chdir(ROOT)   # serving moved this thread into the scripts' directory
         return grown / copies, sum(heaps) / len(heaps)
 
 
