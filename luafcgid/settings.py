@@ -238,8 +238,8 @@ SETTINGS = (
             "230-280 KiB for a page with a 200-row table or a SQLite connection, 450 KiB for "
             "an Orbit application (bench/pool_scale.py memory). Hold every page of the site: "
             "with more pages than states, rare pages are loaded again when asked for (about "
-            "0.5 ms each), and a site of 40 pages on 5 states served a sixth of the requests "
-            "per second it served on 64. The original's default was 5.", "pool"),
+            "0.5 ms each): a site of 40 pages on 5 states served a seventh to a third of the "
+            "requests per second it served on 64. The original's default was 5.", "pool"),
     Setting("clones", optional(integer(1)), None,
             "Most states holding the same script; null means as many as workers.", "pool"),
     Setting("retries", integer(0), 20,
