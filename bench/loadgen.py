@@ -1,4 +1,4 @@
-"""wrk runs for bench/pool_scale.py and bench/soak.py: a Lua script's requests for some
+"""wrk runs for bench.pool_scale and bench.soak: a Lua script's requests for some
 seconds, and the figures wrk's done() hook reports (exact, not parsed from its summary)."""
 
 import os

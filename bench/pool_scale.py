@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """How the state pool behaves with many scripts. Three parts, printed as tables:
 
 - hits: hit rate and the cost of a miss (load, with or without an eviction), in-process
@@ -14,9 +13,11 @@
   shape: wrk's requests per second and 99th percentile latency, and the pool's loads and
   evictions.
 
-    python3 bench/pool_scale.py                      # hits: 100 and 1000 scripts x 16, 256 states
-    python3 bench/pool_scale.py memory --lua luajit,5.4
-    python3 bench/pool_scale.py site --pages 1,40 --states 5,64 --duration 10 --rounds 3
+    python3 -m bench.pool_scale                      # hits: 100 and 1000 scripts x 16, 256 states
+    python3 -m bench.pool_scale memory --lua luajit,5.4
+    python3 -m bench.pool_scale site --pages 1,40 --states 5,64 --duration 10 --rounds 3
+
+from the checkout, whose luafcgid it measures (site: with the tests' Stack, tests/conftest.py).
 """
 
 import argparse
@@ -35,13 +36,11 @@ from pathlib import Path
 
 import yaml
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
-
-from luafcgid import config  # noqa: E402
-from luafcgid.request.responder import Responder  # noqa: E402
-
-import loadgen  # noqa: E402  (bench/, beside this file)
+from bench import loadgen
+from bench.common import BENCH, REPO
+from luafcgid import config
+from luafcgid.request.responder import Responder
+from tests.conftest import Stack   # the tests' real daemon + nginx
 
 SCRIPT = """
 local rows = {}
@@ -51,9 +50,9 @@ function main(env, con)
 end
 """
 
-HELLO = os.path.join(ROOT, "bench", "www", "hello.lua")
-PAGE = os.path.join(ROOT, "bench", "www", "page.lua")
-GUESTBOOK = os.path.join(ROOT, "examples", "guestbook.lua")
+HELLO = os.path.join(BENCH, "www", "hello.lua")
+PAGE = os.path.join(BENCH, "www", "page.lua")
+GUESTBOOK = os.path.join(REPO, "examples", "guestbook.lua")
 ORBIT_SONGS = "/usr/share/doc/lua-orbit/songs/songs.lua"   # Debian's lua-orbit: Lua 5.1 only
 
 
@@ -100,7 +99,7 @@ def scripts_directory():
         with tempfile.TemporaryDirectory() as root:
             yield root
     finally:
-        os.chdir(ROOT)
+        os.chdir(REPO)
 
 
 # -- hits ---------------------------------------------------------------------------------
@@ -201,7 +200,6 @@ def pool_at_stop(log):
 
 
 def site(args, page, pages, states, retries):
-    from conftest import Stack   # the tests' real daemon and nginx
     base = Path(tempfile.mkdtemp(prefix="luafcgid-site-"))
     settings = {"processes": 2, "workers": 2, "states": states, "retries": retries,
                 "sweep": 1000}

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Soak: a mixed site of many pages, through a real nginx into a real luafcgid, for a while.
 
 The site has --pages pages (more than the default `states`, so that states are evicted and
@@ -14,8 +13,10 @@ daemon logged an error, when a pool slot was left busy at stop, when RSS grew by
 more than half its growth over the first half, and by more than --rss-tail-mb), or when
 the descriptors at the end exceed the most seen in the first half by more than 16.
 
-    python3 bench/soak.py                         # 30 s after 5 s of warm-up
-    python3 bench/soak.py --duration 600 --samples 20
+    python3 -m bench.soak                         # 30 s after 5 s of warm-up
+    python3 -m bench.soak --duration 600 --samples 20
+
+from the checkout, whose luafcgid it runs (and the tests' Stack: tests/conftest.py).
 """
 
 import argparse
@@ -27,16 +28,13 @@ import tempfile
 import threading
 from pathlib import Path
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+from bench import loadgen
+from tests.conftest import Stack   # the tests' real daemon + nginx
 
-import loadgen  # noqa: E402  (bench/, beside this file)
-from conftest import Stack  # noqa: E402  (the tests' real daemon + nginx)
-
-KINDS = {
-    "hello": 'function main(env, con) con:puts("Hello, world!\\n") end\n',
-    "counter": "count = 0\nfunction main(env, con) count = count + 1; con:puts(count) end\n",
-    "page": """
+SCRIPTS = {
+    "hello.lua": 'function main(env, con) con:puts("Hello, world!\\n") end\n',
+    "counter.lua": "count = 0\nfunction main(env, con) count = count + 1; con:puts(count) end\n",
+    "page.lua": """
 local rows = {}
 for i = 1, 200 do rows[i] = {id = i, name = "item <" .. i .. ">", price = i * 1.25} end
 local function escape(s) return (s:gsub("[<>&]", {["<"] = "&lt;", [">"] = "&gt;", ["&"] = "&amp;"})) end
@@ -50,9 +48,9 @@ function main(env, con)
   con:puts(table.concat(out, "\\n"))
 end
 """,
-    "post": "function main(env, con) local b = con:gets(); con:puts(#b) end\n",
+    "post.lua": "function main(env, con) local b = con:gets(); con:puts(#b) end\n",
 }
-ORDER = tuple(KINDS)   # page n is of kind ORDER[n % 4]
+ORDER = tuple(SCRIPTS)   # page n is SCRIPTS[ORDER[n % 4]]
 
 def processes(pid):
     """The daemon's process and its children (the serving processes, with processes > 1)."""
@@ -117,7 +115,7 @@ def main(argv=None):
     base = Path(tempfile.mkdtemp(prefix="luafcgid-soak-"))
     stack = Stack(base, settings, keepalive=args.keepalive)
     for n in range(1, args.pages + 1):
-        stack.write(f"p{n}.lua", KINDS[ORDER[n % 4]])
+        stack.write(f"p{n}.lua", SCRIPTS[ORDER[n % 4]])
     script = loadgen.site(args.pages, post="rank % 4 == 3")   # the post pages
     stack.start()
     # the daemon runs in the foreground and logs to stderr too, into a pipe the tests' Daemon

@@ -125,7 +125,7 @@ def combination(request, tmp_path_factory):
     states = STATES[pages]
     fillers = 2 * states + 2 if pages == "many" else 0
     root = tmp_path_factory.mktemp("matrix")
-    settings = {"workers": 2, "states": states,
+    settings = {"workers": 2, "states": states, "showerrors": True,
                 **{k: v for k, v in factors.items() if k != "prelude"}}
     s = Stack(root, settings, keepalive=keepalive)
     if factors["prelude"]:
