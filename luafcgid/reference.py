@@ -14,6 +14,7 @@ SECTIONS = {
     "modules": "Lua modules",
     "response": "Responses",
     "process": "Process and logs",
+    "pm": "Process management: how many processes, recycling, restarts",
     "status": "Status and ping pages",
     "limits": "Limits and confinement",
     "compatibility": "Accepted for compatibility with the original",
