@@ -296,13 +296,23 @@ SETTINGS = (
             "states and Python interpreter lock (like php-fpm's static pool, with threads "
             "inside); one per core is a good start. workers, states and clones count per "
             "process.", "pool", live=False, example=2),
-    Setting("states", integer(1), 5,
-            "Most Lua states kept in the pool (at least workers).", "pool"),
+    Setting("states", integer(1), 64,
+            "Most Lua states kept in the pool (at least workers). The pool grows as scripts "
+            "are requested; a state costs about 90-140 KiB of memory for a hello page, "
+            "230-280 KiB for a page with a 200-row table or a SQLite connection, 450 KiB for "
+            "an Orbit application (python3 -m bench.pool_scale memory). Hold every page of "
+            "the site: with more pages than states, rare pages are loaded again when asked for (about "
+            "0.5 ms each): a site of 40 pages on 5 states served a seventh to a third of the "
+            "requests per second it served on 64. The original's default was 5.", "pool"),
     Setting("clones", optional(integer(1)), None,
             "Most states holding the same script; null means as many as workers.", "pool"),
-    Setting("retries", integer(0), 2,
-            "Times to wait briefly for a busy clone to go idle before creating another clone.",
-            "pool"),
+    Setting("retries", integer(0), 20,
+            "Longest wait, in milliseconds, of a request whose script's states are all busy "
+            "before its new clone replaces another script's idle state (only when the pool is "
+            "full). It waits twice the time its script's requests typically hold a state, if "
+            "that is at most this long, and not at all for slower scripts: a short wait spares "
+            "reloads when several hot pages share a full pool. 0: never wait. (The original "
+            "counted idle-state searches, 2 by default.)", "pool"),
     Setting("sweep", integer(1), 1000,
             "The heartbeat's period in milliseconds: every sweep, states whose script changed on "
             "disk are flushed (the file watcher flushes most at once).",

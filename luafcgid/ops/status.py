@@ -213,10 +213,10 @@ class Status:
                     processes += self.scoreboard.workers(slot["process"])
         scripts = defaultdict(lambda: {"clones": 0, "requests": 0, "loaded_at": 0.0,
                                        "memory_kb": None})
-        for state in pool.states():
+        for state, served in pool.usage():
             entry = scripts[state.path]
             entry["clones"] += 1
-            entry["requests"] += state.requests
+            entry["requests"] += served
             entry["loaded_at"] = max(entry["loaded_at"], state.loaded_at)
             memory = pool.inspect(state, _memory_kb)
             if memory is not None:

@@ -129,10 +129,6 @@ class LuaState:
         except OSError:   # the load reports it as a File Error
             self.prelude_signature = None
         self.loaded_at = time.time()
-        self.last_used = time.monotonic()
-        self.requests = 0
-        self.busy = False
-        self.stale = False
         self.timeout = config.request_timeout
         self.hooks = hooks.for_vm(config.lua)
         self._module = module = vm.load(config.lua)
