@@ -12,6 +12,7 @@ from . import __version__
 from . import config as configuration
 from .listener import Listener, ListenError
 from .ops import daemon, logs, privileges, signals, systemd
+from .shared.dictionaries import Dictionaries
 from .reference import man_page, sample_config, settings_reference
 from .states import vm
 
@@ -140,6 +141,9 @@ def run(argv):
         if config.pidfile:
             daemon.write_pidfile(config.pidfile)
         privileges.drop(config)
+        # made here, in the process that outlives the serving ones, so that the contents
+        # survive their replacement and reloads
+        dictionaries = Dictionaries(config.shared)
     except (ListenError, privileges.PrivilegeError, OSError) as exc:
         print(f"luafcgid: {exc}", file=sys.stderr)
         if args.daemon:   # standard error is /dev/null now: the log file is all there is
@@ -148,8 +152,8 @@ def run(argv):
     # the serving process(es) are made only now: the supervisor's parent serves nothing
     reread = functools.partial(_reread, args)
     if config.processes > 1:
-        return Supervisor(config, listening, reread).run()
-    if not mainloop.run(Server(config, listening, reread)):
+        return Supervisor(config, listening, reread, dictionaries).run()
+    if not mainloop.run(Server(config, listening, reread, dictionaries=dictionaries)):
         exit_leaving_lua()
     return 0
 

@@ -11,6 +11,7 @@ from urllib.parse import unquote, urlsplit
 
 from . import __version__
 from .request.responder import Responder
+from .shared.dictionaries import Dictionaries
 from .states import vm
 from .states.closer import Closer
 from .states.deadline import Watcher
@@ -121,7 +122,8 @@ def serve(config, root, address):
     """Serve `root` over HTTP on (host, port) until interrupted."""
     heartbeat = Heartbeat(config.sweep)
     closer = Closer(config.lua, config.request_timeout)
-    responder = Responder(config, closer=closer, on_load=heartbeat.watch)
+    responder = Responder(config, closer=closer, on_load=heartbeat.watch,
+                          dictionaries=Dictionaries(config.shared))
     watcher = Watcher(lambda: config)
     handler = type("Handler", (_Handler,), {"responder": responder})
     root = os.path.abspath(root)

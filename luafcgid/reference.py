@@ -11,6 +11,7 @@ SECTIONS = {
     "listener": "Listening socket",
     "pool": "Workers and the Lua state pool",
     "modules": "Lua modules",
+    "shared": "Shared dictionaries",
     "response": "Responses",
     "process": "Process and logs",
     "status": "Status and ping pages",

@@ -28,10 +28,12 @@ BOOT_FAILURES = 4
 
 
 class Supervisor:
-    def __init__(self, config, listener, reread):
-        """Forks config.processes serving processes on `listener` (a listener.Listener);
-        a reload applies reread() (a Config, or None when the file is bad)."""
+    def __init__(self, config, listener, reread, dictionaries):
+        """Forks config.processes serving processes on `listener` (a listener.Listener),
+        which share `dictionaries` (shared.Dictionaries); a reload applies reread() (a
+        Config, or None when the file is bad)."""
         self.config = config
+        self.dictionaries = dictionaries
         self.listener = listener
         self.reread = reread
         self.scoreboard = Scoreboard(config.processes)
@@ -118,7 +120,8 @@ class Supervisor:
         try:
             mainloop.run(Server(self.config, self.listener.shared(), self.reread,
                                 process=number, scoreboard=self.scoreboard,
-                                supervisor=self.pid), service=False)
+                                supervisor=self.pid, dictionaries=self.dictionaries),
+                         service=False)
             code = 0
         except BaseException:
             log.exception("process %d failed", number)

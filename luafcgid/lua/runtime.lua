@@ -50,6 +50,13 @@ end
 package.path = opts.path
 package.cpath = opts.cpath
 
+-- Shared dictionaries (setting `shared`), for require("luafcgid").shared: LuaJIT's ffi is
+-- taken here, before the script, which is not handed it.
+if opts.shared then
+  package.loaded["luafcgid.shared"] = assert(loadfile_absolute(opts.libdir .. "/shared.lua"))(
+    opts.shared, opts.shared.ffi and require("ffi") or nil, opts.shared_call)
+end
+
 -- os.exit would end the whole daemon, every other request with it.
 os.exit = function()
   error("os.exit is not available to luafcgid scripts (it would stop the daemon)", 2)

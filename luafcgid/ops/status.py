@@ -82,16 +82,17 @@ def _whole_pool(data, scoreboard):
 
 
 class Status:
-    def __init__(self, metrics, sock, stuck, scoreboard=None, publish=None):
+    def __init__(self, metrics, sock, stuck, scoreboard=None, publish=None, dictionaries=None):
         """The figures of `metrics` (a metrics.Metrics), the accept queue of sock() (the
-        listening socket), the workers stuck() in Lua (deadline.Watcher.stuck), and with
+        listening socket), the workers stuck() in Lua (deadline.Watcher.stuck), with
         processes > 1 every process's from `scoreboard`, on which publish() puts this
-        one's first."""
+        one's first, and those of the shared `dictionaries` (shared.Dictionaries)."""
         self.metrics = metrics
         self.sock = sock
         self.stuck = stuck
         self.scoreboard = scoreboard
         self.publish = publish
+        self.dictionaries = dictionaries
 
     def routes(self, config, pool):
         """SCRIPT_NAME (bytes) -> page function, for a responder whose states are `pool`."""
@@ -147,6 +148,8 @@ class Status:
             "stuck": stuck,
             "states": pool.stats(),
             "scripts": [{"path": path, **entry} for path, entry in sorted(scripts.items())],
+            # one store for every process: whichever answers shows the same
+            "shared": self.dictionaries.stats() if self.dictionaries is not None else [],
         }
         queue = accept_queue(self.sock())
         if queue is not None:   # omitted where the system does not tell
@@ -197,6 +200,9 @@ def text(data):
         loaded = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(script["loaded_at"]))
         lines.append(f"script: {script['path']} clones {script['clones']} requests "
                      f"{script['requests']} loaded {loaded} memory {memory}")
+    for shared in data["shared"]:
+        lines.append(f"shared: {shared['name']} capacity {shared['capacity']} free "
+                     f"{shared['free_space']} keys {shared['keys']}")
     return "\n".join(lines) + "\n"
 
 
@@ -244,5 +250,13 @@ def openmetrics(data):
     family("script_memory_bytes", "gauge", "Lua memory of the script's idle states.",
            [(label, round(s["memory_kb"] * 1024)) for label, s in zip(labels, scripts)
             if s["memory_kb"] is not None])
+    shared = data["shared"]
+    labels = [f'{{dict="{_label(d["name"])}"}}' for d in shared]
+    family("shared_capacity_bytes", "gauge", "Capacity of the shared dictionary.",
+           [(label, d["capacity"]) for label, d in zip(labels, shared)])
+    family("shared_free_bytes", "gauge", "Free space in the shared dictionary.",
+           [(label, d["free_space"]) for label, d in zip(labels, shared)])
+    family("shared_keys", "gauge", "Keys stored in the shared dictionary (expired ones "
+           "until they are reclaimed).", [(label, d["keys"]) for label, d in zip(labels, shared)])
     out.append("# EOF")
     return "\n".join(out) + "\n"
