@@ -256,11 +256,13 @@ local function in_shared_memory()
     for _ = 1, limit do
       local tail = h.tail
       if tail == 0 or not expired(d.chunks[tail].e) then return end
+      h.dirty = 1
       remove(d, tail)
+      h.dirty = 0
     end
   end
 
-  local function evict(d, needed, keep, valid)   -- as dictionary.py's _evict
+  local function evict(d, needed, keep, valid)   -- as dictionary.py's _evict (dirty set)
     local h, forcible, t = d.h, false, now()
     while available(h) < needed do
       local tail = h.tail
@@ -331,9 +333,7 @@ local function in_shared_memory()
 
   local function store(d, mode, key, h, vtype, value, exptime, flags)
     local hd, chunks = d.h, d.chunks
-    hd.dirty = 1
     expire_tail(d, 2)
-    hd.dirty = 0
     local i = find(d, key, h)
     local live = i ~= 0 and not expired(chunks[i].e)
     if live and (mode == "add" or mode == "safe_add") then return false, "exists", false end
@@ -390,10 +390,7 @@ local function in_shared_memory()
   end
 
   local function incr(d, key, h, n, init, init_ttl)
-    local hd = d.h
-    hd.dirty = 1
     expire_tail(d, 2)
-    hd.dirty = 0
     local i = find(d, key, h)
     if i == 0 or expired(d.chunks[i].e) then
       if init == nil then return nil, "not found", false end

@@ -9,7 +9,9 @@ callback, and the status page reads figures here.
 
 The operations are ngx.shared.DICT's and return what Lua gets: see lua/shared.lua for the
 argument checks and the README for the meanings. Each runs holding the dictionary's mutex;
-`dirty` is set while it changes the structure (see layout.HEADER).
+`dirty` is set while it changes the structure (see layout.HEADER). An entry is addressed by
+the index of its first word (`e` below): the memory is read as words, half-words, bytes and
+doubles through four views of it.
 """
 
 import ctypes
@@ -25,13 +27,17 @@ from .layout import BOOLEAN, CHUNK, FIRST, INTEGER, NUMBER, REST, STRING
 _H = {name: at // 4 for name, at in layout.HEADER_AT.items()}   # header words
 _NCHUNKS, _BUMP, _FREE, _NFREE, _HEAD, _TAIL, _COUNT, _DIRTY = (
     _H[name] for name in ("nchunks", "bump", "free", "nfree", "head", "tail", "count", "dirty"))
-_E = layout.ENTRY_AT   # entry fields: byte offsets in the first chunk
+# an entry's fields, from its first word e: words e + _NEXT ..., half-word 2e + _KLEN, byte
+# 4e + _VTYPE, double e // 2 + _EXPIRES (chunks are 64-byte aligned), data from byte 4e + _DATA
+_E = layout.ENTRY_AT
 _NEXT, _HNEXT, _PREV, _LNEXT, _HASH, _VLEN, _FLAGS = (
     _E[name] // 4 for name in ("next", "hnext", "prev", "lnext", "hash", "vlen", "flags"))
-_DATA = layout.HEAD
+_KLEN, _VTYPE, _EXPIRES, _DATA = _E["klen"] // 2, _E["vtype"], _E["expires"] // 8, layout.HEAD
+_WORDS = CHUNK // 4
 _DOUBLE, _INT64 = struct.Struct("=d"), struct.Struct("=q")
 _FLUSHED = -1.0   # an `expires` in the past whatever the clock: flush_all's mark
 _SAFE = {"set": False, "safe_set": True, "add": False, "safe_add": True, "replace": False}
+_monotonic, _crc32 = time.monotonic, zlib.crc32
 
 
 def _type_error(what):
@@ -45,7 +51,7 @@ def _key(key):
 
 
 def _seconds(value, what):
-    if type(value) not in (int, float) or value < 0:
+    if type(value) not in (int, float) or not value >= 0:
         _type_error(what)
     return value
 
@@ -74,6 +80,13 @@ def decode(vtype, data):
     return data != b"\0"
 
 
+def _add(a, a_integer, b, b_integer):
+    """a + b as Lua 5.3 adds: two integers wrap around in 64 bits, anything else is a float."""
+    if a_integer and b_integer and type(a) is int and type(b) is int:
+        return (a + b + (1 << 63)) % (1 << 64) - (1 << 63)
+    return float(a) + float(b)
+
+
 class Dictionary:
     def __init__(self, name, capacity):
         """A new, empty dictionary of `capacity` bytes, shared with the processes forked
@@ -87,13 +100,13 @@ class Dictionary:
         self._b, self._w, self._h, self._d = view, view.cast("I"), view.cast("H"), view.cast("d")
         mutex.initialize(self.address)
         nbuckets, buckets_at, chunks_at, nchunks = layout.geometry(capacity)
-        for name, value in (("magic", layout.MAGIC), ("nchunks", nchunks),
-                            ("nbuckets", nbuckets), ("buckets_at", buckets_at),
-                            ("chunks_at", chunks_at)):
-            self._w[_H[name]] = value
+        for field, value in (("magic", layout.MAGIC), ("nchunks", nchunks),
+                             ("nbuckets", nbuckets), ("buckets_at", buckets_at),
+                             ("chunks_at", chunks_at)):
+            self._w[_H[field]] = value
         self._mask = nbuckets - 1
         self._buckets = buckets_at // 4
-        self._chunk0 = chunks_at - CHUNK   # chunk i starts at _chunk0 + i * CHUNK
+        self._e0 = (chunks_at - CHUNK) // 4   # chunk i's first word: _e0 + i * _WORDS
 
     # -- locking ----------------------------------------------------------------------------
 
@@ -124,7 +137,7 @@ class Dictionary:
         for word in (_BUMP, _FREE, _NFREE, _HEAD, _TAIL, _COUNT, _DIRTY):
             self._w[word] = 0
 
-    # -- the chunks ---------------------------------------------------------------------------
+    # -- chunks -------------------------------------------------------------------------------
 
     def _available(self):
         w = self._w
@@ -134,165 +147,171 @@ class Dictionary:
         w = self._w
         i = w[_FREE]
         if i:
-            w[_FREE] = w[(self._chunk0 + i * CHUNK) // 4 + _NEXT]
+            w[_FREE] = w[self._e0 + i * _WORDS + _NEXT]
             w[_NFREE] -= 1
         else:
             i = w[_BUMP] = w[_BUMP] + 1
-        w[(self._chunk0 + i * CHUNK) // 4 + _NEXT] = 0
+        w[self._e0 + i * _WORDS + _NEXT] = 0
         return i
 
     def _free_chain(self, i):
-        w = self._w
+        w, e0 = self._w, self._e0
         while i:
-            word = (self._chunk0 + i * CHUNK) // 4 + _NEXT
+            word = e0 + i * _WORDS + _NEXT
             i, w[word], w[_FREE] = w[word], w[_FREE], i
             w[_NFREE] += 1
 
     def _nth(self, i, n):
         """The n-th chunk (from 0) of the chain starting at i."""
-        w = self._w
+        w, e0 = self._w, self._e0
         for _ in range(n):
-            i = w[(self._chunk0 + i * CHUNK) // 4 + _NEXT]
+            i = w[e0 + i * _WORDS + _NEXT]
         return i
 
     def _resize(self, i, have, need):
-        w = self._w
+        w, e0 = self._w, self._e0
         if need > have:
             last = self._nth(i, have - 1)
             for _ in range(need - have):
-                j = self._alloc()
-                w[(self._chunk0 + last * CHUNK) // 4 + _NEXT] = j
-                last = j
+                w[e0 + last * _WORDS + _NEXT] = last = self._alloc()
         elif need < have:
-            cut = (self._chunk0 + self._nth(i, need - 1) * CHUNK) // 4 + _NEXT
+            cut = e0 + self._nth(i, need - 1) * _WORDS + _NEXT
             rest, w[cut] = w[cut], 0
             self._free_chain(rest)
 
     def _segments(self, i, at, n):
         """(byte offset, length) of the pieces holding n data bytes from `at` of entry i."""
-        w, chunk0 = self._w, self._chunk0
+        w, e0 = self._w, self._e0
+        e = e0 + i * _WORDS
         if at < FIRST:
             take = min(FIRST - at, n)
-            yield chunk0 + i * CHUNK + _DATA + at, take
+            yield 4 * e + _DATA + at, take
             n -= take
             at = 0
         else:
             at -= FIRST
-        i = self._nth(w[(chunk0 + i * CHUNK) // 4 + _NEXT], at // REST)
+        i = self._nth(w[e + _NEXT], at // REST)
         at %= REST
         while n > 0:
             take = min(REST - at, n)
-            yield chunk0 + i * CHUNK + 4 + at, take
+            e = e0 + i * _WORDS
+            yield 4 * e + 4 + at, take
             n -= take
             at = 0
-            i = w[(chunk0 + i * CHUNK) // 4 + _NEXT]
+            i = w[e + _NEXT]
 
-    def _gather(self, i, at, n):
-        b = self._b
+    def _gather(self, e, at, n):
+        """n data bytes from `at` of the entry whose first word is e."""
         if at + n <= FIRST:
-            start = self._chunk0 + i * CHUNK + _DATA + at
-            return bytes(b[start:start + n])
+            start = 4 * e + _DATA + at
+            return bytes(self._b[start:start + n])
+        b, i = self._b, (e - self._e0) // _WORDS
         return b"".join([b[start:start + size] for start, size in self._segments(i, at, n)])
 
-    def _scatter(self, i, at, data):
+    def _scatter(self, e, at, data):
         b, done = self._b, 0
-        for start, size in self._segments(i, at, len(data)):
+        for start, size in self._segments((e - self._e0) // _WORDS, at, len(data)):
             b[start:start + size] = data[done:done + size]
             done += size
 
     # -- entries ------------------------------------------------------------------------------
 
     def _find(self, key, hash_):
-        w, b, h, n = self._w, self._b, self._h, len(key)
+        """The first word of the entry of `key`, or 0."""
+        w, b, h, e0, n = self._w, self._b, self._h, self._e0, len(key)
         i = w[self._buckets + (hash_ & self._mask)]
         while i:
-            at = self._chunk0 + i * CHUNK
-            if w[at // 4 + _HASH] == hash_ and h[(at + _E["klen"]) // 2] == n:
+            e = e0 + i * _WORDS
+            if w[e + _HASH] == hash_ and h[2 * e + _KLEN] == n:
                 if n <= FIRST:
-                    if b[at + _DATA:at + _DATA + n] == key:
-                        return i
-                elif self._gather(i, 0, n) == key:
-                    return i
-            i = w[at // 4 + _HNEXT]
+                    if b[4 * e + _DATA:4 * e + _DATA + n] == key:
+                        return e
+                elif self._gather(e, 0, n) == key:
+                    return e
+            i = w[e + _HNEXT]
         return 0
 
-    def _expires(self, i):
-        return self._d[(self._chunk0 + i * CHUNK + _E["expires"]) // 8]
+    def _expired(self, e, now=None):
+        expires = self._d[e // 2 + _EXPIRES]
+        return expires != 0 and expires <= (_monotonic() if now is None else now)
 
-    def _expired(self, i, now=None):
-        expires = self._expires(i)
-        return expires != 0 and expires <= (time.monotonic() if now is None else now)
+    def _value(self, e):
+        return decode(self._b[4 * e + _VTYPE],
+                      self._gather(e, self._h[2 * e + _KLEN], self._w[e + _VLEN]))
 
-    def _value(self, i):
-        at = self._chunk0 + i * CHUNK
-        klen = self._h[(at + _E["klen"]) // 2]
-        return decode(self._b[at + _E["vtype"]], self._gather(i, klen, self._w[at // 4 + _VLEN]))
+    def _index(self, e):
+        return (e - self._e0) // _WORDS
 
-    def _word(self, i, field):
-        return (self._chunk0 + i * CHUNK) // 4 + field
-
-    def _unlink(self, i):
-        w = self._w
-        prev, after = w[self._word(i, _PREV)], w[self._word(i, _LNEXT)]
+    def _unlink(self, e):
+        w, e0 = self._w, self._e0
+        prev, after = w[e + _PREV], w[e + _LNEXT]
         if prev:
-            w[self._word(prev, _LNEXT)] = after
+            w[e0 + prev * _WORDS + _LNEXT] = after
         else:
             w[_HEAD] = after
         if after:
-            w[self._word(after, _PREV)] = prev
+            w[e0 + after * _WORDS + _PREV] = prev
         else:
             w[_TAIL] = prev
 
-    def _push(self, i):
-        w = self._w
+    def _push(self, e):
+        w, i = self._w, self._index(e)
         head = w[_HEAD]
-        w[self._word(i, _PREV)], w[self._word(i, _LNEXT)] = 0, head
+        w[e + _PREV], w[e + _LNEXT] = 0, head
         if head:
-            w[self._word(head, _PREV)] = i
+            w[self._e0 + head * _WORDS + _PREV] = i
         else:
             w[_TAIL] = i
         w[_HEAD] = i
 
-    def _touch(self, i):
-        if self._w[_HEAD] != i:
-            self._w[_DIRTY] = 1
-            self._unlink(i)
-            self._push(i)
-            self._w[_DIRTY] = 0
-
-    def _remove(self, i):
-        """Unlink entry i and free its chunks (the caller set dirty)."""
+    def _touch(self, e):
         w = self._w
-        slot = self._buckets + (w[self._word(i, _HASH)] & self._mask)
-        after = w[self._word(i, _HNEXT)]
+        if w[_HEAD] != self._index(e):
+            w[_DIRTY] = 1
+            self._unlink(e)
+            self._push(e)
+            w[_DIRTY] = 0
+
+    def _remove(self, e):
+        """Unlink an entry and free its chunks (the caller set dirty)."""
+        w, e0, i = self._w, self._e0, self._index(e)
+        slot = self._buckets + (w[e + _HASH] & self._mask)
+        after = w[e + _HNEXT]
         if w[slot] == i:
             w[slot] = after
         else:
             j = w[slot]
-            while w[self._word(j, _HNEXT)] != i:
-                j = w[self._word(j, _HNEXT)]
-            w[self._word(j, _HNEXT)] = after
-        self._unlink(i)
+            while w[e0 + j * _WORDS + _HNEXT] != i:
+                j = w[e0 + j * _WORDS + _HNEXT]
+            w[e0 + j * _WORDS + _HNEXT] = after
+        self._unlink(e)
         self._free_chain(i)
         w[_COUNT] -= 1
+
+    def _tail(self):
+        """The first word of the least recently used entry, or 0."""
+        tail = self._w[_TAIL]
+        return self._e0 + tail * _WORDS if tail else 0
 
     def _expire_tail(self, limit):
         """Remove up to `limit` expired entries from the least recently used end, as ngx
         does before every write, so that expired entries do not stay for ever."""
         w = self._w
         for _ in range(limit):
-            tail = w[_TAIL]
-            if not tail or not self._expired(tail):
+            tail = self._tail()
+            if not tail or not self._d[tail // 2 + _EXPIRES] or not self._expired(tail):
                 return
+            w[_DIRTY] = 1
             self._remove(tail)
+            w[_DIRTY] = 0
 
     def _evict(self, needed, keep, valid):
         """Remove entries from the least recently used end, never `keep`, until `needed`
         chunks are available: only expired ones unless `valid`. Whether a valid one went
-        (ngx's "forcible")."""
-        w, forcible, now = self._w, False, time.monotonic()
+        (ngx's "forcible"). The caller set dirty."""
+        forcible, now = False, _monotonic()
         while self._available() < needed:
-            tail = w[_TAIL]
+            tail = self._tail()
             if not tail or tail == keep:
                 break
             if not self._expired(tail, now):
@@ -310,17 +329,17 @@ class Dictionary:
         return self._run(self._get, _key(key), stale)
 
     def _get(self, key, stale):
-        i = self._find(key, zlib.crc32(key))
-        if not i:
+        e = self._find(key, _crc32(key))
+        if not e:
             return None
-        expired = self._expired(i)
+        expired = self._expired(e)
         if expired and not stale:
             return None
-        self._touch(i)
-        flags = self._w[self._word(i, _FLAGS)]
+        self._touch(e)
+        flags = self._w[e + _FLAGS]
         if stale:
-            return self._value(i), flags or None, expired
-        return (self._value(i), flags) if flags else self._value(i)
+            return self._value(e), flags or None, expired
+        return (self._value(e), flags) if flags else self._value(e)
 
     def store(self, mode, key, vtype, value, exptime, flags):
         """set, safe_set, add, safe_add, replace (`mode`) or, with vtype 0, delete:
@@ -335,50 +354,51 @@ class Dictionary:
 
     def _store(self, mode, key, vtype, data, exptime, flags):
         w = self._w
-        hash_ = zlib.crc32(key)
-        w[_DIRTY] = 1
+        hash_ = _crc32(key)
         self._expire_tail(2)
-        w[_DIRTY] = 0
-        i = self._find(key, hash_)
-        live = i and not self._expired(i)
+        e = self._find(key, hash_)
+        live = e and not self._expired(e)
         if live and mode in ("add", "safe_add"):
             return False, b"exists", False
         if not live and mode == "replace":
             return False, b"not found", False
         if vtype == 0:
-            if i:
+            if e:
                 w[_DIRTY] = 1
-                self._remove(i)
+                self._remove(e)
                 w[_DIRTY] = 0
             return True, None, False
-        need = layout.chunks_for(len(key) + len(data))
+        klen, vlen = len(key), len(data)
+        need = layout.chunks_for(klen + vlen)
         if need > w[_NCHUNKS]:
             return False, b"no memory", False
-        have = layout.chunks_for(len(key) + w[self._word(i, _VLEN)]) if i else 0
+        have = layout.chunks_for(klen + w[e + _VLEN]) if e else 0
         w[_DIRTY] = 1
-        if i:   # the most recent now, out of eviction's way
-            self._unlink(i)
-            self._push(i)
-        forcible = self._evict(need - have, i, not _SAFE[mode])
+        if e:   # the most recent now, out of eviction's way
+            self._unlink(e)
+            self._push(e)
+        forcible = self._evict(need - have, e, not _SAFE[mode])
         if need - have > self._available():
             w[_DIRTY] = 0
             return False, b"no memory", forcible
-        if i:
-            self._resize(i, have, need)
+        if e:
+            self._resize(self._index(e), have, need)
         else:
             i = self._alloc()
             self._resize(i, 1, need)
-            slot = self._buckets + (hash_ & self._mask)
-            w[self._word(i, _HNEXT)], w[slot] = w[slot], i
-            self._push(i)
+            e, slot = self._e0 + i * _WORDS, self._buckets + (hash_ & self._mask)
+            w[e + _HNEXT], w[slot] = w[slot], i
+            self._push(e)
             w[_COUNT] += 1
-        at = self._chunk0 + i * CHUNK
-        w[at // 4 + _HASH], w[at // 4 + _VLEN], w[at // 4 + _FLAGS] = hash_, len(data), flags
-        self._h[(at + _E["klen"]) // 2] = len(key)
-        self._b[at + _E["vtype"]] = vtype
-        self._d[(at + _E["expires"]) // 8] = time.monotonic() + exptime if exptime else 0.0
-        self._scatter(i, 0, key)
-        self._scatter(i, len(key), data)
+        w[e + _HASH], w[e + _VLEN], w[e + _FLAGS] = hash_, vlen, flags
+        self._h[2 * e + _KLEN] = klen
+        self._b[4 * e + _VTYPE] = vtype
+        self._d[e // 2 + _EXPIRES] = _monotonic() + exptime if exptime else 0.0
+        if klen + vlen <= FIRST:
+            self._b[4 * e + _DATA:4 * e + _DATA + klen + vlen] = key + data
+        else:
+            self._scatter(e, 0, key)
+            self._scatter(e, klen, data)
         w[_DIRTY] = 0
         return True, None, forcible
 
@@ -391,27 +411,27 @@ class Dictionary:
                          init_integer is True, _seconds(init_ttl, "init_ttl"))
 
     def _incr(self, key, n, n_integer, init, init_integer, init_ttl):
-        w = self._w
-        w[_DIRTY] = 1
         self._expire_tail(2)
-        w[_DIRTY] = 0
-        i = self._find(key, zlib.crc32(key))
-        if not i or self._expired(i):
+        e = self._find(key, _crc32(key))
+        if not e or self._expired(e):
             if init is None:
                 return None, b"not found", False
             value = _add(init, init_integer, n, n_integer)
             vtype = INTEGER if type(value) is int else NUMBER
             ok, error, forcible = self._store("set", key, vtype, encode(vtype, value), init_ttl, 0)
             return (value, None, forcible) if ok else (None, error, forcible)
-        at = self._chunk0 + i * CHUNK
-        vtype, klen = self._b[at + _E["vtype"]], self._h[(at + _E["klen"]) // 2]
-        if vtype not in (NUMBER, INTEGER):
+        vtype, klen = self._b[4 * e + _VTYPE], self._h[2 * e + _KLEN]
+        if vtype != NUMBER and vtype != INTEGER:
             return None, b"not a number", False
-        value = _add(decode(vtype, self._gather(i, klen, 8)), vtype == INTEGER, n, n_integer)
+        value = _add(decode(vtype, self._gather(e, klen, 8)), vtype == INTEGER, n, n_integer)
         vtype = INTEGER if type(value) is int else NUMBER
-        self._b[at + _E["vtype"]] = vtype
-        self._scatter(i, klen, encode(vtype, value))
-        self._touch(i)
+        self._b[4 * e + _VTYPE] = vtype
+        if klen + 8 <= FIRST:
+            at = 4 * e + _DATA + klen
+            self._b[at:at + 8] = encode(vtype, value)
+        else:
+            self._scatter(e, klen, encode(vtype, value))
+        self._touch(e)
         return value, None, False
 
     def ttl(self, key):
@@ -419,34 +439,35 @@ class Dictionary:
         return self._run(self._ttl, _key(key))
 
     def _ttl(self, key):
-        i = self._find(key, zlib.crc32(key))
-        now = time.monotonic()
-        if not i or self._expired(i, now):
+        e = self._find(key, _crc32(key))
+        now = _monotonic()
+        if not e or self._expired(e, now):
             return None, b"not found"
-        expires = self._expires(i)
-        return (expires - now if expires else 0),
+        expires = self._d[e // 2 + _EXPIRES]
+        return expires - now if expires else 0
 
     def expire(self, key, exptime):
-        """(True) or (None, "not found"): the key now expires in exptime seconds (0: never)."""
+        """True, or (None, "not found"): the key now expires in exptime seconds (0: never)."""
         return self._run(self._expire, _key(key), _seconds(exptime, "exptime"))
 
     def _expire(self, key, exptime):
-        i = self._find(key, zlib.crc32(key))
-        now = time.monotonic()
-        if not i or self._expired(i, now):
+        e = self._find(key, _crc32(key))
+        now = _monotonic()
+        if not e or self._expired(e, now):
             return None, b"not found"
-        self._d[(self._chunk0 + i * CHUNK + _E["expires"]) // 8] = now + exptime if exptime else 0.0
-        return True,
+        self._d[e // 2 + _EXPIRES] = now + exptime if exptime else 0.0
+        return True
 
     def flush_all(self):
         """Every entry expires now; get_stale still finds them until they are reclaimed."""
         self._run(self._flush_all)
 
     def _flush_all(self):
-        i = self._w[_HEAD]
+        w, e0, i = self._w, self._e0, self._w[_HEAD]
         while i:
-            self._d[(self._chunk0 + i * CHUNK + _E["expires"]) // 8] = _FLUSHED
-            i = self._w[self._word(i, _LNEXT)]
+            e = e0 + i * _WORDS
+            self._d[e // 2 + _EXPIRES] = _FLUSHED
+            i = w[e + _LNEXT]
 
     def flush_expired(self, limit=0):
         """Free up to `limit` expired entries (0: all); how many."""
@@ -455,16 +476,16 @@ class Dictionary:
         return self._run(self._flush_expired, limit)
 
     def _flush_expired(self, limit):
-        w, done, now = self._w, 0, time.monotonic()
+        w, e0, done, now = self._w, self._e0, 0, _monotonic()
         i = w[_TAIL]
         while i and (limit == 0 or done < limit):
-            prev = w[self._word(i, _PREV)]
-            if self._expired(i, now):
+            e = e0 + i * _WORDS
+            i = w[e + _PREV]
+            if self._expired(e, now):
                 w[_DIRTY] = 1
-                self._remove(i)
+                self._remove(e)
                 w[_DIRTY] = 0
                 done += 1
-            i = prev
         return done
 
     def get_keys(self, limit=1024):
@@ -476,13 +497,14 @@ class Dictionary:
         return self._run(self._get_keys, limit)
 
     def _get_keys(self, limit):
-        w, h, keys, now = self._w, self._h, [], time.monotonic()
+        w, e0, keys, now = self._w, self._e0, [], _monotonic()
         i = w[_HEAD]
         while i and (limit == 0 or len(keys) < limit):
-            if not self._expired(i, now):
-                klen = h[(self._chunk0 + i * CHUNK + _E["klen"]) // 2]
-                keys.append(klen.to_bytes(2, "big") + self._gather(i, 0, klen))
-            i = w[self._word(i, _LNEXT)]
+            e = e0 + i * _WORDS
+            if not self._expired(e, now):
+                klen = self._h[2 * e + _KLEN]
+                keys.append(klen.to_bytes(2, "big") + self._gather(e, 0, klen))
+            i = w[e + _LNEXT]
         return b"".join(keys)
 
     def free_space(self):
@@ -492,10 +514,3 @@ class Dictionary:
     def stats(self):
         """(capacity, free bytes, keys stored, expired ones not yet reclaimed included)."""
         return self._run(lambda: (self.capacity, self._available() * CHUNK, self._w[_COUNT]))
-
-
-def _add(a, a_integer, b, b_integer):
-    """a + b as Lua 5.3 adds: two integers wrap around in 64 bits, anything else is a float."""
-    if a_integer and b_integer and type(a) is int and type(b) is int:
-        return (a + b + (1 << 63)) % (1 << 64) - (1 << 63)
-    return float(a) + float(b)
