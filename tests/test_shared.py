@@ -309,7 +309,7 @@ function main(env, con) while true do d:set("big", big) end end
 
 def test_a_call_stopped_inside_an_operation_lets_go_of_the_lock(tmp_path):
     # LuaJIT's operations run Lua code holding the mutex, and request_timeout stops SPIN
-    # there (copying 500 KB in 60-byte pieces is nearly all its time). Its worker lets go of
+    # there (copying 500 KB in 124-byte pieces is nearly all its time). Its worker lets go of
     # the mutex after; otherwise every other thread's and process's operations would wait
     # until that worker's thread happened to run one.
     dictionaries = Dictionaries({"x": 1 << 20})

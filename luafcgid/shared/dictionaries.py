@@ -2,6 +2,7 @@
 ones (the supervisor with processes > 1, else the serving process), and handed to every Lua
 state as lua/shared.lua needs them."""
 
+import ctypes.util
 import errno
 import functools
 import time
@@ -26,20 +27,24 @@ class Dictionaries:
     def __init__(self, capacities):
         """One Dictionary per name -> capacity in bytes (the setting's value)."""
         self.all = [Dictionary(name, capacity) for name, capacity in sorted(capacities.items())]
+        # the zlib whose crc32 Python's zlib module calls, for LuaJIT to hash keys alike
+        self._zlib = ctypes.util.find_library("z") if self.all else None
         self._operations = [tuple(_operation(d, name) for name in OPERATIONS) for d in self.all]
 
     def for_lua(self, ffi):
         """What runtime.lua hands lua/shared.lua, or None when there is no dictionary. With
-        `ffi` the state works on the memory itself, through LuaJIT's FFI."""
+        `ffi` (and a shared zlib to load) the state works on the memory itself, through
+        LuaJIT's FFI."""
         if not self.all:
             return None
-        return {"ffi": ffi, "names": [d.name for d in self.all],
+        return {"ffi": ffi and self._zlib is not None, "zlib": self._zlib,
+                "names": [d.name for d in self.all],
                 "addresses": [d.address for d in self.all],
-                "capacities": [d.capacity for d in self.all], "cdef": layout.c_declarations(),
+                "capacities": [d.capacity for d in self.all], "index": layout.INDEX,
                 "ops": list(OPERATIONS), "STRING": layout.STRING, "NUMBER": layout.NUMBER,
                 "BOOLEAN": layout.BOOLEAN, "INTEGER": layout.INTEGER,
                 "MAX_KEY": layout.MAX_KEY, "FIRST": layout.FIRST, "REST": layout.REST,
-                "CHUNK": layout.CHUNK, "EOWNERDEAD": errno.EOWNERDEAD,
+                "EOWNERDEAD": errno.EOWNERDEAD,
                 "EDEADLK": errno.EDEADLK, "CLOCK_MONOTONIC": time.CLOCK_MONOTONIC}
 
     def call(self, op, index, *args):

@@ -9,9 +9,8 @@ callback, and the status page reads figures here.
 
 The operations are ngx.shared.DICT's and return what Lua gets: see lua/shared.lua for the
 argument checks and the README for the meanings. Each runs holding the dictionary's mutex;
-`dirty` is set while it changes the structure (see layout.HEADER). An entry is addressed by
-the index of its first word (`e` below): the memory is read as words, half-words, bytes and
-doubles through four views of it.
+`dirty` is set while it changes the structure (see layout.HEADER). The memory is read as
+words, half-words, bytes and doubles through four views of it (layout.INDEX).
 """
 
 import ctypes
@@ -22,18 +21,14 @@ import time
 import zlib
 
 from . import layout, mutex
-from .layout import BOOLEAN, CHUNK, FIRST, INTEGER, NUMBER, REST, STRING
+from .layout import BOOLEAN, CHUNK, FIRST, INDEX, INTEGER, NUMBER, REST, STRING
 
-_H = {name: at // 4 for name, at in layout.HEADER_AT.items()}   # header words
+# field positions (layout.INDEX); e below is an entry's first word
 _NCHUNKS, _BUMP, _FREE, _NFREE, _HEAD, _TAIL, _COUNT, _DIRTY = (
-    _H[name] for name in ("nchunks", "bump", "free", "nfree", "head", "tail", "count", "dirty"))
-# an entry's fields, from its first word e: words e + _NEXT ..., half-word 2e + _KLEN, byte
-# 4e + _VTYPE, double e // 2 + _EXPIRES (chunks are 64-byte aligned), data from byte 4e + _DATA
-_E = layout.ENTRY_AT
-_NEXT, _HNEXT, _PREV, _LNEXT, _HASH, _VLEN, _FLAGS = (
-    _E[name] // 4 for name in ("next", "hnext", "prev", "lnext", "hash", "vlen", "flags"))
-_KLEN, _VTYPE, _EXPIRES, _DATA = _E["klen"] // 2, _E["vtype"], _E["expires"] // 8, layout.HEAD
-_WORDS = CHUNK // 4
+    INDEX[name] for name in ("NCHUNKS", "BUMP", "FREE", "NFREE", "HEAD", "TAIL", "COUNT", "DIRTY"))
+_NEXT, _HNEXT, _PREV, _LNEXT, _HASH, _VLEN, _FLAGS, _KLEN, _VTYPE, _EXPIRES, _DATA, _WORDS = (
+    INDEX[name] for name in ("NEXT", "HNEXT", "PREV", "LNEXT", "HASH", "VLEN", "FLAGS", "KLEN",
+                             "VTYPE", "EXPIRES", "DATA", "WORDS"))
 _DOUBLE, _INT64 = struct.Struct("=d"), struct.Struct("=q")
 _FLUSHED = -1.0   # an `expires` in the past whatever the clock: flush_all's mark
 _SAFE = {"set": False, "safe_set": True, "add": False, "safe_add": True, "replace": False}
@@ -100,13 +95,13 @@ class Dictionary:
         self._b, self._w, self._h, self._d = view, view.cast("I"), view.cast("H"), view.cast("d")
         mutex.initialize(self.address)
         nbuckets, buckets_at, chunks_at, nchunks = layout.geometry(capacity)
-        for field, value in (("magic", layout.MAGIC), ("nchunks", nchunks),
-                             ("nbuckets", nbuckets), ("buckets_at", buckets_at),
-                             ("chunks_at", chunks_at)):
-            self._w[_H[field]] = value
+        for field, value in (("MAGIC", layout.MAGIC), ("NCHUNKS", nchunks),
+                             ("NBUCKETS", nbuckets), ("BUCKETS_AT", buckets_at),
+                             ("CHUNKS_AT", chunks_at)):
+            self._w[INDEX[field]] = value
         self._mask = nbuckets - 1
         self._buckets = buckets_at // 4
-        self._e0 = (chunks_at - CHUNK) // 4   # chunk i's first word: _e0 + i * _WORDS
+        self._e0 = chunks_at // 4 - _WORDS   # chunk i's first word: _e0 + i * _WORDS
 
     # -- locking ----------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """The memory format of a shared dictionary: the one description that both of its
 implementations read, Python's (dictionary.py) and LuaJIT's FFI (lua/shared.lua, given
-c_declarations()).
+INDEX).
 
 A dictionary is one block of `capacity` bytes:
 
@@ -18,7 +18,7 @@ order (`prev` towards the head, the most recent; `lnext` towards the tail).
 
 import struct
 
-CHUNK = 64
+CHUNK = 128
 MUTEX = 64           # room for a pthread_mutex_t (40 bytes on x86-64 glibc, 48 on arm64)
 MAGIC = 0x4C534431   # "LSD1"
 MAX_KEY = 65535      # as ngx.shared.DICT
@@ -77,10 +77,18 @@ def geometry(capacity):
     return nbuckets, buckets_at, chunks_at, (capacity - chunks_at) // CHUNK
 
 
-def c_declarations():
-    """The C types for LuaJIT's ffi.cdef: the header, an entry, a chunk."""
-    def fields(group):
-        return " ".join(f"{ctype} {name};" for name, ctype in group)
-    return (f"typedef struct {{ uint8_t mutex[{MUTEX}]; {fields(HEADER)} }} luafcgid_shared_header;"
-            f" typedef union {{ struct {{ {fields(ENTRY)} uint8_t data[{FIRST}]; }} e;"
-            f" struct {{ uint32_t next; uint8_t data[{REST}]; }} c; }} luafcgid_shared_chunk;")
+def _index():
+    """Where each field is, in the view of the memory that reads its type (as numbers, so
+    that LuaJIT's interpreter boxes nothing): header fields as word indices; an entry's
+    relative to its first word e: the words e + NEXT ..., the half-word 2e + KLEN, the byte
+    4e + VTYPE, the double e / 2 + EXPIRES, its data from the byte 4e + DATA. Chunk i's
+    first word is E0 + i * WORDS, with E0 = chunks_at / 4 - WORDS."""
+    index = {name.upper(): at // 4 for name, at in HEADER_AT.items()}
+    index.update({name.upper(): ENTRY_AT[name] // 4
+                  for name in ("next", "hnext", "prev", "lnext", "hash", "vlen", "flags")})
+    index.update(KLEN=ENTRY_AT["klen"] // 2, VTYPE=ENTRY_AT["vtype"],
+                 EXPIRES=ENTRY_AT["expires"] // 8, DATA=HEAD, WORDS=CHUNK // 4)
+    return index
+
+
+INDEX = _index()
