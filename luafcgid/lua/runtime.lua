@@ -608,7 +608,9 @@ for name, value in next, G do standard_globals[name] = value end
 for name, value in next, loaded do standard_modules[name] = value end
 
 local function close()
-  current, app_handler = nil, nil
+  -- In LuaJIT nothing else refers to the flag thread: without this reference the collector
+  -- freed it while the watcher could still arm a hook at its address (a SIGSEGV).
+  current, app_handler, flag = nil, nil, nil
   strip(G, nil)   -- a __gc of the globals table itself would run in lua_close
   for name, value in next, G do
     if standard_globals[name] ~= value then rawset(G, name, nil) end
