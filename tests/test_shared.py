@@ -321,13 +321,45 @@ def test_a_call_stopped_inside_an_operation_lets_go_of_the_lock(tmp_path):
     window = watcher.window("worker")
     state = LuaState(str(script), cfg, search_paths(str(tmp_path), cfg.lua), dictionaries)
     try:
-        state.load(window)
+        state.load()   # without a deadline: only the request is to be stopped
         assert state.serve({}, b"", None, window).kind == "Timeout Error"
     finally:
         watcher.stop()
         state.close()
     # stopped while it changed the structure: emptied rather than trusted
     assert InThread(dictionaries.all[0].stats).result(10)[2] == 0
+
+
+HUGE = """
+local d = require("luafcgid").shared.x
+function main(env, con)
+  local ok, err = pcall(d.get, d, "huge")   -- more than memory_limit lets the state allocate
+  local again = select(2, pcall(d.get, d, "small"))
+  con:puts(tostring(ok), "|", tostring(err):match("not enough memory") or err, "|", again)
+end
+"""
+
+
+def test_an_operation_failing_inside_lets_go_of_the_lock_when_the_call_ends(tmp_path):
+    # LuaJIT's operations run without pcall (it would stop its traces): an error inside one,
+    # caught by the script, leaves the mutex held until the request ends, not longer.
+    dictionaries = Dictionaries({"x": 4 << 20})
+    x = dictionaries.all[0]
+    assert x.store("set", b"huge", 1, b"x" * (3 << 20), 0, 0)[0]
+    assert x.store("set", b"small", 1, b"s", 0, 0)[0]
+    script = tmp_path / "huge.lua"
+    script.write_text(HUGE)
+    cfg = config.defaults(memory_limit="2M", maxpost=1024)
+    state = LuaState(str(script), cfg, search_paths(str(tmp_path), cfg.lua), dictionaries)
+    try:
+        state.load()
+        result = state.serve({}, b"", None)
+    finally:
+        state.close()
+    ok, err, again = result.payload.decode().split("|")
+    assert (ok, err) == ("false", "not enough memory")
+    assert "used while one of its operations is unfinished" in again
+    assert InThread(x.get, b"small").result(10) == b"s"
 
 
 def test_the_setting_names_each_dictionary_and_its_capacity():

@@ -51,10 +51,13 @@ package.path = opts.path
 package.cpath = opts.cpath
 
 -- Shared dictionaries (setting `shared`), for require("luafcgid").shared: LuaJIT's ffi is
--- taken here, before the script, which is not handed it.
+-- taken here, before the script, which is not handed it. release_shared(...) lets go of a
+-- dictionary's mutex that an operation raising an error left held, and returns `...`.
+local release_shared
 if opts.shared then
-  package.loaded["luafcgid.shared"] = assert(loadfile_absolute(opts.libdir .. "/shared.lua"))(
-    opts.shared, opts.shared.ffi and require("ffi") or nil, opts.shared_call)
+  package.loaded["luafcgid.shared"], release_shared = assert(loadfile_absolute(
+    opts.libdir .. "/shared.lua"))(opts.shared, opts.shared.ffi and require("ffi") or nil,
+    opts.shared_call)
 end
 
 -- os.exit would end the whole daemon, every other request with it.
@@ -202,6 +205,7 @@ end
 -- message.
 local function call(fn, ...)
   depth = 0
+  if release_shared then return release_shared(returned(resume(request_thread, fn, ...))) end
   return returned(resume(request_thread, fn, ...))
 end
 
