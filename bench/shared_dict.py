@@ -7,7 +7,8 @@ is off, so the FFI runs interpreted); Lua 5.4 and 5.1 call into Python for each 
 For each, a page runs N operations in a loop:
 
 - ns per operation, one request alone (os.clock around the loop: CPU time);
-- operations per second with every worker busy: 4 requests at once, 4 N / wall time.
+- operations per second, wall time, of one request alone and of 4 at once (every worker
+  busy): the ratio shows how the path scales, whatever else the machine runs.
 
 A Lua table lookup is measured the same way, for scale.
 
@@ -78,6 +79,18 @@ def request(address, script, query):
     return float(body)
 
 
+def at_once(address, script, query, clients):
+    """Requests per second (wall time) of `clients` making the request at once."""
+    started = time.perf_counter()
+    runs = [threading.Thread(target=request, args=(address, script, query))
+            for _ in range(clients)]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join()
+    return clients / (time.perf_counter() - started)
+
+
 def through_the_daemon(ops, workdir):
     rows = []
     site = Site(os.path.join(workdir, "www"))
@@ -94,15 +107,9 @@ def through_the_daemon(ops, workdir):
                 query = f"{op}&{n}"
                 request(daemon.address, script, f"{op}&{n // 10}")   # load and warm up
                 alone = min(request(daemon.address, script, query) for _ in range(3)) / n
-                started = time.perf_counter()
-                runs = [threading.Thread(target=request, args=(daemon.address, script, query))
-                        for _ in range(WORKERS)]
-                for run in runs:
-                    run.start()
-                for run in runs:
-                    run.join()
-                busy = WORKERS * n / (time.perf_counter() - started)
-                rows.append((name, op, alone * 1e9, busy))
+                rows.append((name, op, alone * 1e9,
+                             *(at_once(daemon.address, script, query, clients) * n
+                               for clients in (1, WORKERS))))
         finally:
             daemon.stop()
     return rows
@@ -188,11 +195,13 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as workdir:
         print(f"## Through the daemon (2 processes of 2 workers), {args.ops} operations per "
               f"request\n")
-        print("| path | operation | ns per operation, alone | operations/s, 4 workers busy |")
-        print("| --- | --- | ---: | ---: |")
-        for name, op, alone, busy in through_the_daemon(args.ops, workdir):
+        print(f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)\n")
+        print("| path | operation | ns per operation | operations/s, 1 request | "
+              "operations/s, 4 at once |")
+        print("| --- | --- | ---: | ---: | ---: |")
+        for name, op, alone, one, busy in through_the_daemon(args.ops, workdir):
             print(f"| {name} | {op if op != 'table' else 'Lua table lookup'} | {alone:,.0f} | "
-                  f"{busy:,.0f} |")
+                  f"{one:,.0f} | {busy:,.0f} |")
         print("\n## The stores considered, from a LuaJIT loop in one process\n")
         print("| store | operation | ns per operation |")
         print("| --- | --- | ---: |")

@@ -10,8 +10,8 @@
 
 local spec, ffi, call = ...
 
-local type, tostring, tonumber, error, pcall, setmetatable, floor =
-  type, tostring, tonumber, error, pcall, setmetatable, math.floor
+local type, tostring, tonumber, error, setmetatable, floor =
+  type, tostring, tonumber, error, setmetatable, math.floor
 local math_type = math.type
 local STRING, NUMBER, BOOLEAN, INTEGER = spec.STRING, spec.NUMBER, spec.BOOLEAN, spec.INTEGER
 local SAFE = {set = false, safe_set = true, add = false, safe_add = true, replace = false}
