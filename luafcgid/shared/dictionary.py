@@ -88,7 +88,11 @@ class Dictionary:
         from now on."""
         self.name = name
         self.capacity = capacity
-        self._memory = mmap.mmap(-1, capacity)
+        try:
+            self._memory = mmap.mmap(-1, capacity)
+        except OSError as exc:
+            raise OSError(exc.errno, f"shared: {name}: cannot map {capacity} bytes: "
+                                     f"{exc.strerror}") from None
         self.address = ctypes.addressof(ctypes.c_char.from_buffer(self._memory))
         self._mutex = ctypes.c_void_p(self.address)
         view = memoryview(self._memory)[:capacity - capacity % 8]
