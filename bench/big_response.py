@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Memory of the daemon while it sends large responses.
 
 Starts a real luafcgid (one process) and sends it --concurrent simultaneous FastCGI
@@ -6,23 +5,20 @@ requests for a page of --mb MiB, read and discarded by raw FastCGI clients; prin
 daemon's resident memory before, its peak (VmHWM) and its resident memory after the
 responses (once the states had a request more, so Lua collected its garbage).
 
-    python3 bench/big_response.py                      # 3 x 100 MiB, one con:puts
-    python3 bench/big_response.py --pieces 6400        # the body built from 6,400 puts
+    python3 -m bench.big_response                      # 3 x 100 MiB, one con:puts
+    python3 -m bench.big_response --pieces 6400        # the body built from 6,400 puts
+
+from the checkout (it imports the tests' Daemon and this checkout's luafcgid)
 """
 
 import argparse
 import os
 import re
-import sys
 import tempfile
 import threading
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
-
-from conftest import Daemon, RawClient, Site  # noqa: E402  (the tests' real daemon)
-
-from luafcgid.request import fastcgi as fcgi  # noqa: E402
+from luafcgid.request import fastcgi as fcgi
+from tests.conftest import Daemon, RawClient, Site   # the tests' real daemon
 
 SCRIPT = """
 local size, pieces = {size}, {pieces}

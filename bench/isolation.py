@@ -1,28 +1,25 @@
-#!/usr/bin/env python3
 """Figures for the README's Security section: how soon request_timeout stops each way a script
 may try to outlive it, what a neighbour request waits meanwhile, how long a neighbour waits
 while a state with a 3-second __gc finalizer is closed, and what the timeout costs a page.
 
 Runs a real daemon behind a real nginx (the tests' Stack), one per Lua VM:
 
-    python3 bench/isolation.py                  # luajit and 5.4, request_timeout 1
-    python3 bench/isolation.py --lua 5.4 --timeout 2
+    python3 -m bench.isolation                  # luajit and 5.4, request_timeout 1
+    python3 -m bench.isolation --lua 5.4 --timeout 2
+
+from the checkout (it imports the tests' Stack and hostile scripts: tests/conftest.py,
+tests/hostile.py)
 """
 
 import argparse
-import os
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
-
-from conftest import Stack  # noqa: E402  (the tests' real daemon + nginx)
-from soak import SCRIPTS  # noqa: E402
-from test_isolation import BYPASSES, FINALIZED, HELLO, RECURSIONS  # noqa: E402
+from bench.soak import SCRIPTS
+from tests.conftest import Stack   # the tests' real daemon + nginx
+from tests.hostile import BYPASSES, FINALIZED, HELLO, RECURSIONS
 
 PAGE = SCRIPTS["page.lua"]   # the benchmark's 200-row table
 

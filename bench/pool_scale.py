@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """How the state pool behaves with many scripts: hit rate, cost of a miss (load, with or
 without an eviction), memory per state.
 
@@ -6,8 +5,10 @@ Runs in-process against the real responder and real Lua states (no nginx: this m
 pool, not the transport). Requests pick scripts with a Zipf-like popularity, as on a real
 site where a few pages are hot and most are rare.
 
-    python3 bench/pool_scale.py                 # 100 and 1000 scripts x states 16 and 256
-    python3 bench/pool_scale.py --requests 50000 --markdown FILE
+    python3 -m bench.pool_scale                 # 100 and 1000 scripts x states 16 and 256
+    python3 -m bench.pool_scale --requests 50000 --markdown FILE
+
+from the checkout, whose luafcgid it measures
 """
 
 import argparse
@@ -17,10 +18,8 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from luafcgid import config  # noqa: E402
-from luafcgid.request.responder import Responder  # noqa: E402
+from luafcgid import config
+from luafcgid.request.responder import Responder
 
 SCRIPT = """
 local rows = {}
@@ -55,7 +54,8 @@ def run(scripts, states, requests, seed=1):
             with open(path, "w") as stream:
                 stream.write(SCRIPT.replace("{n}", str(n)))
             paths.append(path.encode())
-        responder = Responder(config.defaults(workers=1, states=states))
+        # base_dir: the responder moves this thread's cwd into root, which is removed after the run
+        responder = Responder(config.defaults(root, workers=1, states=states))
         rng = random.Random(seed)
         weights = [1.0 / (rank + 1) for rank in range(scripts)]
         picks = rng.choices(paths, weights, k=requests)

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """What a shared dictionary's get and incr cost from Lua, beside the stores it was chosen over.
 
 Through a real daemon (2 processes of 2 workers, `shared: {bench: 10M}`), on each path:
@@ -17,27 +16,24 @@ one call from Lua into Python per operation: LMDB (the `lmdb` package, when inst
 SQLite in WAL mode on /dev/shm; beside this dictionary through the same kind of call, and
 through the FFI.
 
-    python3 bench/shared_dict.py [--ops 200000]
+    python3 -m bench.shared_dict [--ops 200000]
+
+from the checkout (it imports the tests' Daemon and this checkout's luafcgid)
 """
 
 import argparse
 import os
 import sqlite3
-import sys
 import tempfile
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
-
-from conftest import Daemon, RawClient, Site, split_response  # noqa: E402  (the tests' daemon)
-
-from luafcgid import config  # noqa: E402
-from luafcgid.shared.dictionaries import Dictionaries  # noqa: E402
-from luafcgid.states import vm  # noqa: E402
-from luafcgid.states.searchpath import search_paths  # noqa: E402
-from luafcgid.states.state import LuaState  # noqa: E402
+from luafcgid import config
+from luafcgid.shared.dictionaries import Dictionaries
+from luafcgid.states import vm
+from luafcgid.states.searchpath import search_paths
+from luafcgid.states.state import LuaState
+from tests.conftest import Daemon, RawClient, Site, split_response   # the tests' real daemon
 
 PAGE = """
 local d = require("luafcgid").shared.bench

@@ -1,14 +1,12 @@
-#!/usr/bin/env python3
 """Soak test: wrk through a real nginx into a real luafcgid for a while, then report.
 
 Exits 1 when any request failed (a non-2xx answer or a socket error seen by wrk), when the
 daemon logged an error, when a pool slot was left busy at stop, or when the daemon's resident
 memory grew by more than --rss-growth-mb between the end of the warm-up and the end of the
-run. Usage: python3 bench/soak.py [--duration 30] [--connections 256] [--lua luajit]
+run. Usage, from the checkout: python3 -m bench.soak [--duration 30] [--connections 256] [--lua luajit]
 """
 
 import argparse
-import os
 import re
 import shutil
 import subprocess
@@ -16,10 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
-
-from conftest import Stack  # noqa: E402  (the tests' real daemon + nginx)
+from tests.conftest import Stack   # the tests' real daemon + nginx
 
 SCRIPTS = {
     "hello.lua": 'function main(env, con) con:puts("Hello, world!\\n") end\n',

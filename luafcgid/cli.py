@@ -8,10 +8,10 @@ import sys
 
 import yaml
 
-from . import __version__
+from . import __version__, preflight
 from . import config as configuration
 from .listener import Listener, ListenError
-from .ops import daemon, logs, privileges, signals, systemd
+from .ops import daemon, environment, logs, privileges, signals, systemd
 from .shared.dictionaries import Dictionaries
 from .reference import man_page, sample_config, settings_reference
 from .states import vm
@@ -47,7 +47,11 @@ def _run_parser():
     parser.add_argument("--daemon", action="store_true",
                         help="detach from the terminal (double fork); log to logfile only")
     parser.add_argument("--check", action="store_true",
-                        help="check the config, name every problem, and exit")
+                        help="check the config and what starting it here would meet (users, "
+                             "directories, running as root), name every problem, and exit")
+    parser.add_argument("-R", "--allow-to-run-as-root", action="store_true",
+                        help="started as root without `user`, run pages as root anyway "
+                             "(refused otherwise)")
     parser.add_argument("--version", action="version", version=f"luafcgid {__version__}")
     return parser
 
@@ -73,34 +77,34 @@ def _settings_parser():
     return parser
 
 
-def _read(args):
+def _read(args, machine=None):
     """The config named on the command line, with its -s overrides (ConfigError if bad,
-    also when the Lua VM cannot do what it asks)."""
+    also when the Lua VM cannot do what it asks, or `machine(config)` names problems)."""
     overrides = dict(args.set)
     if args.config:
         config = configuration.load(args.config, overrides)
     else:
         config = configuration.from_mapping(overrides, "<command line>")
-    problems = vm.problems(config)
+    problems = vm.problems(config) + (machine(config) if machine else [])
     if problems:
         raise configuration.ConfigError(config.source, problems)
     return config
 
 
-def _read_or_exit(args):
+def _read_or_exit(args, machine=None):
     """The config, or exit status 2 with every problem on standard error."""
     try:
-        return _read(args)
+        return _read(args, machine)
     except configuration.ConfigError as exc:
         for problem in exc.problems:
             print(f"luafcgid: {exc.source}: {problem}", file=sys.stderr)
         sys.exit(2)
 
 
-def _reread(args):
+def _reread(args, machine):
     """The config for a reload, with the log reopened; None (logged) when it is bad."""
     try:
-        config = _read(args)
+        config = _read(args, machine)
     except configuration.ConfigError as exc:
         for problem in exc.problems:
             log.error("reload refused: %s: %s", exc.source, problem)
@@ -125,14 +129,16 @@ def run(argv):
     from .supervisor import Supervisor
 
     args = _run_parser().parse_args(argv)
-    config = _read_or_exit(args)
+    passed = systemd.listen_socket()
+    machine = functools.partial(preflight.problems, allow_root=args.allow_to_run_as_root,
+                                passed=passed)
+    config = _read_or_exit(args, machine)
     if args.check:
         print(f"{config.source}: OK")
         return 0
     # from now on a SIGTERM waits for the main loop instead of killing a half-started
     # daemon that would leave its socket and pidfile behind
     signals.block()
-    passed = systemd.listen_socket()
     try:
         listening = Listener.passed(passed) if passed is not None else Listener.bind(config)
         if args.daemon:
@@ -144,13 +150,15 @@ def run(argv):
         # made here, in the process that outlives the serving ones, so that the contents
         # survive their replacement and reloads
         dictionaries = Dictionaries(config.shared)
+        # before any thread starts; after the daemon took what it reads itself
+        environment.confine(config)
     except (ListenError, privileges.PrivilegeError, OSError) as exc:
         print(f"luafcgid: {exc}", file=sys.stderr)
         if args.daemon:   # standard error is /dev/null now: the log file is all there is
             log.error("not started: %s", exc)
         return 1
     # the serving process(es) are made only now: the supervisor's parent serves nothing
-    reread = functools.partial(_reread, args)
+    reread = functools.partial(_reread, args, machine)
     if config.processes > 1:
         return Supervisor(config, listening, reread, dictionaries).run()
     if not mainloop.run(Server(config, listening, reread, dictionaries=dictionaries)):
@@ -168,6 +176,7 @@ def serve(argv):
     if not os.path.isdir(args.dir):
         print(f"luafcgid serve: {args.dir} is not a directory", file=sys.stderr)
         return 2
+    environment.confine(config)   # scripts see what they would behind nginx
     try:
         devserver.serve(config, args.dir, (host or "127.0.0.1", int(port)))
     except KeyboardInterrupt:

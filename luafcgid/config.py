@@ -100,6 +100,8 @@ def _cross_checks(values):
         shipped = [choice for choice in vm.MODULES if vm.available(choice)]
         problems.append(f"lua: the installed lupa does not ship Lua {values['lua']} (no module "
                         f"{vm.MODULES[values['lua']]}); it ships: {', '.join(shipped) or 'none'}")
+    if values["ffi"] and values["lua"] != "luajit":
+        problems.append(f"ffi: only LuaJIT has the ffi library (lua: {values['lua']})")
     version = "5.1" if values["lua"] == "luajit" else values["lua"]
     for pattern in values["lua_cpath"]:
         match = re.search(r"/lua/(5\.\d)/", pattern)

@@ -44,7 +44,6 @@ def _backlog(config):
 def bind_unix(config):
     path = config.listen
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         _remove_stale(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         # Created with the final mode at once (no window in which others may connect).

@@ -15,6 +15,7 @@ from .ops.metrics import Metrics, current_worker
 from .ops.slowlog import SlowLog
 from .ops.status import Status
 from .request.acceptor import Acceptor
+from .request.clients import admission
 from .request.connection import Connection
 from .request.responder import Responder
 from .states import vm
@@ -66,7 +67,8 @@ class Server:
         # the p99 latency. At 1 ms, with 256 clients through nginx, p99 fell from 57 to 28 ms
         # (processes 2, workers 2) and from 49 to 44 ms (processes 1, workers 3).
         sys.setswitchinterval(SWITCH_INTERVAL)
-        self.acceptor = Acceptor(self.listener.sock, self._connect)
+        self.acceptor = Acceptor(self.listener.sock, self._connect,
+                                 admission(self.config.allowed_clients, self.listener.sock))
         self.heartbeat.start(self.responder)
         self.watcher.start()
         for worker in self.metrics.workers:
@@ -153,6 +155,8 @@ class Server:
                             "socket passed by systemd that needs a restart")
         elif any(getattr(config, name) != getattr(self.config, name) for name in LISTENER):
             self._rebind(config)
+        # the re-read config passed preflight (cli.py), so this socket is not refused
+        self.acceptor.admit = admission(config.allowed_clients, self.listener.sock)
         self.metrics.slow_after = config.slowlog_timeout
         self.closer.patience = config.request_timeout
         heartbeat = Heartbeat(config.sweep)

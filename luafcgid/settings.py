@@ -223,6 +223,29 @@ def address_list(value):
     return tuple(networks)
 
 
+def client_list(value):
+    """allowed_clients: null (not set), "any", or addresses and networks."""
+    if value is None or value == "any":
+        return value
+    networks = address_list(value)
+    if not networks:
+        raise SettingError("expected addresses or networks, or any; an empty list would refuse "
+                           "every client")
+    return networks
+
+
+def environment(value):
+    """env: a mapping of variable names to string values."""
+    if not isinstance(value, dict):
+        raise SettingError(f"expected a mapping of NAME: value, got {_type_name(value)}")
+    for name, item in value.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[^=\0]+", name):
+            raise SettingError(f"expected a variable name (no '=' in it), got {name!r}")
+        if not isinstance(item, str) or "\0" in item:
+            raise SettingError(f"{name}: expected a string (quote numbers), got {item!r}")
+    return value
+
+
 def url_path(value):
     value = string(value)
     if not value.startswith("/") or any(c in value for c in "?# \r\n"):
@@ -246,7 +269,15 @@ SETTINGS = (
             "User that owns the Unix socket (when started as root).", "listener"),
     Setting("listen_group", optional(string), None,
             "Group that owns the Unix socket, e.g. www-data so that nginx may connect.",
-            "listener"),
+            "listener", example="www-data"),
+    # -- clients
+    Setting("allowed_clients", client_list, None,
+            "Addresses or networks (e.g. [192.0.2.10, 10.0.0.0/8]) that may connect to a TCP "
+            "listen address, like php-fpm's listen.allowed_clients; other peers are closed at "
+            "accept and logged once a minute per address. A listen address other than "
+            "loopback needs it: luafcgid refuses to start on one without it, unless it is "
+            "any, which lets every host that can reach the port run scripts. Unix sockets "
+            "ignore it (listen_mode and listen_group guard them).", "clients"),
     # -- workers and the state pool
     Setting("workers", integer(1), 3,
             "Worker threads per process, each serving one request at a time.", "pool",
@@ -307,12 +338,14 @@ SETTINGS = (
     Setting("buffering", boolean, True,
             "Buffer the body until the handler returns (con:flush() sends early). Off, each "
             "con:puts() goes straight to the web server.", "response"),
-    Setting("showerrors", boolean, True,
-            "Show the error kind and Lua message on 500 pages; off, a plain 500 page.",
+    Setting("showerrors", boolean, False,
+            "Show the error kind and Lua message on 500 pages (for development: they may "
+            "name files and hold data); off, a plain 500 page. The log has them either way.",
             "response"),
     Setting("maxpost", integer(0), 1048576,
             "Most request-body bytes accepted; a larger body is answered 413 without running "
-            "the handler.", "response"),
+            "the handler, as soon as it passes this (or CONTENT_LENGTH says it will), and is "
+            "not read on: the connection closes.", "response"),
     Setting("headersize", integer(0), 64,
             "Accepted for compatibility with the original's configs; buffers grow as needed.",
             "response"),
@@ -334,8 +367,9 @@ SETTINGS = (
             "kills it and starts another.", "process"),
     Setting("user", optional(string), None,
             "When started as root: the user to run as after binding the socket and opening "
-            "the logs and the pidfile (which are handed to this user), e.g. luafcgid.",
-            "process", live=False),
+            "the logs and the pidfile (which are handed to this user), e.g. luafcgid. Started "
+            "as root without it, luafcgid refuses to start (pages would run as root) unless "
+            "given -R (--allow-to-run-as-root).", "process", live=False, example="luafcgid"),
     Setting("group", optional(string), None,
             "Group to run as with user; null means the user's primary group.", "process",
             live=False),
@@ -350,6 +384,16 @@ SETTINGS = (
     Setting("slowlog_timeout", optional(number(0.001)), None,
             "Seconds after which a request counts as slow and is written to the slowlog, "
             "e.g. 5; null for never.", "process"),
+    Setting("clear_env", boolean, True,
+            "Start scripts with an empty environment (and C modules and the programs scripts "
+            "run: the serving processes' own environment is cleared), like php-fpm's "
+            "clear_env, so that secrets in the daemon's environment stay out of their reach; "
+            "env sets what they see. Off, they see the daemon's environment.", "process",
+            live=False),
+    Setting("env", environment, {},
+            "Environment variables scripts see, as NAME: value (like php-fpm's env[NAME]); "
+            "a value $OTHER takes the daemon's variable OTHER (unset: not set).", "process",
+            live=False, example={"PATH": "/usr/local/bin:/usr/bin:/bin"}),
     # -- status and ping pages
     Setting("status_path", optional(url_path), None,
             "SCRIPT_NAME that answers the status page (plain text; ?json, ?openmetrics) "
@@ -359,8 +403,10 @@ SETTINGS = (
             "SCRIPT_NAME that answers 'pong', for health checks.", "status",
             example="/luafcgid-ping"),
     Setting("status_allow", address_list, ["127.0.0.1", "::1"],
-            "Client addresses or networks (REMOTE_ADDR as the web server passes it) allowed "
-            "to see the status and ping pages; others get 403.", "status"),
+            "Client addresses or networks allowed to see the status and ping pages; others "
+            "get 403. The address is REMOTE_ADDR, the web server's word: anyone who can "
+            "connect to luafcgid's socket can send any REMOTE_ADDR, so over TCP it guards "
+            "nothing without allowed_clients.", "status"),
     # -- limits
     Setting("max_params", integer(1024), 262144,
             "Most bytes of FastCGI params (the CGI environment) one request may send; more "
@@ -388,6 +434,10 @@ SETTINGS = (
             "prelude, load, loadstring, loadfile, dofile and require. Off, they load source "
             "text only: Lua does not check bytecode, and a corrupted chunk crashes the whole "
             "daemon (both LuaJIT and PUC Lua).", "limits"),
+    Setting("ffi", boolean, False,
+            "Let scripts use LuaJIT's ffi library (lua: luajit only). It reads and writes any "
+            "memory of the process, other scripts' states included, and calls any C function; "
+            "off, require(\"ffi\") fails with an error saying so.", "limits"),
     Setting("memory_limit", optional(byte_size), "128M",
             "Most memory one Lua state may allocate (\"64M\", \"1G\" or bytes); a script "
             "over it gets a 500 and its state is discarded. null: no limit.", "limits"),

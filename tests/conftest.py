@@ -81,6 +81,12 @@ class Site:
         return os.path.join(self.path, name)
 
 
+# The test suite runs as root (nginx and the other servers need it for their users) and
+# its daemons serve pages from its temporary directories, which only root may read: they
+# run pages as root on purpose, as luafcgid allows only with -R.
+AS_ROOT = ["--allow-to-run-as-root"] if os.geteuid() == 0 else []
+
+
 class Daemon:
     """`python -m luafcgid -c CONFIG` as a child process, run through `launcher` (a command
     prefix) if one is set."""
@@ -113,7 +119,8 @@ class Daemon:
     def start(self, wait=True):
         self.write_config()
         self.proc = subprocess.Popen(
-            [*self.launcher, sys.executable, "-m", "luafcgid", "-c", self.config_path, *self.args],
+            [*self.launcher, sys.executable, "-m", "luafcgid", "-c", self.config_path, *AS_ROOT,
+             *self.args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
         if wait:
             wait_for(lambda: can_connect(self.address) or self.proc.poll() is not None,
@@ -298,8 +305,9 @@ def stack(tmp_path):
 
 @pytest.fixture(scope="module")
 def shared_stack(tmp_path_factory):
-    """One daemon behind nginx for a whole module of tests that only add scripts."""
-    s = Stack(tmp_path_factory.mktemp("shared")).start()
+    """One daemon behind nginx for a whole module of tests that only add scripts. It shows
+    errors on its 500 pages: its tests read there what failed."""
+    s = Stack(tmp_path_factory.mktemp("shared"), {"showerrors": True}).start()
     yield s
     s.stop()
 
@@ -369,10 +377,13 @@ def libfcgi_request(address, params, body=b""):
 class RawClient:
     """FastCGI records by hand, for the protocol tests."""
 
-    def __init__(self, address, timeout=10):
+    def __init__(self, address, timeout=10, source=None):
+        """`source`: the loopback address to connect from (TCP)."""
         family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
         self.sock = socket.socket(family)
         self.sock.settimeout(timeout)
+        if source is not None:
+            self.sock.bind((source, 0))
         self.sock.connect(address)
         self.buf = b""
 

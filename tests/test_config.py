@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from conftest import AS_ROOT
 from luafcgid import config
 from luafcgid.reference import sample_config, settings_reference
 
@@ -24,11 +25,13 @@ def problems(tmp_path, text):
     return info.value.problems
 
 
-def test_defaults_are_the_originals_except_listen():
+def test_defaults_are_the_originals_except_listen_and_showerrors():
     c = config.defaults()
     assert (c.workers, c.states, c.max_clones, c.sweep, c.retries) == (3, 5, 3, 1000, 2)
+    # the original showed Lua messages on error pages by default; PHP's production
+    # display_errors does not, nor does luafcgid
     assert (c.showerrors, c.buffering, c.handler, c.httpstatus, c.contenttype) == (
-        True, True, "main", "200 OK", "text/html")
+        False, True, "main", "200 OK", "text/html")
     assert (c.maxpost, c.headers, c.finishhandler) == (1048576, ("X-Powered-By: Lua",), None)
     assert c.listen == "/run/luafcgid/luafcgid.sock"   # never a TCP port on every interface
     assert c.listen_mode == 0o660
@@ -85,7 +88,8 @@ def run_cli(*args):
 
 
 def test_check_passes_a_good_config_and_names_every_problem(tmp_path):
-    good = run_cli("-c", write(tmp_path, "workers: 2\nstates: 4\n"), "--check")
+    good = run_cli("-c", write(tmp_path, f"workers: 2\nstates: 4\nlisten: {tmp_path}/l.sock\n"),
+                   "--check", *AS_ROOT)
     assert good.returncode == 0 and "OK" in good.stdout
     bad = run_cli("-c", write(tmp_path, "workers: 0\nnope: 1\n"), "--check")
     assert bad.returncode == 2

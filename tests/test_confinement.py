@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import RawClient, split_response
+from conftest import RawClient, Stack, split_response
 
 SECRET = """
     io.open(os.getenv("MARKER") or "{marker}", "w"):close()
@@ -14,16 +14,18 @@ SECRET = """
 
 
 @pytest.fixture
-def confined(stack, tmp_path):
+def confined(tmp_path):
     """www/public is the only root (given relative to the config file); www/private holds a
-    script that leaves a marker file if it ever runs."""
-    s = stack(roots=["../www/public"])
+    script that leaves a marker file if it ever runs. The root exists before the start,
+    which refuses a missing one."""
+    s = Stack(tmp_path / "stack", {"roots": ["../www/public"]})
     s.marker = str(tmp_path / "ran")
     s.write("public/ok.lua", "function main(env, con) con:puts('ok') end")
     s.write("private/secret.lua", SECRET.format(marker=s.marker))
     s.write("public2/secret.lua", SECRET.format(marker=s.marker))
     s.write("public/data.txt", SECRET.format(marker=s.marker))
-    return s
+    yield s.start()
+    s.stop()
 
 
 def raw_status(s, script):

@@ -18,7 +18,7 @@ def devserver(tmp_path):
     root.mkdir()
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "luafcgid", "serve", str(root), "--http",
-                             f"127.0.0.1:{port}", "-s", "sweep=100"], cwd=ROOT,
+                             f"127.0.0.1:{port}", "-s", "sweep=100", "-s", "showerrors=true"], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wait_for(lambda: can_connect(("127.0.0.1", port)) or proc.poll() is not None,
              what="the development server")

@@ -10,24 +10,12 @@ import threading
 import pytest
 
 from conftest import Stack, wait_for
+from hostile import BYPASSES, FINALIZED, HELLO, RECURSIONS
 
 VMS = ["luajit", "5.4"]
 TIMEOUT = 0.5   # request_timeout
 GRACE = 0.5     # stuck_timeout
-HELLO = "function main(env, con) con:puts('hello') end"
 NEIGHBOUR_LIMIT = 2000   # neighbour requests at most, per hostile request
-
-# A finalizer on any VM: Lua 5.1 and LuaJIT call __gc only on userdata (newproxy).
-FINALIZED = """
-local function finalized(fn)
-  if newproxy then
-    local u = newproxy(true)
-    getmetatable(u).__gc = fn
-    return u
-  end
-  return setmetatable({}, {__gc = fn})
-end
-"""
 
 # A finalizer that never returns, run inside the request: no hook can stop it.
 STUCK_FOREVER = FINALIZED + """
@@ -40,7 +28,7 @@ end
 
 def start(tmp_path, lua, **settings):
     s = Stack(tmp_path, {"lua": lua, "workers": 2, "request_timeout": TIMEOUT,
-                         "stuck_timeout": GRACE, **settings}).start()
+                         "stuck_timeout": GRACE, "showerrors": True, **settings}).start()
     s.write("hello.lua", HELLO)
     return s
 
@@ -92,21 +80,6 @@ def assert_alive(s):
 
 
 # -- the deadline ------------------------------------------------------------------------
-
-BYPASSES = {
-    "debug-sethook": "debug.sethook() while true do end",
-    "sethook-as-message-handler":
-        "while true do xpcall(function() while true do end end, debug.sethook) end",
-    "error-with-looping-tostring":
-        "error(setmetatable({}, {__tostring = function() while true do end end}))",
-    "replaced-os-time": "os.time = function() return 0 end while true do end",
-    "loop-of-os-execute": "while true do os.execute('sleep 0.05') end",
-    "loop-of-string-calls": "local s = string.rep('x', 1e6) while true do s = s:upper() end",
-    "coroutine-loop-of-c-calls":
-        "coroutine.wrap(function() local s = string.rep('x', 1e6) "
-        "while true do s = s:lower() end end)()",
-}
-
 
 @pytest.mark.parametrize("name", list(BYPASSES))
 def test_the_deadline_stops_a_script_that_tries_to_outlive_it(site, name):
@@ -174,13 +147,6 @@ def test_with_processes_the_supervisor_replaces_a_process_with_a_stuck_worker(tm
 
 
 # -- crashes -----------------------------------------------------------------------------
-
-RECURSIONS = {
-    # LuaJIT: SIGSEGV before; PUC Lua: "C stack overflow"
-    "coroutine-wrap": "local function f() return coroutine.wrap(f)() end f()",
-    "gsub": "local function g() return (('ab'):gsub('.', g)) end g()",
-}
-
 
 @pytest.mark.parametrize("name", list(RECURSIONS))
 def test_recursion_through_c_is_an_error_not_a_crash(untimed, name):

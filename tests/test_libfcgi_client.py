@@ -28,7 +28,7 @@ def test_post_body(daemon, site):
 
 
 def test_404_and_500(daemon, site):
-    d = daemon()
+    d = daemon(showerrors=True)
     site.write("bad.lua", "function main() error('boom') end")
     assert libfcgi_request(d.address, {"SCRIPT_FILENAME": site.file("none.lua")})[0] == "404 Not Found"
     status, _, body = libfcgi_request(d.address, {"SCRIPT_FILENAME": site.file("bad.lua")})

@@ -1,6 +1,7 @@
 """request_timeout, memory_limit, max_requests and client_timeout, through nginx, on LuaJIT
 (the default VM) and on PUC Lua."""
 
+import re
 import socket
 import subprocess
 import sys
@@ -24,7 +25,7 @@ def lua(request):
 
 
 def test_a_runaway_handler_is_stopped_and_its_state_discarded(stack, lua):
-    s = stack(lua=lua, request_timeout=0.3)
+    s = stack(lua=lua, request_timeout=0.3, showerrors=True)
     s.write("spin.lua", """
         count = 0
         function main(env, con)
@@ -47,7 +48,7 @@ def test_a_runaway_handler_is_stopped_and_its_state_discarded(stack, lua):
     "resume_later()",
 ], ids=["pcall-loop", "pcall-error-loop", "coroutine", "coroutine-made-at-load"])
 def test_catching_the_timeout_does_not_evade_it(stack, lua, code):
-    s = stack(lua=lua, request_timeout=0.3)
+    s = stack(lua=lua, request_timeout=0.3, showerrors=True)
     s.write("evade.lua", f"""
         local co = coroutine.create(function() while true do end end)
         function resume_later() coroutine.resume(co) while true do end end
@@ -58,7 +59,7 @@ def test_catching_the_timeout_does_not_evade_it(stack, lua, code):
 
 
 def test_a_runaway_script_top_level_is_stopped(stack, lua):
-    s = stack(lua=lua, request_timeout=0.3)
+    s = stack(lua=lua, request_timeout=0.3, showerrors=True)
     s.write("load.lua", "while true do end\nfunction main(env, con) con:puts('never') end\n")
     status, _, body = s.get("/load.lua", timeout=60)
     assert status == 500 and b"Timeout Error" in body
@@ -92,7 +93,7 @@ def test_a_request_within_the_timeout_is_not_stopped(stack, lua):
 
 
 def test_a_memory_bomb_is_stopped_and_its_state_discarded(stack, lua):
-    s = stack(lua=lua, memory_limit="32M")
+    s = stack(lua=lua, memory_limit="32M", showerrors=True)
     s.write("bomb.lua", """
         count = 0
         function main(env, con)
@@ -111,7 +112,7 @@ def test_a_memory_bomb_is_stopped_and_its_state_discarded(stack, lua):
 
 
 def test_one_huge_allocation_is_refused(stack, lua):
-    s = stack(lua=lua, memory_limit="32M")
+    s = stack(lua=lua, memory_limit="32M", showerrors=True)
     s.write("huge.lua", """
         function main(env, con) local s = string.rep("x", 2^30 - 1); con:puts(#s) end
     """)
@@ -207,7 +208,64 @@ def test_a_stalled_request_is_closed_after_client_timeout(daemon):
     client = RawClient(d.address, timeout=60)
     client.send(b"\x01\x01\x00")   # half a record header, then nothing
     assert client.closed()
-    assert "request not complete within client_timeout; connection closed" in d.log()
+    assert ("1 connection(s) closed: request not complete within client_timeout (1 s)"
+            in d.log())
+
+
+def test_stalled_clients_are_summed_up_in_one_line_per_sweep(daemon):
+    d = daemon(client_timeout=1)
+    clients = [RawClient(d.address, timeout=60) for _ in range(100)]
+    for client in clients:
+        client.send(b"\x01\x01\x00")
+    assert all(client.closed() for client in clients)
+    closed = [int(n) for n in re.findall(
+        r"(\d+) connection\(s\) closed: request not complete within client_timeout", d.log())]
+    # they stalled within a second of each other: one sweep closed them, or two
+    assert sum(closed) == 100 and len(closed) <= 2, closed
+
+
+def _post_head(script, **params):
+    """A POST's BEGIN_REQUEST and params, its body to follow."""
+    return (fcgi.begin_request(1) + fcgi.record(fcgi.PARAMS, 1, fcgi.encode_params(
+        {b"SCRIPT_FILENAME": script.encode(), b"REQUEST_METHOD": b"POST",
+         **{k.encode(): v.encode() for k, v in params.items()}})) + fcgi.record(fcgi.PARAMS, 1))
+
+
+def test_a_body_is_answered_413_and_closed_as_soon_as_it_passes_maxpost(daemon, site):
+    d = daemon(maxpost=1 << 20)
+    script = site.write("post.lua", "function main(env, con) con:puts(#con:gets()) end")
+    client = RawClient(d.address, timeout=30)
+    client.send(_post_head(script))   # no CONTENT_LENGTH: the body is a stream
+    piece = fcgi.record(fcgi.STDIN, 1, b"x" * 65535)
+    sent = 0
+    with pytest.raises(OSError):   # BrokenPipeError: the daemon closed the connection
+        while sent < 1 << 30:
+            client.send(piece)
+            sent += len(piece)
+    assert sent < 16 << 20, "the daemon read on far beyond maxpost"
+    assert split_response(client.response()[0])[0] == "413 Content Too Large"
+    assert client.closed()
+
+
+def test_a_content_length_over_maxpost_is_answered_413_before_any_body(daemon, site):
+    d = daemon(maxpost=1 << 20)
+    script = site.write("post.lua", "function main(env, con) con:puts(#con:gets()) end")
+    client = RawClient(d.address, timeout=10)
+    client.send(_post_head(script, CONTENT_LENGTH=str(1 << 40)))
+    assert split_response(client.response()[0])[0] == "413 Content Too Large"
+    assert client.closed()
+
+
+@pytest.mark.parametrize("keepalive", [0, 8])
+def test_a_large_body_through_nginx_is_answered_413_every_time(stack, keepalive):
+    """nginx sends the body on while luafcgid answers 413: closing at once made nginx fail
+    its next write and answer 502 (19 times in 30); the connection lingers unread instead."""
+    s = stack(maxpost=1 << 20, keepalive=keepalive)
+    s.write("post.lua", "function main(env, con) con:puts(#con:gets()) end")
+    body = b"x" * (32 << 20)   # within the test nginx's client_max_body_size (64m)
+    assert [s.get("/post.lua", method="POST", body=body)[0] for _ in range(10)] == [413] * 10
+    assert s.get("/post.lua", method="POST", body=b"abc")[::2] == (200, b"3")
+    assert "[error]" not in s.nginx.error_log()
 
 
 def test_a_trickling_connection_is_closed_after_client_timeout(daemon):

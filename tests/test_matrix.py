@@ -116,7 +116,7 @@ def combination(request, tmp_path_factory):
     factors = dict(request.param)
     keepalive = factors.pop("keepalive")
     root = tmp_path_factory.mktemp("matrix")
-    settings = {"workers": 2, "states": 4,
+    settings = {"workers": 2, "states": 4, "showerrors": True,
                 **{k: v for k, v in factors.items() if k != "prelude"}}
     s = Stack(root, settings, keepalive=keepalive)
     if factors["prelude"]:

@@ -238,7 +238,7 @@ def test_a_changed_prelude_reloads_the_states(stack_with_files):
 ])
 def test_prelude_errors_are_reported_like_script_load_errors(stack_with_files, code, kind,
                                                              message):
-    s = stack_with_files({"prelude.lua": code}, prelude="prelude.lua")
+    s = stack_with_files({"prelude.lua": code}, prelude="prelude.lua", showerrors=True)
     s.write("page.lua", "function main(env, con) con:puts('never') end")
     status, _, body = s.get("/page.lua")
     assert status == 500
@@ -248,7 +248,7 @@ def test_prelude_errors_are_reported_like_script_load_errors(stack_with_files, c
 
 
 def test_prelude_deleted_after_start_is_a_file_error(stack_with_files):
-    s = stack_with_files({"prelude.lua": "x = 1"}, prelude="prelude.lua")
+    s = stack_with_files({"prelude.lua": "x = 1"}, prelude="prelude.lua", showerrors=True)
     os.remove(os.path.join(s.daemon.workdir, "prelude.lua"))
     s.write("page.lua", "function main(env, con) con:puts('never') end")
     status, _, body = s.get("/page.lua")

@@ -44,7 +44,7 @@ def test_the_service_speaks_the_notify_protocol():
     for line in ("Type=notify", "ExecReload=/bin/kill -HUP $MAINPID", "RuntimeDirectory=luafcgid",
                  "User=luafcgid", "NoNewPrivileges=yes", "ProtectSystem=strict",
                  "ProtectHome=yes", "PrivateTmp=yes", "ReadWritePaths=/var/log/luafcgid",
-                 "WatchdogSec="):
+                 "WatchdogSec=", "Restart=always"):
         assert line in unit
 
 

@@ -16,7 +16,7 @@ import time
 import pytest
 import yaml
 
-from conftest import ROOT, Daemon, RawClient, Site, split_response, wait_for
+from conftest import AS_ROOT, ROOT, Daemon, RawClient, Site, split_response, wait_for
 
 LAUNCH = """\
 import os, sys
@@ -74,7 +74,8 @@ def activated(tmp_path):
                                           "logfile": str(tmp_path / "luafcgid.log"),
                                           **settings}))
         proc = subprocess.Popen(
-            [sys.executable, "-c", LAUNCH, str(listening.fileno()), "-c", str(config)],
+            [sys.executable, "-c", LAUNCH, str(listening.fileno()), "-c", str(config),
+             *AS_ROOT],
             pass_fds=(listening.fileno(),), cwd=ROOT,
             env={**os.environ, "NOTIFY_SOCKET": notify_address, **dict(env)})
         started.append((proc, listening, notifications))
@@ -202,6 +203,7 @@ def test_root_drops_to_user_after_binding(open_dir):
 
 
 def test_pidfile_is_written_and_removed(daemon, tmp_path):
+    (tmp_path / "run").mkdir()   # as the rc.d script does: luafcgid creates no directory
     pidfile = str(tmp_path / "run" / "luafcgid.pid")
     d = daemon(pidfile=pidfile)
     # the socket listens a moment before the pidfile is written

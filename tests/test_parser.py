@@ -62,10 +62,27 @@ def test_an_end_inside_a_request_is_a_protocol_error(cut, reason):
         parser.eof()
 
 
-def test_a_body_beyond_maxpost_is_dropped_and_flagged():
+def test_a_body_is_refused_as_soon_as_it_passes_maxpost():
     parser = Parser()
-    parser.received(request_bytes(body=b"y" * 101))
-    assert parser.next(LIMITS)[3:] == (b"", True)
+    head = request_bytes()[:-2 * fcgi.HEADER_LEN]   # all but the end of the empty body
+    parser.received(head + fcgi.record(fcgi.STDIN, 1, b"y" * 60))
+    assert parser.next(LIMITS) is None
+    parser.received(fcgi.record(fcgi.STDIN, 1, b"y" * 41) + fcgi.record(fcgi.STDIN, 1, b"z"))
+    assert parser.next(LIMITS) == (1, False, PARAMS, b"", True)
+    assert parser.closing   # nothing more is read
+    assert parser.next(LIMITS) is None
+
+
+@pytest.mark.parametrize("length, refused", [
+    (b"101", True), (b"100", False), (b"", False), (b"-1", False), (b"x", False)])
+def test_a_content_length_over_maxpost_is_refused_when_the_params_end(length, refused):
+    parser = Parser()
+    params = {**PARAMS, b"CONTENT_LENGTH": length}
+    parser.received(fcgi.begin_request(1) + fcgi.record(fcgi.PARAMS, 1, fcgi.encode_params(params))
+                    + fcgi.record(fcgi.PARAMS, 1))
+    request = parser.next(LIMITS)
+    assert (request == (1, False, params, b"", True)) is refused
+    assert (request is None) is not refused and parser.closing is refused
 
 
 def test_params_beyond_max_params_are_refused_as_they_arrive():

@@ -180,7 +180,7 @@ def test_the_python_bridge_is_unreachable(shared_stack):
 @pytest.mark.parametrize("value", ["abc", "", "2000 Big", "20 Short", "099 Low"])
 def test_an_invalid_status_is_a_clear_500_and_the_connection_serves_on(stack, tmp_path, value):
     access_log = tmp_path / "access.log"
-    s = stack(keepalive=8, access_log=str(access_log))
+    s = stack(keepalive=8, access_log=str(access_log), showerrors=True)
     path = s.write("bad_status.lua", f"""
         function main(env, con)
           if env.QUERY_STRING == "bad" then con:header("Status", "{value}") end

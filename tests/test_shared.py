@@ -108,6 +108,13 @@ PAGES = {
     """,
 }
 
+PAGES["ffi.lua"] = """
+    local shared = require("luafcgid").shared
+    function main(env, con)
+      con:puts(tostring(package.loaded.ffi), " ", tostring((pcall(require, "ffi"))))
+    end
+"""
+
 SETTINGS = {"processes": 2, "workers": 2, "states": 4, "status_path": "/status.lua",
             "shared": {"t": "1M", "small": "64K"}}
 
@@ -195,6 +202,12 @@ def test_errors_come_back_as_nil_and_a_message(served):
         'false bad "zone" argument: call the methods with a colon, as dict:get(key)']
     assert re.fullmatch(r"false .*bad exptime arg: seconds \(a number, 0 or more\) expected, "
                         r"got -1", lines[10])
+
+
+def test_the_dictionaries_hand_scripts_no_ffi(served):
+    # LuaJIT's dictionaries use the ffi, taken before the script; with `ffi` off (the
+    # default) the script still cannot require it nor find it loaded
+    assert _get(served, "/ffi.lua") == "nil false"
 
 
 def test_the_status_page_lists_each_dictionary(served):

@@ -11,7 +11,7 @@ from luafcgid.request import fastcgi as fcgi
 @pytest.fixture(scope="module", params=VMS)
 def vm_stack(request, tmp_path_factory):
     vm = request.param
-    s = start_stack(tmp_path_factory.mktemp(f"wsapi-{vm}"), lua=vm)
+    s = start_stack(tmp_path_factory.mktemp(f"wsapi-{vm}"), lua=vm, showerrors=True)
     yield vm, s
     s.stop()
 

@@ -20,7 +20,6 @@ def detach():
 
 def write_pidfile(path):
     """Write our pid atomically (write, then rename) and remove the file at exit."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     temporary = f"{path}.{os.getpid()}.tmp"
     with open(temporary, "w") as stream:
         stream.write(f"{os.getpid()}\n")

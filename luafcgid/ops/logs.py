@@ -1,13 +1,19 @@
 """The logs, through Python logging: the error log (timestamps and the worker's name), and
 the optional access log and slowlog. SIGUSR1 reopens them all (logrotate's postrotate).
 
+Every line is escaped as it is written (escape()): a request names its script, URI and method,
+and a script writes con:log and its error messages, so any of them could otherwise carry a
+line feed and forge a line (nginx decodes "%0a" in a URI into SCRIPT_FILENAME). The error
+log and the access log escape each whole message, whatever built it; the slowlog, whose
+entries span lines on purpose, escapes its fields itself (slowlog.py).
+
 A log that cannot be written (a full disk) never stops serving: the failure is reported on
 standard error once, its lines are lost meanwhile, and writing resumes when it can. A file
 that cannot be reopened keeps its old stream and is tried again every second.
 """
 
 import logging
-import os
+import re
 import sys
 
 FORMAT = "%(asctime)s %(levelname)s [%(threadName)s] %(message)s"
@@ -17,6 +23,49 @@ access = logging.getLogger("luafcgid.access")
 slow = logging.getLogger("luafcgid.slow")
 
 _unopened = set()   # LogFiles whose last reopen failed
+
+# What a log line does not carry as it is: C0 and C1 control characters (CR and LF would
+# start a forged line; ESC drives terminals), DEL, Unicode's line and paragraph separators,
+# the backslash (the escape's own mark, so that \x0A in a line always stands for a byte
+# that was there) and surrogates (a byte that was not UTF-8, as os.fsdecode and decode's
+# "surrogateescape" keep it). Tab and line feed are apart, for the slowlog's entries, which
+# keep a line feed followed by a tab: the line it starts is a continuation, never an entry
+# of its own.
+_OTHERS = "\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\\\\\ud800-\udfff"
+_UNSAFE = re.compile(f"[\t\n{_OTHERS}]")
+_UNSAFE_IN_ENTRY = re.compile(f"\n(?!\t)|(?<!\n)\t|[{_OTHERS}]")
+
+
+def _hex(match):
+    char = match.group()
+    if "\udc80" <= char <= "\udcff":   # the byte that was not UTF-8
+        return "\\x%02X" % (ord(char) - 0xDC00)
+    return "".join(["\\x%02X" % byte for byte in char.encode("utf-8", "surrogatepass")])
+
+
+def escape(text, continued=False):
+    """`text` (a str, or bytes as a request carried them) for a log line: each byte that
+    could forge or garble a line written as \\xNN, as nginx writes them (a line feed as
+    \\x0A, a backslash as \\x5C), as are bytes that are not UTF-8. `continued`: keep the
+    line breaks that a tab follows."""
+    if type(text) is bytes:
+        text = text.decode("utf-8", "surrogateescape")
+    # clean text, the common case, is found at C speed: str.isprintable() is false for
+    # every character above but the backslash (0.3 us for an access log line; the regex
+    # search took 0.65 us)
+    if text.isprintable() and "\\" not in text:
+        return text
+    return (_UNSAFE_IN_ENTRY if continued else _UNSAFE).sub(_hex, text)
+
+
+class EscapingFormatter(logging.Formatter):
+    """Writes each message escaped (escape()), on one line; an exception's traceback, which
+    the daemon's own code raised, follows it as Python formats it."""
+
+    def formatMessage(self, record):
+        # format() makes record.message anew for each handler: escaping it is not repeated
+        record.message = escape(record.message)
+        return super().formatMessage(record)
 
 
 def _report(message):
@@ -101,19 +150,17 @@ def setup(logfile, to_stderr=True, access_log=None, slowlog=None):
     """Log to `logfile` (when set) and to standard error (when asked); the access log and
     the slowlog only go to their files, and are off when not set."""
     # every file is opened before any logger changes, so a file that cannot be opened
-    # (OSError) leaves the logging as it was
-    for path in (logfile, access_log, slowlog):
-        if path:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+    # (OSError; a missing directory too: none is created) leaves the logging as it was
     handlers = [LogFile(logfile)] if logfile else []
     if to_stderr or not logfile:
         handlers.append(logging.StreamHandler(sys.stderr))
     access_handlers = [LogFile(access_log)] if access_log else []
     slow_handlers = [LogFile(slowlog)] if slowlog else []
-    _route(log, handlers, logging.Formatter(FORMAT))
+    _route(log, handlers, EscapingFormatter(FORMAT))
     # the access log line carries its own time stamp; its handlers stay empty when it is
     # off, which is what the request path checks
-    _route(access, access_handlers, logging.Formatter("%(message)s"))
+    _route(access, access_handlers, EscapingFormatter("%(message)s"))
+    # a slowlog entry spans lines: slowlog.py escapes its fields
     _route(slow, slow_handlers, logging.Formatter("%(asctime)s [%(threadName)s] %(message)s"))
 
 

@@ -54,12 +54,13 @@ class WorkerStats:
     def _log(self, status, sent, seconds):
         params = self.params
         get = params.get
+        # bytes that are not UTF-8 are kept (surrogateescape) for the formatter's \xNN
         access_log.info("%s %s %s %d %d %.6f %s",
                         time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                        get(b"REQUEST_METHOD", b"-").decode(errors="replace"),
-                        get(b"REQUEST_URI", b"-").decode(errors="replace"),
+                        get(b"REQUEST_METHOD", b"-").decode(errors="surrogateescape"),
+                        get(b"REQUEST_URI", b"-").decode(errors="surrogateescape"),
                         status, sent, seconds,
-                        get(b"SCRIPT_FILENAME", b"-").decode(errors="replace"))
+                        get(b"SCRIPT_FILENAME", b"-").decode(errors="surrogateescape"))
 
 
 class Metrics:

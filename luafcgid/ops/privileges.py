@@ -18,7 +18,13 @@ class PrivilegeError(Exception):
     pass
 
 
-def _target(config):
+def target(config):
+    """(name, uid, gid) of config.user and config.group, or None without user; a
+    PrivilegeError says why they cannot be had (also before anything starts: preflight)."""
+    if not config.user:
+        if config.group:
+            raise PrivilegeError("group: set user too (group only applies with user)")
+        return None
     try:
         entry = pwd.getpwnam(config.user)
     except KeyError:
@@ -29,6 +35,9 @@ def _target(config):
             gid = grp.getgrnam(config.group).gr_gid
         except KeyError:
             raise PrivilegeError(f"group: no such group {config.group!r}") from None
+    if os.geteuid() != 0 and (os.geteuid(), os.getegid()) != (entry.pw_uid, gid):
+        raise PrivilegeError(f"user: only root can switch to {entry.pw_name!r} "
+                             f"(running as uid {os.geteuid()})")
     return entry.pw_name, entry.pw_uid, gid
 
 
@@ -36,16 +45,10 @@ def drop(config):
     """Become config.user, handing it the log files and the pidfile first so that SIGUSR1
     can reopen the logs. Root-owned directories stay root's: a pidfile or socket file in
     one cannot be removed at exit, which is logged now rather than discovered then."""
-    if not config.user:
-        if config.group:
-            raise PrivilegeError("group: set user too (group only applies with user)")
+    found = target(config)
+    if found is None or os.geteuid() != 0:
         return
-    name, uid, gid = _target(config)
-    if os.geteuid() != 0:
-        if (os.geteuid(), os.getegid()) != (uid, gid):
-            raise PrivilegeError(f"user: only root can switch to {name!r} "
-                                 f"(running as uid {os.geteuid()})")
-        return
+    name, uid, gid = found
     # Modules imported later would be read as the new user, who may not be allowed to
     # (e.g. a Python installed under /root): load the Lua VM and sysconfig's data (the
     # Lua search paths read it) while still root.

@@ -13,18 +13,19 @@ traceback is written when it hands back to the request.
 
 import logging
 
-from .logs import slow as slowlog
+from .logs import escape, slow as slowlog
 from .metrics import current_worker
 
 log = logging.getLogger("luafcgid")
 
 
 def _describe(worker, seconds):
+    """The entry's first line, its fields escaped (logs.escape): the slowlog's formatter
+    leaves the entry's lines as they are."""
     params = worker.params or {}
     return "slow request: %s %s ran %.3f s (script %s)" % (
-        params.get(b"REQUEST_METHOD", b"-").decode(errors="replace"),
-        params.get(b"REQUEST_URI", b"-").decode(errors="replace"), seconds,
-        params.get(b"SCRIPT_FILENAME", b"-").decode(errors="replace"))
+        escape(params.get(b"REQUEST_METHOD", b"-")), escape(params.get(b"REQUEST_URI", b"-")),
+        seconds, escape(params.get(b"SCRIPT_FILENAME", b"-")))
 
 
 class SlowLog:
@@ -70,7 +71,8 @@ def _write(hooks, worker, count, message, L):
     anywhere with L None when the hook was taken off first."""
     try:
         if L is not None and getattr(current_worker, "stats", None) is worker and worker.requests == count:
-            slowlog.warning("%s\n%s", message, hooks.traceback(L))
+            # a frame names its script and function, which a line feed could be part of
+            slowlog.warning("%s\n%s", message, escape(hooks.traceback(L), continued=True))
         else:
             slowlog.warning("%s\n(no Lua traceback: the request ended or was stopped first)",
                             message)

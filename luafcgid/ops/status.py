@@ -1,8 +1,10 @@
 """The status and ping pages (php-fpm's pm.status_path and ping.path).
 
 The responder answers them when SCRIPT_NAME matches status_path or ping_path, before any
-script lookup. Only clients in status_allow (REMOTE_ADDR as the web server passes it) see
-them. The status page is plain text, JSON with `?json`, or OpenMetrics text (which
+script lookup. Only clients in status_allow see them, by REMOTE_ADDR: the web server's
+word, which anyone who can connect to luafcgid's socket can forge. That is why a TCP
+listener needs allowed_clients (clients.py): on a Unix socket, listen_mode and listen_group
+decide who can speak. The status page is plain text, JSON with `?json`, or OpenMetrics text (which
 Prometheus reads) with `?openmetrics`.
 """
 
@@ -15,6 +17,7 @@ import time
 from collections import defaultdict
 
 from ..request import pages
+from ..request.clients import peer_address
 
 OPENMETRICS_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
@@ -108,12 +111,7 @@ class Status:
 
     @staticmethod
     def _guarded(allowed, params, page):
-        try:
-            peer = ipaddress.ip_address(params.get(b"REMOTE_ADDR", b"").decode())
-        except ValueError:
-            peer = None
-        if getattr(peer, "ipv4_mapped", None):
-            peer = peer.ipv4_mapped
+        peer = peer_address(params.get(b"REMOTE_ADDR", b"").decode(errors="replace"))
         if peer is None or not any(peer in network for network in allowed):
             return pages.response("403 Forbidden")
         return page(params)

@@ -1,10 +1,14 @@
 """Talking to systemd through its documented environment protocol, with no library:
 sd_notify(3) (a datagram to $NOTIFY_SOCKET) and sd_listen_fds(3) ($LISTEN_FDS, $LISTEN_PID).
-Outside systemd the variables are unset and every function here does nothing."""
+Outside systemd the variables are unset and every function here does nothing. They are
+read from the environment the daemon started with: scripts never see them
+(environment.py)."""
 
 import os
 import socket
 import time
+
+from .environment import inherited
 
 LISTEN_FDS_START = 3   # SD_LISTEN_FDS_START: passed sockets start at fd 3
 
@@ -12,7 +16,7 @@ LISTEN_FDS_START = 3   # SD_LISTEN_FDS_START: passed sockets start at fd 3
 def notify(*fields):
     """Send "NAME=value" fields to the service manager; False when there is none (or it
     cannot be reached, which must never stop the daemon)."""
-    address = os.environ.get("NOTIFY_SOCKET")
+    address = inherited().get("NOTIFY_SOCKET")
     if not address:
         return False
     if address.startswith("@"):   # abstract namespace
@@ -32,8 +36,8 @@ def reloading():
 
 def _watchdog_interval():
     """Seconds between WATCHDOG=1 pings (half of WatchdogSec=), or None when not asked."""
-    usec = os.environ.get("WATCHDOG_USEC")
-    pid = os.environ.get("WATCHDOG_PID")
+    usec = inherited().get("WATCHDOG_USEC")
+    pid = inherited().get("WATCHDOG_PID")
     if not usec or (pid and pid != str(os.getpid())):
         return None
     try:

@@ -17,7 +17,8 @@ to re-arm after every request on a kept connection).
 Timers (close_idle): client_timeout is for a client slow to send. It runs from when a
 connection was parked idle, or from when its unfinished request began to arrive; time a
 connection waits for a free worker never counts, so a connection with unread bytes is
-never closed as idle.
+never closed as idle. A connection answered 413 lingers at most LINGER seconds
+(connection.py).
 """
 
 import errno
@@ -34,12 +35,17 @@ log = logging.getLogger("luafcgid")
 _TRANSIENT = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _WATCHED = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
 _ACCEPT_BATCH = 64
+# How long a connection answered 413, the rest of its body unread, waits for the web server
+# to hang up: nginx does within milliseconds of reading the 413
+LINGER = 1.0
 
 
 class Acceptor:
-    def __init__(self, sock, connect):
-        """`connect(sock, address)` makes a Connection of an accepted socket."""
+    def __init__(self, sock, connect, admit=None):
+        """`connect(sock, address)` makes a Connection of an accepted socket; `admit(address)`,
+        when set, says whether a peer may be served at all (clients.py)."""
         self._connect = connect
+        self.admit = admit
         self._epoll = select.epoll()
         self._watched = {}   # fd -> Connection registered in the epoll set, parked or served
         self._kept = set()   # fds of those kept alive by the web server (FCGI_KEEP_CONN)
@@ -104,19 +110,24 @@ class Acceptor:
         return first
 
     def _accept(self):
-        """A Connection of the next socket in the backlog, or None. Takes the raw accept()
-        and builds the socket object with the listener's known family: socket.accept()
-        asks for the family and type as enums, costing a microsecond a connection."""
-        try:
-            fd, address = self.sock._accept()
-        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-            return None   # the backlog is empty, or the client gave up
-        except OSError as exc:
-            if exc.errno in _TRANSIENT:
-                log.error("accept failed: %s; retrying", exc)
-                time.sleep(0.1)
-            return None
-        return self._connect(socket.socket(self._family, socket.SOCK_STREAM, 0, fd), address)
+        """A Connection of the next admitted socket in the backlog, or None. Takes the raw
+        accept() and builds the socket object with the listener's known family:
+        socket.accept() asks for the family and type as enums, costing a microsecond a
+        connection."""
+        while True:
+            try:
+                fd, address = self.sock._accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return None   # the backlog is empty, or the client gave up
+            except OSError as exc:
+                if exc.errno in _TRANSIENT:
+                    log.error("accept failed: %s; retrying", exc)
+                    time.sleep(0.1)
+                return None
+            if self.admit is None or self.admit(address):
+                return self._connect(socket.socket(self._family, socket.SOCK_STREAM, 0, fd),
+                                     address)
+            os.close(fd)
 
     def park(self, connection):
         """Keep a connection until more bytes arrive on it. False when bytes arrived while
@@ -151,18 +162,22 @@ class Acceptor:
     def close_idle(self, max_idle):
         """Close parked connections whose client sent nothing for max_idle seconds since
         they were parked idle, or did not complete a request within max_idle seconds of
-        its first bytes, unless bytes wait unread (then the client is waiting for us)."""
-        limit = time.monotonic() - max_idle
+        its first bytes, unless bytes wait unread (then the client is waiting for us), and
+        those answered 413 more than LINGER seconds ago. The requests cut short are
+        counted in one line (a line each: 200 stalled clients, 200 lines)."""
+        now = time.monotonic()
+        limit, linger_limit = now - max_idle, now - LINGER
         with self._lock:
-            expired = [fd for fd, c in self._watched.items()
-                       if c.parked and (c.parked_at if c.began is None else c.began) < limit
-                       and not c.unread()]
+            expired = [fd for fd, c in self._watched.items() if c.parked and (
+                c.lingering < linger_limit if c.lingering else
+                (c.parked_at if c.began is None else c.began) < limit and not c.unread())]
             self._kept.difference_update(expired)
             connections = [self._watched.pop(fd) for fd in expired]
+        stalled = sum(c.began is not None for c in connections)
+        if stalled:
+            log.info("%d connection(s) closed: request not complete within client_timeout "
+                     "(%g s)", stalled, max_idle)
         for connection in connections:
-            if connection.began is not None:
-                log.info("%s: request not complete within client_timeout; connection closed",
-                         connection.peer)
             connection.close()
 
     def close(self):

@@ -162,6 +162,14 @@ class Output:
             log.info("client went away while receiving the response: %s", exc)
 
 
+def _hung_up(sock):
+    """Whether the peer closed the connection (or shut down its sending side), read
+    nothing."""
+    poller = select.poll()
+    poller.register(sock, select.POLLRDHUP)
+    return bool(poller.poll(0))
+
+
 def _unix_peer(sock):
     """Who is on the other end of a Unix socket, for the log: its pid and uid."""
     try:
@@ -174,7 +182,7 @@ def _unix_peer(sock):
 
 class Connection:
     __slots__ = ("sock", "address", "server", "parser", "began", "kept", "parked_at",
-                 "registered", "parked", "arrived")
+                 "registered", "parked", "arrived", "lingering")
 
     def __init__(self, sock, address, server):
         """`server` provides the current `responder` and `config`; a reload replaces them,
@@ -185,6 +193,7 @@ class Connection:
         self.parser = Parser()
         self.began = None        # monotonic time the request being received began to arrive
         self.kept = False        # the web server asked to keep it open after a request
+        self.lingering = 0.0     # monotonic time it was answered 413 (see serve); 0.0 if not
         # the acceptor's: in its epoll set; waiting there; bytes arrived while served
         self.registered = self.parked = self.arrived = False
         self.parked_at = 0.0
@@ -198,8 +207,16 @@ class Connection:
     def serve(self, worker):
         """Read what has arrived and answer the requests it completes, counted in `worker`
         (the serving thread's metrics.WorkerStats). True when the connection waits for more
-        bytes (park it); False when it is finished."""
+        bytes (park it); False when it is finished.
+
+        After a request too large (413) nothing more is read: the connection lingers,
+        parked, until the web server hangs up (or LINGER seconds, acceptor.close_idle).
+        nginx, still sending the body, then finds the socket full and reads the 413; closed
+        at once, nginx failed its next write (EPIPE) and answered 502, 19 times in 30, and
+        reading on to drop the body kept it sending to the end."""
         sock, parser = self.sock, self.parser
+        if self.lingering:
+            return not _hung_up(sock)
         try:
             while True:
                 try:
@@ -220,7 +237,7 @@ class Connection:
                         break
                     self.began = None
                     if not self._answer(request, worker):
-                        return False
+                        return bool(self.lingering)
                 if parser.closing:
                     return False
                 if len(data) < _RECV_SIZE:   # a short read: nothing more had arrived
@@ -244,14 +261,18 @@ class Connection:
         self.kept = keep_conn
         server = self.server
         config = server.config
-        # without a finish handler the connection closes right after the response
-        out = Output(self.sock, request_id, not keep_conn and bool(config.finishhandler),
+        # without a finish handler the connection closes right after the response; after
+        # a 413 it lingers (see serve), its response ended by a half close
+        out = Output(self.sock, request_id,
+                     too_large or not keep_conn and bool(config.finishhandler),
                      config.client_timeout)
         worker.begin(params)
         try:
             server.responder.respond(params, body, out, too_large, worker)
         finally:
             worker.end(out)
+        if too_large:
+            self.lingering = _monotonic()
         return keep_conn and not server.stopping
 
     def _send_replies(self):

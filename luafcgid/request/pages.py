@@ -14,9 +14,9 @@ def response(status, detail="", extra_headers=()):
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
-def not_found(script):
-    return response("404 Not Found",
-                    f"<p>No script at <code>{escape(script)}</code>.</p>\n")
+def not_found():
+    """Names no path, whatever showerrors says (php-fpm: "File not found.")."""
+    return response("404 Not Found", "<p>File not found.</p>\n")
 
 
 def bad_request(detail):

@@ -121,7 +121,7 @@ class Responder:
             # a plain dict, which the state encodes anew: a Params' raw bytes hold the prefix
             params = {**params, b"SCRIPT_FILENAME": script}
         if not script:
-            uri = params.get(b"REQUEST_URI", b"?").decode(errors="replace")
+            uri = params.get(b"REQUEST_URI", b"?").decode(errors="surrogateescape")
             log.warning("request for %s has no SCRIPT_FILENAME param (is 'fastcgi_param "
                         "SCRIPT_FILENAME' in the web server's config?)", uri)
             out.end(pages.bad_request("The request names no script (SCRIPT_FILENAME)."))
@@ -129,11 +129,11 @@ class Responder:
         try:
             path = self.locate(script)
         except Forbidden as exc:
-            log.warning("refused %s: %s", script.decode(errors="replace"), exc)
+            log.warning("refused %s: %s", script.decode(errors="surrogateescape"), exc)
             out.end(pages.forbidden())
             return
         if path is None:
-            out.end(pages.not_found(script.decode(errors="replace")))
+            out.end(pages.not_found())
             return
         if body_too_large:
             out.end(pages.too_large(self.config.maxpost))
@@ -167,7 +167,7 @@ class Responder:
             return
         except ScriptGone:   # deleted since its location was cached
             self._located.pop(script, None)
-            out.end(pages.not_found(script.decode(errors="replace")))
+            out.end(pages.not_found())
             return
         except PoolClosed:
             if self._successor is not None:

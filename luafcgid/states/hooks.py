@@ -124,7 +124,7 @@ class Hooks:
         size = ctypes.c_size_t()
         text = ctypes.string_at(self._tolstring(L, -1, ctypes.byref(size)), size.value)
         self._settop(L, -2)   # lua_pop(L, 1)
-        return text.decode(errors="replace")
+        return text.decode(errors="surrogateescape")
 
 
 _hooks = {}

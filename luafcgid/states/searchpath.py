@@ -3,18 +3,20 @@
 In order:
 1. the script's own directory (like the original, which ran scripts from their directory);
 2. the site's own patterns, settings `lua_path` / `lua_cpath`;
-3. LUA_PATH_5_x / LUA_PATH (LUA_CPATH_5_x / LUA_CPATH) from the daemon's environment, read
-   the way the `lua` interpreter of that version reads them: the versioned variable wins
-   (LuaJIT reads only the plain one), and ";;" stands for the default; unset, the default;
+3. LUA_PATH_5_x / LUA_PATH (LUA_CPATH_5_x / LUA_CPATH) from the environment the daemon
+   started with (whatever clear_env leaves scripts), read the way the `lua` interpreter of
+   that version reads them: the versioned variable wins (LuaJIT reads only the plain one),
+   and ";;" stands for the default; unset, the default;
 4. luafcgid's own Lua modules (`require "luafcgid"`), always found.
 
 The default is what Debian's `lua5.x` / `luajit` interpreter searches, so modules installed by
 Debian packages and by LuaRocks' system tree (/usr/local) for the VM's Lua version are found.
 """
 
-import os
 import sysconfig
 from importlib import resources
+
+from ..ops.environment import inherited
 
 # luafcgid's public Lua modules. The daemon's own Lua files (runtime.lua, ...) lie one
 # level up, out of reach of require: require("runtime") re-ran the bootstrap.
@@ -45,7 +47,7 @@ def default_paths(choice):
 def from_environment(name, choice, default, environ=None):
     """The pattern list the interpreter would build from environment variable `name`
     ("LUA_PATH" or "LUA_CPATH"): `default` when unset, ";;" expanded to `default`."""
-    environ = os.environ if environ is None else environ
+    environ = inherited() if environ is None else environ
     value = None
     if choice != "luajit":
         value = environ.get(f"{name}_{choice.replace('.', '_')}")

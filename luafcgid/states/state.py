@@ -105,7 +105,10 @@ class _Channel:
     def log(self, script, message):
         if type(script) is not bytes or type(message) is not bytes:
             raise TypeError("log: expected two strings")
-        log.info("%s: %s", script.decode(errors="replace"), message.decode(errors="replace"))
+        # the log's formatter escapes what could forge a line; the bytes that are not UTF-8
+        # are kept (surrogateescape) to be written as \xNN
+        log.info("%s: %s", script.decode(errors="surrogateescape"),
+                 message.decode(errors="surrogateescape"))
 
 
 class LuaState:
