@@ -210,6 +210,35 @@ def test_the_dictionaries_hand_scripts_no_ffi(served):
     assert _get(served, "/ffi.lua") == "nil false"
 
 
+# Frees what nothing refers to, fills the memory again, then has LuaJIT compile operations.
+COLLECTED = """
+local d = require("luafcgid").shared.t
+collectgarbage()
+collectgarbage()
+for i = 1, 200000 do local t = {i, i} end
+function main(env, con)
+  local big = ("x"):rep(1000)
+  for i = 1, 2000 do
+    d:incr("hits", 1, 0)
+    d:set("k" .. (i % 50), big)
+    d:get("k" .. (i % 37))
+  end
+  con:puts("ok")
+end
+"""
+
+
+def test_the_dictionaries_outlive_the_collection_of_the_ffi_module(stack):
+    # With `ffi` off (the default) runtime.lua takes the ffi module out of package.loaded;
+    # the dictionaries must keep it, or LuaJIT frees the tables its FFI works with and the
+    # serving process dies (SIGSEGV: nginx answered 502).
+    s = stack(shared={"t": "4M"})
+    s.write("collected.lua", COLLECTED)
+    for _ in range(5):
+        assert _get(s, "/collected.lua") == "ok"
+    assert "exited" not in s.daemon.log()
+
+
 def test_the_status_page_lists_each_dictionary(served):
     _get(served, "/incr.lua?status")
     text = _get(served, "/status.lua")
