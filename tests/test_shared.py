@@ -108,13 +108,6 @@ PAGES = {
     """,
 }
 
-PAGES["ffi.lua"] = """
-    local shared = require("luafcgid").shared
-    function main(env, con)
-      con:puts(tostring(package.loaded.ffi), " ", tostring((pcall(require, "ffi"))))
-    end
-"""
-
 SETTINGS = {"processes": 2, "workers": 2, "states": 4, "status_path": "/status.lua",
             "shared": {"t": "1M", "small": "64K"}}
 
@@ -204,12 +197,6 @@ def test_errors_come_back_as_nil_and_a_message(served):
                         r"got -1", lines[10])
 
 
-def test_the_dictionaries_hand_scripts_no_ffi(served):
-    # LuaJIT's dictionaries use the ffi, taken before the script; with `ffi` off (the
-    # default) the script still cannot require it nor find it loaded
-    assert _get(served, "/ffi.lua") == "nil false"
-
-
 # Frees what nothing refers to, fills the memory again, then has LuaJIT compile operations.
 COLLECTED = """
 local d = require("luafcgid").shared.t
@@ -228,12 +215,23 @@ end
 """
 
 
-def test_the_dictionaries_outlive_the_collection_of_the_ffi_module(stack):
-    # With `ffi` off (the default) runtime.lua takes the ffi module out of package.loaded;
-    # the dictionaries must keep it, or LuaJIT frees the tables its FFI works with and the
+NO_FFI = """
+local shared = require("luafcgid").shared
+function main(env, con)
+  con:puts(tostring(package.loaded.ffi), " ", tostring((pcall(require, "ffi"))))
+end
+"""
+
+
+def test_the_dictionaries_keep_the_ffi_module_and_hand_scripts_none(stack):
+    # With `ffi` off (the default) runtime.lua takes the ffi module out of package.loaded,
+    # after LuaJIT's dictionaries took it: scripts can neither require it nor find it loaded.
+    # The dictionaries must keep it, or LuaJIT frees the tables its FFI works with and the
     # serving process dies (SIGSEGV: nginx answered 502).
     s = stack(shared={"t": "4M"})
+    s.write("no_ffi.lua", NO_FFI)
     s.write("collected.lua", COLLECTED)
+    assert _get(s, "/no_ffi.lua") == "nil false"
     for _ in range(5):
         assert _get(s, "/collected.lua") == "ok"
     assert "exited" not in s.daemon.log()
