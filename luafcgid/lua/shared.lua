@@ -152,16 +152,13 @@ local function in_shared_memory()
     end
   end
 
-  -- n data bytes of entry e from `at`, copied out to the pointer `to` (copy_out) or in from
-  -- the pointer `from` (copy_in): dictionary.py's _segments with _gather or _scatter. Two
-  -- functions, not one with a direction: LuaJIT compiles a loop for the direction it saw
-  -- first, and the other then left that trace where its side traces cannot follow ("NYI:
-  -- return to lower frame"): a get of 1 KB cost 1.8 us instead of 0.1.
-  local function copy_out(d, e, at, n, to)
+  -- n data bytes of entry e from `at` copied out to the pointer `to`, or (into) in from it:
+  -- dictionary.py's _segments with _gather or _scatter
+  local function transfer(d, e, at, n, to, into)
     local w, b, e0, done = d.w, d.b, d.e0, 0
     if at < FIRST then
       done = min(FIRST - at, n)
-      copy(to, b + 4 * e + DATA + at, done)
+      if into then copy(b + 4 * e + DATA + at, to, done) else copy(to, b + 4 * e + DATA + at, done) end
       at = 0
     else
       at = at - FIRST
@@ -170,51 +167,25 @@ local function in_shared_memory()
     at = at % REST
     while done < n do
       local take, c = min(REST - at, n - done), e0 + i * WORDS
-      copy(to + done, b + 4 * c + 4 + at, take)
+      if into then copy(b + 4 * c + 4 + at, to + done, take) else copy(to + done, b + 4 * c + 4 + at, take) end
       done, at, i = done + take, 0, w[c + NEXT]
     end
   end
 
-  local function copy_in(d, e, at, n, from)
-    local w, b, e0, done = d.w, d.b, d.e0, 0
-    if at < FIRST then
-      done = min(FIRST - at, n)
-      copy(b + 4 * e + DATA + at, from, done)
-      at = 0
-    else
-      at = at - FIRST
+  local function gather(d, e, at, n)   -- a Lua string
+    if at + n <= FIRST then return fstring(d.b + 4 * e + DATA + at, n) end
+    if n > scratch_size then
+      scratch_size = max(n, 2 * scratch_size)
+      scratch = new("uint8_t[?]", scratch_size)
     end
-    local i = nth(d, w[e + NEXT], floor(at / REST))
-    at = at % REST
-    while done < n do
-      local take, c = min(REST - at, n - done), e0 + i * WORDS
-      copy(b + 4 * c + 4 + at, from + done, take)
-      done, at, i = done + take, 0, w[c + NEXT]
-    end
-  end
-
-  -- A Lua string. Not `return ffi.string(...)`: a tail call of a function that allocates,
-  -- followed by a return into a lower frame, is where LuaJIT stops tracing ("NYI: return to
-  -- lower frame"), and a get of 1 KB cost 1.9 us instead of 0.1.
-  local function gather(d, e, at, n)
-    local s
-    if at + n <= FIRST then
-      s = fstring(d.b + 4 * e + DATA + at, n)
-    else
-      if n > scratch_size then
-        scratch_size = max(n, 2 * scratch_size)
-        scratch = new("uint8_t[?]", scratch_size)
-      end
-      copy_out(d, e, at, n, scratch)
-      s = fstring(scratch, n)
-    end
-    return s
+    transfer(d, e, at, n, scratch, false)
+    return fstring(scratch, n)
   end
 
   local function value_of(d, e)
     local vtype, klen = d.b[4 * e + VTYPE], d.h16[2 * e + KLEN]
     if vtype == STRING then return gather(d, e, klen, d.w[e + VLEN]) end
-    copy_out(d, e, klen, vtype == BOOLEAN and 1 or 8, num.b)
+    transfer(d, e, klen, vtype == BOOLEAN and 1 or 8, num.b, false)
     if vtype == NUMBER then return num.d end
     if vtype == BOOLEAN then return num.b[0] ~= 0 end
     return tonumber(num.i)   -- INTEGER, as a Lua 5.3+ state stores it: a number here
@@ -449,8 +420,8 @@ local function in_shared_memory()
     w[e + HASH], w[e + VLEN], w[e + FLAGS] = h, vlen, flags
     d.h16[2 * e + KLEN], d.b[4 * e + VTYPE] = klen, vtype
     d.f64[e / 2 + EXPIRES] = exptime > 0 and now() + exptime or 0
-    copy_in(d, e, 0, klen, cast(bytes_t, key))
-    copy_in(d, e, klen, vlen, from)
+    transfer(d, e, 0, klen, cast(bytes_t, key), true)
+    transfer(d, e, klen, vlen, from, true)
     w[DIRTY] = 0
     return true, nil, forcible
   end
@@ -466,11 +437,11 @@ local function in_shared_memory()
     end
     local vtype, klen = d.b[4 * e + VTYPE], d.h16[2 * e + KLEN]
     if vtype ~= NUMBER and vtype ~= INTEGER then return nil, "not a number", false end
-    copy_out(d, e, klen, 8, num.b)
+    transfer(d, e, klen, 8, num.b, false)
     local value = (vtype == NUMBER and num.d or tonumber(num.i)) + n
     num.d = value
     d.b[4 * e + VTYPE] = NUMBER
-    copy_in(d, e, klen, 8, num.b)
+    transfer(d, e, klen, 8, num.b, true)
     touch(d, e)
     return value, nil, false
   end
