@@ -10,6 +10,7 @@ import yaml
 
 from . import __version__, preflight
 from . import config as configuration
+from . import procman
 from .listener import Listener, ListenError
 from .ops import daemon, environment, logs, privileges, signals, systemd
 from .shared.dictionaries import Dictionaries
@@ -138,7 +139,7 @@ def run(argv):
         return 0
     # from now on a SIGTERM waits for the main loop instead of killing a half-started
     # daemon that would leave its socket and pidfile behind
-    signals.block()
+    signals.install()
     try:
         listening = Listener.passed(passed) if passed is not None else Listener.bind(config)
         if args.daemon:
@@ -159,7 +160,7 @@ def run(argv):
         return 1
     # the serving process(es) are made only now: the supervisor's parent serves nothing
     reread = functools.partial(_reread, args, machine)
-    if config.processes > 1:
+    if procman.supervised(config):
         return Supervisor(config, listening, reread, dictionaries).run()
     if not mainloop.run(Server(config, listening, reread, dictionaries=dictionaries)):
         exit_leaving_lua()

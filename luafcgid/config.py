@@ -5,6 +5,7 @@ import re
 
 import yaml
 
+from . import procman
 from .settings import BY_NAME, SETTINGS, SettingError
 from .states import vm
 
@@ -91,6 +92,7 @@ def _cross_checks(values):
     if values["clones"] is not None and values["clones"] > values["states"]:
         problems.append(f"clones: must be at most states ({values['states']}), "
                         f"got {values['clones']}")
+    problems += procman.problems(values)
     if values["finishhandler"] is not None and values["finishhandler"] == values["handler"]:
         problems.append("finishhandler: must differ from handler")
     if values["memory_limit"] is not None and values["memory_limit"] <= values["maxpost"]:

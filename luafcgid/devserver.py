@@ -10,6 +10,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
 from . import __version__
+from .request.connection import ClientGone
 from .request.responder import Responder
 from .shared.dictionaries import Dictionaries
 from .states import vm
@@ -30,6 +31,7 @@ class _HttpOutput:
         self.head = bytearray()
         self.started = False
         self.ended = False
+        self.broken = False
 
     def write(self, data):
         if self.ended or not data:
@@ -42,7 +44,11 @@ class _HttpOutput:
             data = bytes(self.head[split + 4:])
             self._start(bytes(self.head[:split]))
         if data and self.handler.command != "HEAD":
-            self.handler.wfile.write(data)
+            try:
+                self.handler.wfile.write(data)
+            except OSError:
+                self.broken = True
+                raise ClientGone("the client went away") from None
 
     def end(self, data=b""):
         self.write(data)

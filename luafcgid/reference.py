@@ -15,6 +15,7 @@ SECTIONS = {
     "shared": "Shared dictionaries",
     "response": "Responses",
     "process": "Process and logs",
+    "pm": "Process management: how many processes, recycling, restarts",
     "status": "Status and ping pages",
     "limits": "Limits and confinement",
     "compatibility": "Accepted for compatibility with the original",

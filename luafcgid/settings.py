@@ -129,6 +129,14 @@ def lua_version(value):
     return value
 
 
+def choice(*options):
+    def convert(value):
+        if value not in options:
+            raise SettingError(f"expected one of {', '.join(options)}, got {value!r}")
+        return value
+    return convert
+
+
 def file_mode(value):
     if isinstance(value, str) and re.fullmatch(r"0?[0-7]{3}", value):
         return int(value, 8)
@@ -362,9 +370,9 @@ SETTINGS = (
     Setting("shutdown_timeout", number(0), 30.0,
             "Seconds in-flight requests are given to finish on SIGTERM.", "process"),
     Setting("process_timeout", number(2), 30.0,
-            "With processes > 1: a serving process whose main loop has not reported to the "
-            "supervisor for this many seconds (it does every second) is hung; the supervisor "
-            "kills it and starts another.", "process"),
+            "Under the supervisor (see pm): a serving process whose main loop has not "
+            "reported to it for this many seconds (it does every second) is hung; the "
+            "supervisor kills it and starts another.", "process"),
     Setting("user", optional(string), None,
             "When started as root: the user to run as after binding the socket and opening "
             "the logs and the pidfile (which are handed to this user), e.g. luafcgid. Started "
@@ -394,6 +402,49 @@ SETTINGS = (
             "Environment variables scripts see, as NAME: value (like php-fpm's env[NAME]); "
             "a value $OTHER takes the daemon's variable OTHER (unset: not set).", "process",
             live=False, example={"PATH": "/usr/local/bin:/usr/bin:/bin"}),
+    # -- process management
+    Setting("pm", choice("static", "ondemand", "dynamic"), "static",
+            "How many serving processes run, with php-fpm's meanings: static runs processes "
+            "all the time; ondemand runs none until a request waits, then starts one at a "
+            "time, up to processes, and stops each after process_idle_timeout without "
+            "requests; dynamic keeps between min_spare_processes and max_spare_processes "
+            "idle, up to processes. Any pm but static, like recycling, runs the supervisor "
+            "even with processes: 1.", "pm", live=False),
+    Setting("start_processes", optional(integer(1)), None,
+            "pm dynamic: processes started at boot; null means min_spare_processes + "
+            "(max_spare_processes - min_spare_processes) / 2, as php-fpm's "
+            "pm.start_servers.", "pm", live=False),
+    Setting("min_spare_processes", integer(1), 1,
+            "pm dynamic: when fewer processes are idle (served nothing in the last second), "
+            "more start, up to processes (php-fpm's pm.min_spare_servers).", "pm"),
+    Setting("max_spare_processes", integer(1), 2,
+            "pm dynamic: when more processes are idle, the one idle longest is stopped, one "
+            "a second (php-fpm's pm.max_spare_servers).", "pm"),
+    Setting("process_idle_timeout", number(1), 10.0,
+            "pm ondemand: seconds a process may serve nothing before it is stopped, one a "
+            "second (php-fpm's "
+            "pm.process_idle_timeout).", "pm"),
+    Setting("process_max_requests", integer(0), 0,
+            "Requests a serving process answers before it is replaced, against leaks "
+            "memory_limit cannot see (php-fpm's pm.max_requests; max_requests counts per Lua "
+            "state): its successor starts first, then it finishes the requests it holds and "
+            "exits, and no request is lost. Each process draws its own limit up to 10% "
+            "higher, so that processes started together are not replaced together "
+            "(gunicorn's max_requests_jitter). Checked every second. 0: never.", "pm",
+            live=False),
+    Setting("process_max_memory", optional(byte_size), None,
+            "A serving process whose resident memory (RSS) passes this (\"512M\", \"1G\" or "
+            "bytes) is replaced like at process_max_requests: against leaks in C modules, "
+            "lupa or Python, which memory_limit (one Lua state's heap) does not bound. "
+            "Checked every second. null: never.", "pm", live=False),
+    Setting("emergency_restart_threshold", integer(0), 10,
+            "A serving process that exits unasked is started again at once; once this many "
+            "exited within emergency_restart_interval, each restart waits, 1 s, then 2, 4 "
+            "... up to 30 s, with a line in the log, until processes run for "
+            "emergency_restart_interval without one exiting. (php-fpm restarts its master "
+            "instead.) 0: never wait.", "pm"),
+    Setting("emergency_restart_interval", number(1), 10.0,
+            "Seconds: see emergency_restart_threshold.", "pm"),
     # -- status and ping pages
     Setting("status_path", optional(url_path), None,
             "SCRIPT_NAME that answers the status page (plain text; ?json, ?openmetrics) "
@@ -427,8 +478,9 @@ SETTINGS = (
     Setting("stuck_timeout", number(0), 1.0,
             "Seconds a call may run on past request_timeout, where it could not be stopped, "
             "before its worker counts as stuck: the request is answered 500 at once, the "
-            "worker is logged and listed on the status page, and with processes > 1 the "
-            "supervisor replaces the process (its other requests finish first).", "limits"),
+            "worker is logged and listed on the status page, and the supervisor (see pm), "
+            "when it runs, replaces the process (its successor starts first, its other "
+            "requests finish).", "limits"),
     Setting("bytecode", boolean, False,
             "Let states load precompiled Lua (luac or string.dump output) in scripts, the "
             "prelude, load, loadstring, loadfile, dofile and require. Off, they load source "

@@ -1,47 +1,85 @@
-"""processes > 1: the supervisor, which alone owns process life (the arbiter).
+"""The supervisor, which alone owns process life (the arbiter), whenever procman.supervised:
+several processes, a pm other than static, or recycling.
 
 The serving processes it forks share its listening socket; each has its own worker threads,
 state pool and interpreter lock, so Python work runs on every core. The supervisor starts
 no threads (it forks). It keeps the current config (re-read on SIGHUP) for every process it
-starts, passes SIGHUP and SIGUSR1 on, replaces a process that dies, stops reporting on the
-scoreboard (hung) or has a worker stuck in Lua (as php-fpm's master kills a child past
-request_terminate_timeout), backs off from one that fails at boot and gives up after a few
-failures in a row, and on SIGTERM stops them all, waits for them to drain and closes the
-listener. It runs in mainloop.run as a role.
+starts and passes SIGHUP and SIGUSR1 on. It observes the processes on the scoreboard (and,
+when requests waiting may start one, the listener's queue), and procman's policy says how
+many run. It replaces a process that asks for it (recycling) or has a worker stuck in Lua
+(as php-fpm's master kills a child past request_terminate_timeout): the successor starts
+first, then the old one is told to stop and drains. It kills a process that stops reporting
+(hung), restarts one that dies (waiting longer and longer when they keep dying), backs off
+from one that fails at boot and gives up after a few failures in a row, and on SIGTERM stops
+them all, waits for them to drain and closes the listener. It runs in mainloop.run as a role.
 """
 
 import logging
 import os
+import select
 import signal
 import time
 
-from . import mainloop
+from . import mainloop, procman
 from .config import LISTENER, RESTART_ONLY, keep_running
 from .ops.scoreboard import Scoreboard
 from .server import Server
 
 log = logging.getLogger("luafcgid")
 
-# A process that exits before it first reported failed at boot: it is started again after
-# 1, 2, 4 ... seconds, and after this many failures in a row the supervisor gives up.
+# A process that exits before it first reported failed at boot: processes start again after
+# 1, 2, 4 ... seconds, and after this many failures in a row of one process number the
+# supervisor gives up.
 BOOT_FAILURES = 4
+# A connection no process accepted within this long waits for a process. The listener's
+# queue is looked at again this long after a connection was seen in it (not at once, which
+# would spin while the connection is being accepted), and a process starting or being
+# replaced this often.
+GLANCE = 0.05
+
+
+class Child:
+    """A serving process as the supervisor sees it."""
+
+    def __init__(self, number, pid, now):
+        self.number = number     # its scoreboard slot, from 1
+        self.pid = pid
+        self.born = now
+        self.beat = None         # monotonic time it last reported; None until it first has
+        self.active_at = now     # its last report that showed it serving (or its start)
+        self.requests = 0        # its request count as last reported
+        self.busy = False        # it served during the last second it reported on
+        self.leaving = None      # why it is being replaced or stopped
+        self.successor = None    # the Child started in its place
+        self.told = None         # when it was told to stop (SIGTERM)
+        self.killed = False      # SIGKILLed as hung
+
+    def idle(self):
+        """Seconds it has reported serving nothing for; None while it starts. Its reports
+        come every second, so this is up to a second short, never long."""
+        return None if self.beat is None else self.beat - self.active_at
 
 
 class Supervisor:
     def __init__(self, config, listener, reread, dictionaries):
-        """Forks config.processes serving processes on `listener` (a listener.Listener),
+        """Runs serving processes on `listener` (a listener.Listener) as procman says,
         which share `dictionaries` (shared.Dictionaries); a reload applies reread() (a
         Config, or None when the file is bad)."""
         self.config = config
         self.dictionaries = dictionaries
         self.listener = listener
         self.reread = reread
-        self.scoreboard = Scoreboard(config.processes)
-        self.children = {}   # pid -> process number
-        self.born = {}       # process number -> (pid, monotonic time it was started)
-        self.due = {}        # process number -> monotonic time to start it (again)
+        # a slot for each process and for a successor beside each one being replaced
+        self.scoreboard = Scoreboard(2 * config.processes)
+        self.children = {}   # pid -> Child
         self.failures = {}   # process number -> boot failures in a row
-        self.replacing = {}  # pid -> when it was told to stop, for a worker stuck in Lua
+        self.held = 0.0      # monotonic time before which no process starts (a backoff)
+        self.trimmed = 0.0   # when a process was last stopped for being idle
+        self.throttle = procman.RestartThrottle()
+        self.queue = select.poll()
+        self.queue.register(listener.sock, select.POLLIN)
+        self.queued_at = None   # when a connection was first seen waiting in the queue
+        self.looked_at = 0.0    # when a connection was last seen waiting in the queue
         self.stopping = False
         self.exit_code = 0
         self.pid = os.getpid()
@@ -54,10 +92,10 @@ class Supervisor:
     # -- the role ---------------------------------------------------------------------------
 
     def start(self):
-        for number in range(1, self.config.processes + 1):
-            self._spawn(number)
-        log.info("luafcgid serving on %s with %d processes of %d workers",
-                 self.listener.description, self.config.processes, self.config.workers)
+        for _ in range(procman.initial(self.config)):
+            self._spawn(time.monotonic())
+        log.info("luafcgid serving on %s with %s", self.listener.description,
+                 procman.describe(self.config))
 
     def summary(self):
         return f"serving on {self.listener.description} with {len(self.children)} processes"
@@ -65,15 +103,31 @@ class Supervisor:
     def healthy(self):
         return True
 
-    def tick(self):
-        self._reap()
-        self._kill_hung()
-        self._replace_stuck()
+    def watch(self):
+        """For the main loop: the listener when a connection waiting there would start a
+        process (it wakes the supervisor at once), else how soon to look again."""
         now = time.monotonic()
-        for number, when in list(self.due.items()):
-            if when <= now:
-                del self.due[number]
-                self._spawn(number)
+        if now < self.held:
+            return None, min(mainloop.TICK, self.held - now)
+        # a process starting, or one waiting for its successor to start
+        soon = any(child.beat is None or (child.leaving and not child.told)
+                   for child in self.children.values())
+        if (procman.starts_on_demand(self.config)
+                and len(self._staying()) < self.config.processes):
+            since = now - self.looked_at
+            if since < GLANCE:
+                return None, GLANCE - since
+            if not soon:
+                return self.listener.sock.fileno(), mainloop.TICK
+        return None, GLANCE if soon else mainloop.TICK
+
+    def tick(self):
+        """Every second, and as soon as watch() asked: reap, observe, act."""
+        now = time.monotonic()
+        self._reap(now)
+        self._observe()
+        self._kill_hung(now)
+        self._manage(now)
         return self.exit_code == 0
 
     def reopen(self):
@@ -92,30 +146,116 @@ class Supervisor:
 
     def stop(self):
         self.stopping = True
+        # refused from now on (the file of a Unix socket is gone), as each process closes
+        # its copy: the web server moves on to another upstream instead of waiting
+        self.listener.close()
         self._signal_all(signal.SIGTERM)
         deadline = time.monotonic() + self.config.shutdown_timeout + 5
         while self.children and time.monotonic() < deadline:
-            self._reap()
+            self._reap(time.monotonic())
             time.sleep(0.05)
         if self.children:
-            log.error("processes %s did not stop; killing them", sorted(self.children.values()))
+            log.error("processes %s did not stop; killing them",
+                      sorted(child.number for child in self.children.values()))
             self._signal_all(signal.SIGKILL)
-        self.listener.close()
         log.info("stopped")
+
+    # -- what the processes do --------------------------------------------------------------
+
+    def _staying(self):
+        return [child for child in self.children.values() if child.leaving is None]
+
+    def _observe(self):
+        """Read the scoreboard: which process has reported, is serving, asks to be replaced
+        or has a worker stuck in Lua."""
+        for slot in self.scoreboard.read():
+            child = self.children.get(slot["pid"])
+            if child is None or child.number != slot["process"]:
+                continue
+            if child.beat is None:
+                self.failures.pop(child.number, None)   # it booted
+            if slot["beat"] != child.beat:   # it reported again
+                child.beat = slot["beat"]
+                child.busy = slot["active_workers"] > 0 or slot["requests"] != child.requests
+                child.requests = slot["requests"]
+                if child.busy:
+                    child.active_at = child.beat
+            if child.leaving is None and slot["retiring"]:
+                self._replace(child, "asks to be replaced (recycling)")
+            elif child.leaving is None and slot["stuck_workers"]:
+                self._replace(child, f"has {slot['stuck_workers']} worker(s) stuck in Lua")
+
+    def _waiting(self, now, staying):
+        """Whether a request waits for a process: a connection in the listener's queue that
+        no process accepted within GLANCE, or at all when none runs."""
+        if not self.queue.poll(0):
+            self.queued_at = None
+            return False
+        self.looked_at = now
+        if self.queued_at is None:
+            self.queued_at = now
+        return not staying or now - self.queued_at >= GLANCE
+
+    def _manage(self, now):
+        """Start and stop processes as procman's policy says; tell a process being replaced
+        to stop once its successor has reported (at once if none is to start)."""
+        staying = self._staying()
+        waiting = procman.starts_on_demand(self.config) and self._waiting(now, staying)
+        start, stop = procman.plan(self.config, [
+            procman.Process(child.pid, child.idle(), child.busy) for child in staying],
+            waiting)
+        if stop and now - self.trimmed >= mainloop.TICK:
+            self.trimmed = now
+            child = self.children[stop[0]]
+            self._stop(child, f"served nothing for {child.idle():.1f} s (pm {self.config.pm})")
+        started = 0
+        while started < start and self._spawn(now, "a request was waiting" if waiting else None):
+            started += 1
+            self.queued_at = None
+        for child in list(self.children.values()):
+            if child.leaving and not child.told:
+                successor = child.successor
+                if successor is not None and successor.beat is not None:
+                    self._stop(child, f"is replaced by process {successor.number} "
+                                      f"(pid {successor.pid})")
+                elif successor is None and started == start:
+                    self._stop(child, "needs no successor now")
+
+    def _replace(self, child, why):
+        child.leaving = why
+        log.info("process %d (pid %d) %s; replacing it", child.number, child.pid, why)
+
+    def _stop(self, child, why):
+        """Tell a process to stop: it stops accepting, finishes what it holds and exits."""
+        log.info("process %d (pid %d) %s; stopping it", child.number, child.pid, why)
+        child.leaving = child.leaving or why
+        child.told = time.monotonic()
+        self._kill(child.pid, signal.SIGTERM)
 
     # -- process life ---------------------------------------------------------------------
 
-    def _spawn(self, number):
+    def _spawn(self, now, why=None):
+        """Start a serving process, in place of one being replaced if any; the Child, or
+        None when none may start now (stopping, backing off, or no slot free)."""
+        used = {child.number for child in self.children.values()}
+        free = [n for n in range(1, self.scoreboard.processes + 1) if n not in used]
+        if self.stopping or now < self.held or not free:
+            return None
+        number = free[0]
         try:
             pid = os.fork()
         except OSError as exc:   # e.g. the process limit: like a failure at boot
             log.error("cannot start process %d: %s", number, exc)
             self._failed_at_boot(number, 1)
-            return
+            return None
         if pid:
-            self.children[pid] = number
-            self.born[number] = (pid, time.monotonic())
-            return
+            child = self.children[pid] = Child(number, pid, now)
+            waiting = [c for c in self.children.values() if c.leaving and not c.told
+                       and c.successor is None]
+            if waiting:
+                min(waiting, key=lambda c: c.born).successor = child
+            log.info("process %d (pid %d) started%s", number, pid, f": {why}" if why else "")
+            return child
         code = 1
         try:
             mainloop.run(Server(self.config, self.listener.shared(), self.reread,
@@ -129,13 +269,7 @@ class Supervisor:
             logging.shutdown()
             os._exit(code)
 
-    def _reported(self, number, pid):
-        """Whether process `number` (pid `pid`) has reported on the scoreboard: the
-        monotonic time it last did, or None."""
-        slot = self.scoreboard.read()[number - 1]
-        return slot["beat"] if slot["pid"] == pid else None
-
-    def _reap(self):
+    def _reap(self, now):
         while self.children:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -143,19 +277,33 @@ class Supervisor:
                 return
             if pid == 0:
                 return
-            number = self.children.pop(pid, None)
-            if number is None or self.stopping:
+            child = self.children.pop(pid, None)
+            if child is None:
+                continue
+            if self.scoreboard.slot(child.number)["pid"] == pid:   # it reported, maybe unseen
+                child.beat = child.beat or now
+            self.scoreboard.clear(child.number)
+            for other in self.children.values():
+                if other.successor is child:
+                    other.successor = None
+            if self.stopping or child.told:
                 continue
             code = os.waitstatus_to_exitcode(status)
-            if self._reported(number, pid) is None:
+            if child.beat is None:
                 log.error("process %d (pid %d) exited with status %d before it was ready",
-                          number, pid, code)
-                self._failed_at_boot(number, code)
+                          child.number, pid, code)
+                self._failed_at_boot(child.number, code)
+                continue
+            delay = self.throttle.exited(now, self.config.emergency_restart_threshold,
+                                         self.config.emergency_restart_interval)
+            if delay:
+                self.held = max(self.held, now + delay)
+                log.error("process %d (pid %d) exited with status %d; %d processes exited "
+                          "within %g s (emergency_restart_threshold): no process starts for "
+                          "%g s", child.number, pid, code, len(self.throttle.exits),
+                          self.config.emergency_restart_interval, delay)
             else:
-                log.error("process %d (pid %d) exited with status %d; starting it again",
-                          number, pid, code)
-                self.failures.pop(number, None)
-                self.due[number] = time.monotonic()
+                log.error("process %d (pid %d) exited with status %d", child.number, pid, code)
 
     def _failed_at_boot(self, number, code):
         failures = self.failures[number] = self.failures.get(number, 0) + 1
@@ -165,41 +313,30 @@ class Supervisor:
             self.exit_code = code or 1
             return
         pause = 2.0 ** (failures - 1)
-        log.error("starting process %d again in %g s", number, pause)
-        self.due[number] = time.monotonic() + pause
+        log.error("starting processes again in %g s", pause)
+        self.held = max(self.held, time.monotonic() + pause)
 
-    def _kill_hung(self):
+    def _kill_hung(self, now):
         """SIGKILL a process whose main loop has not reported for process_timeout seconds
-        (its reaping then starts it again)."""
-        now = time.monotonic()
-        for pid, number in self.children.items():
-            born_pid, born_at = self.born[number]
-            beat = self._reported(number, pid)
-            # a kill below moves born_at, so it is not repeated before the reaping
-            silent = now - max(born_at, beat or 0.0)
-            if silent > self.config.process_timeout:
-                log.error("process %d (pid %d) has not reported for %.1f s; killing it",
-                          number, pid, silent)
-                self._kill(pid, signal.SIGKILL)
-                self.born[number] = (born_pid, now)
-
-    def _replace_stuck(self):
-        """A child whose scoreboard slot shows a worker stuck in Lua (deadline.py) is told to
-        stop, which lets its other requests finish; one still there after shutdown_timeout
-        (and 5 s) is killed. _reap starts its successor."""
-        now = time.monotonic()
-        for slot in self.scoreboard.read():
-            pid = slot["pid"]
-            if slot["stuck_workers"] and pid in self.children and pid not in self.replacing:
-                log.error("process %d (pid %d) has %d worker(s) stuck in Lua; replacing it",
-                          slot["process"], pid, slot["stuck_workers"])
-                self.replacing[pid] = now
-                self._kill(pid, signal.SIGTERM)
-        for pid, since in list(self.replacing.items()):
-            if pid not in self.children:
-                del self.replacing[pid]
-            elif now - since > self.config.shutdown_timeout + 5:
-                self._kill(pid, signal.SIGKILL)
+        (then it is reaped and, if the policy says so, another starts), and one told to stop
+        that has not within shutdown_timeout (and 5 s)."""
+        for child in self.children.values():
+            if child.killed:
+                continue
+            if child.told is not None:
+                late = now - child.told > self.config.shutdown_timeout + 5
+                if late:
+                    log.error("process %d (pid %d) did not stop; killing it", child.number,
+                              child.pid)
+            else:
+                silent = now - max(child.born, child.beat or 0.0)
+                late = silent > self.config.process_timeout
+                if late:
+                    log.error("process %d (pid %d) has not reported for %.1f s; killing it",
+                              child.number, child.pid, silent)
+            if late:
+                self._kill(child.pid, signal.SIGKILL)
+                child.killed = True
 
     @staticmethod
     def _kill(pid, signum):

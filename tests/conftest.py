@@ -118,16 +118,27 @@ class Daemon:
 
     def start(self, wait=True):
         self.write_config()
-        self.proc = subprocess.Popen(
-            [*self.launcher, sys.executable, "-m", "luafcgid", "-c", self.config_path, *AS_ROOT,
-             *self.args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
+        # standard output and error go to a file: a pipe nobody reads fills after 64 KiB
+        # of log lines, and then every thread that logs blocks
+        with open(self.output_path, "ab") as output:
+            self.proc = subprocess.Popen(
+                [*self.launcher, sys.executable, "-m", "luafcgid", "-c", self.config_path,
+                 *AS_ROOT, *self.args], stdout=output, stderr=subprocess.STDOUT, cwd=ROOT)
         if wait:
             wait_for(lambda: can_connect(self.address) or self.proc.poll() is not None,
                      what="luafcgid to listen")
             if self.proc.poll() is not None:
-                raise AssertionError(f"luafcgid exited: {self.proc.stdout.read().decode()}")
+                raise AssertionError(f"luafcgid exited: {self.output()}")
         return self
+
+    @property
+    def output_path(self):
+        return os.path.join(self.workdir, "output")
+
+    def output(self):
+        """What the daemon wrote to its standard output and error."""
+        with open(self.output_path, encoding="utf-8", errors="replace") as stream:
+            return stream.read()
 
     def signal(self, signum):
         self.proc.send_signal(signum)
@@ -465,6 +476,16 @@ def daemon(tmp_path):
     yield make
     for d in started:
         d.stop()
+
+
+@pytest.fixture
+def open_dir():
+    """A directory every user may read (pytest's tmp_path is root's alone), for a daemon
+    that runs as another user (`user:`)."""
+    path = tempfile.mkdtemp(prefix="luafcgid-ops-")
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -55,7 +55,7 @@ def test_every_interface_without_allowed_clients_is_refused(tmp_path, listen):
     d = Daemon(tmp_path, {"listen": listen})
     d.start(wait=False)
     assert d.proc.wait(30) == 2
-    assert "allowed_clients is not set" in d.proc.stdout.read().decode()
+    assert "allowed_clients is not set" in d.output()
 
 
 def test_allowed_clients_any_or_a_list_passes_check(tmp_path):

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import RawClient, Stack, split_response
+from conftest import RawClient, Stack, split_response, wait_for
 
 SECRET = """
     io.open(os.getenv("MARKER") or "{marker}", "w"):close()
@@ -63,6 +63,32 @@ def test_dot_dot_out_of_the_roots_gets_403(confined):
 def test_a_root_reached_through_a_symbolic_link_is_the_same_root(confined):
     os.symlink(confined.site.file("public"), confined.site.file("linked"))
     assert confined.get("/linked/ok.lua")[:3:2] == (200, b"ok")
+
+
+def test_a_symlink_swap_deploy_serves_the_new_release_without_a_reload(tmp_path):
+    # Capistrano's layout: the root is `current`, a symbolic link to the live release
+    s = Stack(tmp_path, {"roots": ["../www/current"]})
+    for release in ("r1", "r2"):
+        s.write(f"releases/{release}/page.lua",
+                f"function main(env, con) con:puts('{release}') end")
+    os.symlink(s.site.file("releases/r1"), s.site.file("current"))
+    s.start()
+    try:
+        assert s.get("/current/page.lua")[::2] == (200, b"r1")
+        # the deploy: a new link renamed over the old one, atomically
+        os.symlink(s.site.file("releases/r2"), s.site.file("current.new"))
+        os.rename(s.site.file("current.new"), s.site.file("current"))
+        answers = []
+
+        def new_release_served():
+            answers.append(s.get("/current/page.lua")[::2])
+            return answers[-1] == (200, b"r2")
+
+        wait_for(new_release_served, what="the new release to be served")
+        assert set(answers) <= {(200, b"r1"), (200, b"r2")}
+        assert "outside every root" not in s.daemon.log()
+    finally:
+        s.stop()
 
 
 def test_another_extension_gets_403_and_never_runs(confined):

@@ -63,4 +63,4 @@ def test_env_values_must_be_strings(tmp_path):
     d = Daemon(tmp_path, {"env": {"PORT": 8080}})
     d.start(wait=False)
     assert d.proc.wait(30) == 2
-    assert "env: PORT: expected a string (quote numbers), got 8080" in d.proc.stdout.read().decode()
+    assert "env: PORT: expected a string (quote numbers), got 8080" in d.output()

@@ -1,8 +1,9 @@
 """Missing scripts, Lua errors and the 500 page, through nginx."""
 
 import os
+import pathlib
 
-from conftest import wait_for
+from conftest import Stack, wait_for
 
 
 def test_missing_script_is_404_naming_no_path_even_with_showerrors(shared_stack):
@@ -114,3 +115,20 @@ def test_a_script_whose_name_is_not_utf8_is_served(stack):
         stream.write("function main(env, con) con:puts(env.SCRIPT_FILENAME) end")
     status, _, body = s.get("/caf%E9.lua")
     assert (status, body) == (200, name)
+
+
+def test_an_unreadable_script_is_403_as_nginx_and_php_fpm_answer(open_dir):
+    # root reads any file: the daemon runs as nobody when the tests run as root
+    user = {"user": "nobody", "group": "nogroup"} if os.geteuid() == 0 else {}
+    s = Stack(pathlib.Path(open_dir), user).start()
+    try:
+        s.write("ok.lua", "function main(env, con) con:puts('ok') end")
+        path = s.write("locked.lua", "function main(env, con) con:puts('locked') end")
+        os.chmod(path, 0)
+        status, _, body = s.get("/locked.lua")
+        assert status == 403 and b"locked" not in body
+        log = s.daemon.log()
+        assert f"refused {path}: {path} is not readable" in log and "File Error" not in log
+        assert s.get("/ok.lua")[::2] == (200, b"ok")
+    finally:
+        s.stop()

@@ -62,4 +62,4 @@ def test_ffi_on_another_vm_is_refused(daemon, tmp_path):
     d = Daemon(tmp_path, {"ffi": True, "lua": "5.4"})
     d.start(wait=False)
     assert d.proc.wait(30) == 2
-    assert "ffi: only LuaJIT has the ffi library (lua: 5.4)" in d.proc.stdout.read().decode()
+    assert "ffi: only LuaJIT has the ffi library (lua: 5.4)" in d.output()

@@ -4,6 +4,7 @@ Lua 5.4: every neighbour request must succeed, and the daemon must be alive afte
 
 import json
 import os
+import re
 import signal
 import threading
 
@@ -139,7 +140,8 @@ def test_with_processes_the_supervisor_replaces_a_process_with_a_stuck_worker(tm
         assert served >= 1
         wait_for(lambda: "stuck in Lua; replacing it" in s.daemon.log(),
                  what="the supervisor to replace the process")
-        wait_for(lambda: "starting it again" in s.daemon.log(), what="its successor")
+        wait_for(lambda: re.search(r"is replaced by process \d+ \(pid \d+\); stopping it",
+                                   s.daemon.log()), what="its successor")
         for _ in range(20):
             assert_alive(s)
     finally:

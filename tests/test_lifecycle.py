@@ -7,7 +7,8 @@ import threading
 
 import pytest
 
-from conftest import wait_for
+from conftest import (Daemon, Fifo, Nginx, RawClient, Site, can_connect, free_port,
+                      split_response, wait_for)
 
 
 def hammer(s, path, stop, results):
@@ -76,3 +77,48 @@ def test_sigterm_drains_a_request_in_flight_then_exits_0(stack, keepalive):
     assert s.daemon.proc.wait(30) == 0
     log = s.daemon.log()
     assert "stopping: draining" in log and "busy=0" in log
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+@pytest.mark.parametrize("listen", ["unix", "tcp"])
+def test_a_draining_daemon_refuses_new_connections_at_once(tmp_path, listen, processes):
+    """Two daemons in one nginx upstream: while one drains a request in flight, new
+    connections to it are refused, so nginx moves on to the other at once."""
+    site = Site(tmp_path / "www")
+    started, held = site.file("started"), Fifo(tmp_path / "held")
+    site.write("hold.lua", f"""
+        function main(env, con)
+          io.open("{started}", "w"):close()
+          io.open("{held.path}"):read()
+          con:puts("held")
+        end
+    """)
+    site.write("who.lua", "function main(env, con) con:puts(con:config('listen')) end")
+    addresses = [f"127.0.0.1:{free_port()}" if listen == "tcp" else str(tmp_path / f"{n}.sock")
+                 for n in ("draining", "serving")]
+    draining = Daemon(tmp_path / "draining", {"listen": addresses[0], "processes": processes})
+    serving = Daemon(tmp_path / "serving", {"listen": addresses[1]})
+    servers = " ".join(f"server {'unix:' if listen == 'unix' else ''}{a};" for a in addresses)
+    nginx = Nginx(tmp_path / "nginx", site.path, "luafcgid",
+                  upstream=f"upstream luafcgid {{ {servers} }}")
+    try:
+        draining.start()
+        serving.start()
+        nginx.start()
+        in_flight = RawClient(draining.address, timeout=30)
+        in_flight.request({b"SCRIPT_FILENAME": site.file("hold.lua").encode()})
+        wait_for(lambda: os.path.exists(started), what="the request to run")
+        draining.signal(signal.SIGTERM)
+        wait_for(lambda: draining.log().count("stopping: draining") == processes,
+                 what="the drain to begin")
+        assert not can_connect(draining.address)
+        for _ in range(4):
+            assert nginx.get("/who.lua", timeout=10)[::2] == (200, addresses[1].encode())
+        assert held.release()
+        assert split_response(in_flight.response()[0])[2] == b"held"
+        assert draining.proc.wait(30) == 0
+    finally:
+        held.release()
+        nginx.stop()
+        draining.stop()
+        serving.stop()

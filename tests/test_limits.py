@@ -1,7 +1,9 @@
 """request_timeout, memory_limit, max_requests and client_timeout, through nginx, on LuaJIT
-(the default VM) and on PUC Lua."""
+(the default VM) and on PUC Lua; the descriptor limit."""
 
+import os
 import re
+import resource
 import socket
 import subprocess
 import sys
@@ -291,3 +293,33 @@ def test_a_trickling_connection_is_closed_after_client_timeout(daemon):
             closed = False
     assert closed
     assert "not complete within client_timeout" in d.log()
+
+
+def test_at_the_descriptor_limit_accept_failures_are_logged_once_per_interval(daemon, site):
+    d = daemon(workers=3, states=3, client_timeout=60)
+    site.write("hi.lua", "function main(env, con) con:puts('hi') end")
+    # two descriptors to spare, once started: two connections are accepted, the rest wait
+    # in the backlog (the socket listens before the workers start)
+    wait_for(lambda: "luafcgid serving on" in d.log(), what="the start")
+    in_use = len(os.listdir(f"/proc/{d.proc.pid}/fd"))
+    limit = resource.prlimit(d.proc.pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(d.proc.pid, resource.RLIMIT_NOFILE, (in_use + 2, limit[1]))
+    clients = [socket.socket(socket.AF_UNIX) for _ in range(8)]
+    try:
+        for client in clients:
+            client.connect(d.address)
+        # failing all along (each worker ten times a second), it is reported once per interval
+        wait_for(lambda: d.log().count("accept failed") >= 2, timeout=30,
+                 what="the second report")
+        first, second = [line for line in d.log().splitlines() if "accept failed" in line]
+        assert "Too many open files" in first
+        assert int(re.search(r"accept failed (\d+) more time", second).group(1)) > 1
+        resource.prlimit(d.proc.pid, resource.RLIMIT_NOFILE, limit)
+        wait_for(lambda: "accept works again" in d.log(), what="accepting again")
+    finally:
+        for client in clients:
+            client.close()
+    client = RawClient(d.address)
+    client.request({b"SCRIPT_FILENAME": site.file("hi.lua").encode()})
+    assert split_response(client.response()[0])[2] == b"hi"
+    assert d.log().count("accept failed") == 2

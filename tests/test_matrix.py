@@ -70,7 +70,9 @@ def _name(combination):
 
 COUNTER = """
     count, finished = 0, 0
-    local id = tostring({}):match("0x%x+") or tostring({})
+    -- with the pid: forked serving processes can make a table at the same address
+    local id = io.open("/proc/self/stat"):read("*l"):match("^%d+") .. "/" ..
+      (tostring({}):match("0x%x+") or tostring({}))
     function main(env, con)
       count = count + 1
       con:header("Content-Type", "text/plain")

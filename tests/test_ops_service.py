@@ -3,13 +3,11 @@ listening socket's mode, dropping root, the pidfile, --daemon, and the signals."
 
 import os
 import pwd
-import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -160,16 +158,6 @@ def _uid_of(pid):
                 return [int(x) for x in line.split()[1:]]
 
 
-@pytest.fixture
-def open_dir():
-    """A directory every user may read (pytest's tmp_path is root's alone), owned by
-    nobody as /var/log/luafcgid would be by the service user."""
-    path = tempfile.mkdtemp(prefix="luafcgid-ops-")
-    os.chmod(path, 0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
 def test_root_drops_to_user_after_binding(open_dir):
     nobody = pwd.getpwnam("nobody")
@@ -266,6 +254,118 @@ def test_sighup_applies_new_headers_without_failing_a_request(stack):
     assert set(seen[:first]) == {"1"} and set(seen[first:]) == {"2"}
 
 
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sighup_changing_lua_keeps_it_and_applies_the_live_settings(stack, processes):
+    # memory_limit is set by default: checking it must not try to load the other VM
+    s = stack(processes=processes, headers=["X-Version: 1"])
+    s.write("v.lua", "function main(env, con) con:puts(_VERSION) end")
+    assert s.get("/v.lua")[1]["x-version"] == "1"
+    s.daemon.write_config(lua="5.4", headers=["X-Version: 2"])
+    s.daemon.signal(signal.SIGHUP)
+    wait_for(lambda: s.daemon.log().count("reloaded ") == processes, what="the reload")
+    log = s.daemon.log()
+    assert "reload refused" not in log
+    assert log.count("reload: lua changed; restart luafcgid to apply it") == processes
+    for _ in range(4):
+        status, headers, body = s.get("/v.lua")
+        assert (status, headers["x-version"], body) == (200, "2", b"Lua 5.1")   # LuaJIT's
+
+
+def _proc_status(pid):
+    """/proc/PID/status as a dict; {} once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as stream:
+            return dict(line.rstrip("\n").split(":\t", 1) for line in stream)
+    except FileNotFoundError:
+        return {}
+
+
+STARTS = {
+    "os.execute": 'os.execute("sleep 1000 >/dev/null 2>&1 & echo $! > {pidfile}")',
+    "io.popen": """
+        local started = io.popen("sleep 1000 >/dev/null 2>&1 & echo $!")
+        local pid = started:read("*l")
+        started:close()
+        local out = io.open("{pidfile}", "w")
+        out:write(pid)
+        out:close()""",
+}
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+@pytest.mark.parametrize("start", STARTS)
+def test_a_process_a_page_starts_can_be_signalled(stack, start, processes):
+    s = stack(processes=processes)
+    pidfile = s.site.file("started.pid")
+    s.write("start.lua", f"""
+        function main(env, con)
+          {STARTS[start].format(pidfile=pidfile)}
+          con:puts("started")
+        end
+    """)
+    assert s.get("/start.lua")[::2] == (200, b"started")
+    with open(pidfile) as stream:
+        pid = int(stream.read())
+    try:
+        status = _proc_status(pid)
+        assert int(status["SigBlk"], 16) == 0
+        assert int(status["SigIgn"], 16) & (1 << (signal.SIGTERM - 1)) == 0
+        os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: _proc_status(pid).get("State", "Z").startswith("Z"),
+                 what="the page's process to die of SIGTERM")
+    finally:
+        if _proc_status(pid).get("State", "Z")[0] != "Z":
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_sigterm_during_start_up_waits_for_the_main_loop(tmp_path):
+    d = Daemon(tmp_path / "d")
+    os.mkfifo(d.settings["logfile"])   # start-up waits where it opens its log
+    d.start(wait=False)
+    wait_for(lambda: open(f"/proc/{d.proc.pid}/wchan").read() == "wait_for_partner",
+             what="start-up to reach the log")
+    d.signal(signal.SIGTERM)
+    with open(d.settings["logfile"]) as log:   # start-up goes on, and logs here to its exit
+        lines = log.read()
+    assert d.proc.wait(15) == 0
+    assert "luafcgid serving on" in lines and "stopped" in lines
+    assert not os.path.exists(d.address)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+@pytest.mark.parametrize("unbuffered", [False, True], ids=["", "PYTHONUNBUFFERED"])
+def test_what_a_page_prints_goes_to_the_error_log_line_by_line(stack, monkeypatch,
+                                                               unbuffered, processes):
+    # Python's -u makes the C library's standard output unbuffered; it is line-buffered
+    # either way
+    if unbuffered:
+        monkeypatch.setenv("PYTHONUNBUFFERED", "1")
+    else:
+        monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)
+    s = stack(processes=processes)
+    s.write("say.lua", """
+        function main(env, con)
+          print("from print", 42)
+          io.write("from io.write ", "in pieces", "\\n")
+          os.execute("echo from a process the page started")
+          io.write("the last words, with no line end")
+          con:puts("said")
+        end
+    """)
+    assert s.get("/say.lua")[::2] == (200, b"said")
+    said = ["from print\\x0942",   # print's tab, as the log escapes it
+            "from io.write in pieces", "from a process the page started"]
+
+    def lines():
+        return [line.split("] ", 1)[-1] for line in s.daemon.log().splitlines()]
+
+    wait_for(lambda: all(line in lines() for line in said), what="the lines, while serving")
+    assert s.stop() == 0
+    assert "the last words, with no line end" in lines()   # flushed at stop
+    # (standard error has the log lines too, when not detached)
+    assert not [line for line in s.daemon.output().splitlines() if line.startswith("from ")]
+
+
 def test_sigusr1_reopens_a_rotated_log(daemon, site):
     d = daemon(access_log=None)
     logfile = d.settings["logfile"]
@@ -304,5 +404,5 @@ def test_a_full_disk_under_the_log_stops_no_serving(daemon, site, tmp_path, proc
     wait_for(logged_again, what="lines in the reopened log")
     assert d.proc.poll() is None
     assert d.stop() == 0
-    stderr = d.proc.stdout.read().decode()
+    stderr = d.output()
     assert f"cannot write to {logfile}: [Errno 28] No space left on device" in stderr

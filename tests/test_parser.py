@@ -2,6 +2,8 @@
 replies it leaves for the connection to send, when it says the connection ends. The same
 records through a real daemon are in test_protocol.py."""
 
+import resource
+
 import pytest
 from conftest import RawClient
 
@@ -102,8 +104,9 @@ def test_management_records_leave_replies_and_keep_the_connection():
         {b"FCGI_MAX_CONNS": b"", b"FCGI_MPXS_CONNS": b""})) + fcgi.record(42, 0, b"?"))
     assert parser.next(LIMITS) is None
     values, unknown = parser.replies
+    descriptors = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     assert values == fcgi.record(fcgi.GET_VALUES_RESULT, 0, fcgi.encode_params(
-        {b"FCGI_MAX_CONNS": b"3", b"FCGI_MPXS_CONNS": b"0"}))
+        {b"FCGI_MAX_CONNS": str(descriptors).encode(), b"FCGI_MPXS_CONNS": b"0"}))
     assert unknown == fcgi.record(fcgi.UNKNOWN_TYPE, 0, b"\x2a" + b"\0" * 7)
     assert not parser.closing and not parser.in_progress
 

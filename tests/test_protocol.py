@@ -3,6 +3,7 @@ malformed input, each followed by a good request. One worker, so a connection th
 let go would block the next request."""
 
 import os
+import resource
 
 import pytest
 from conftest import RawClient, split_response
@@ -37,17 +38,35 @@ def good_request(server, query="after"):
     assert split_response(stdout)[2] == f"hello {query}".encode()
 
 
-def test_get_values_reports_the_configuration(server):
-    client = RawClient(server.address)
+def get_values(client):
     client.send(fcgi.record(fcgi.GET_VALUES, 0, fcgi.encode_params(
         {b"FCGI_MAX_CONNS": b"", b"FCGI_MAX_REQS": b"", b"FCGI_MPXS_CONNS": b"",
          b"FCGI_UNHEARD_OF": b""})))
     rtype, rid, content = client.read_record()
     assert (rtype, rid) == (fcgi.GET_VALUES_RESULT, 0)
-    assert fcgi.decode_params(content) == {b"FCGI_MAX_CONNS": b"1", b"FCGI_MAX_REQS": b"1",
-                                           b"FCGI_MPXS_CONNS": b"0"}
+    return fcgi.decode_params(content)
+
+
+def descriptors(daemon):
+    return resource.prlimit(daemon.proc.pid, resource.RLIMIT_NOFILE)[0]
+
+
+def test_get_values_reports_what_the_daemon_accepts(server):
+    # connections are parked, not held by a worker: as many as the process has descriptors
+    client = RawClient(server.address)
+    assert get_values(client) == {b"FCGI_MAX_CONNS": str(descriptors(server)).encode(),
+                                  b"FCGI_MAX_REQS": b"1", b"FCGI_MPXS_CONNS": b"0"}
     client.request(params(server, "same-connection"))   # management records keep it open
     assert split_response(client.response()[0])[2] == b"hello same-connection"
+
+
+def test_get_values_counts_every_process(daemon):
+    d = daemon(processes=2, workers=3, states=3)
+    client = RawClient(d.address)
+    values = get_values(client)
+    client.close()
+    assert values == {b"FCGI_MAX_CONNS": str(2 * descriptors(d)).encode(),
+                      b"FCGI_MAX_REQS": b"6", b"FCGI_MPXS_CONNS": b"0"}
 
 
 @pytest.mark.parametrize("request_id", [0, 1], ids=["management", "application"])

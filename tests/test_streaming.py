@@ -2,6 +2,7 @@
 
 import http.client
 import os
+import socket
 import threading
 
 import pytest
@@ -158,3 +159,70 @@ def test_stop_removes_the_socket_and_exits_zero(daemon, site):
     assert d.stop() == 0
     assert not os.path.exists(d.address)
     wait_for(lambda: "stopped" in d.log(), what="the stop log line")
+
+
+# Pages that send for ever unless stopped; `?count` answers how many requests the state
+# served, which tells whether it was kept.
+ENDLESS = {
+    "puts": ({"buffering": False}, """
+        served = 0
+        function main(env, con)
+          served = served + 1
+          if env.QUERY_STRING == "count" then return con:puts("served ", served) end
+          local chunk = string.rep("x", 65536)
+          while true do con:puts(chunk) end
+        end
+    """),
+    "flush": ({}, """
+        served = 0
+        function main(env, con)
+          served = served + 1
+          if env.QUERY_STRING == "count" then return con:puts("served ", served) end
+          local chunk = string.rep("x", 65536)
+          while true do con:puts(chunk); con:flush() end
+        end
+    """),
+    # the body goes out after main returned, in pieces: the next piece finds the client gone
+    "buffered": ({}, """
+        served = 0
+        function main(env, con)
+          served = served + 1
+          if env.QUERY_STRING == "count" then return con:puts("served ", served) end
+          local chunk = string.rep("x", 65536)
+          for _ = 1, 512 do con:puts(chunk) end
+        end
+    """),
+    "wsapi": ({}, """
+        served = 0
+        return function(wsapi_env)
+          served = served + 1
+          if wsapi_env.QUERY_STRING == "count" then return 200, {}, {"served " .. served} end
+          local chunk = string.rep("x", 65536)
+          return 200, {}, coroutine.wrap(function() while true do coroutine.yield(chunk) end end)
+        end
+    """),
+}
+
+
+@pytest.mark.parametrize("writes", ENDLESS)
+def test_a_client_that_hangs_up_stops_the_page_at_its_next_write(stack, tmp_path, writes):
+    settings, page = ENDLESS[writes]
+    access = tmp_path / "access.log"
+    # nginx buffers no more than in memory: reading on into a temporary file, it could
+    # take the whole of a finite response before the client left
+    s = stack(workers=1, states=1, access_log=str(access), shutdown_timeout=2,
+              nginx_extra="fastcgi_max_temp_file_size 0;", **settings)
+    s.write("endless.lua", page)
+    with socket.create_connection(("127.0.0.1", s.nginx.port)) as client:
+        client.sendall(b"GET /endless.lua HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        received = 0
+        while received < 1 << 20:   # 1 MiB into the response, the client hangs up
+            received += len(client.recv(65536))
+    # the page's one worker is free again for the next request, on the state it had
+    assert s.get("/endless.lua?count", timeout=20)[::2] == (200, b"served 2")
+    log = s.daemon.log()
+    (gone,) = [line for line in log.splitlines() if "client went away" in line]
+    assert " INFO " in gone and "Error" not in log   # once, and not as a script error
+    wait_for(lambda: " 499 " in access.read_text(), what="the access log line")
+    assert "/endless.lua " in [line for line in access.read_text().splitlines()
+                               if " 499 " in line][0]

@@ -69,7 +69,7 @@ def _memory_kb(state):
 
 
 def _whole_pool(data, scoreboard):
-    """With processes > 1: the request and worker figures become the sums over every
+    """Under the supervisor: the request and worker figures become the sums over every
     process (this one live, the others as they published them within the last second), and
     `processes` lists each. States and scripts stay this process's own."""
     processes = [slot for slot in scoreboard.read() if slot["pid"]]
@@ -87,9 +87,9 @@ def _whole_pool(data, scoreboard):
 class Status:
     def __init__(self, metrics, sock, stuck, scoreboard=None, publish=None, dictionaries=None):
         """The figures of `metrics` (a metrics.Metrics), the accept queue of sock() (the
-        listening socket), the workers stuck() in Lua (deadline.Watcher.stuck), with
-        processes > 1 every process's from `scoreboard`, on which publish() puts this
-        one's first, and those of the shared `dictionaries` (shared.Dictionaries)."""
+        listening socket), the workers stuck() in Lua (deadline.Watcher.stuck), with the
+        supervisor every process's from `scoreboard`, on which publish() puts this one's
+        first, and those of the shared `dictionaries` (shared.Dictionaries)."""
         self.metrics = metrics
         self.sock = sock
         self.stuck = stuck

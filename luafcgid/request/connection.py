@@ -74,9 +74,11 @@ def send_parts(sock, parts, timeout):
 
 
 class Output:
-    """Response bytes for one request, as STDOUT records. A web server that went away
-    makes further writes no-ops, so the script runs on without noticing. Keeps the first
-    bytes (the Status line) and the byte count for the counters and the access log.
+    """Response bytes for one request, as STDOUT records. Once the web server went away,
+    every write raises ClientGone, which stops the page at its next con:puts or con:flush
+    (an error it may catch): running on, a 4-second export held its worker to its end,
+    and an endless stream for ever. Keeps the first bytes (the Status line) and the byte
+    count for the counters and the access log.
     Written by the worker, and by the request_timeout watcher when it gives up on the
     request (abandon); a lock keeps their records whole."""
 
@@ -105,6 +107,8 @@ class Output:
                     self.head = data[:_HEAD]
                 self.sent += len(data)
                 self._send_records(data)
+            if self.broken:
+                raise ClientGone("the client went away")
 
     def end(self, data=b""):
         with self.lock:
@@ -112,7 +116,10 @@ class Output:
 
     @property
     def status(self):
-        """The response's HTTP status code (200 when it said none)."""
+        """The response's HTTP status code (200 when it said none); 499, as nginx logs it,
+        when the client went away before the response was complete."""
+        if self.broken:
+            return 499
         head = self.head
         return int(head[len(_STATUS):]) if head and head.startswith(_STATUS) else 200
 
@@ -273,7 +280,7 @@ class Connection:
             worker.end(out)
         if too_large:
             self.lingering = _monotonic()
-        return keep_conn and not server.stopping
+        return keep_conn
 
     def _send_replies(self):
         replies = b"".join(self.parser.replies)

@@ -7,6 +7,8 @@ so no number of slow or stalled clients can hold a worker. Pure: unit-tested and
 without sockets (tests/test_parser.py, tests/test_fuzz.py).
 """
 
+import resource
+
 from . import fastcgi as fcgi
 
 _KNOWN_TYPES = frozenset(range(fcgi.BEGIN_REQUEST, fcgi.UNKNOWN_TYPE + 1))
@@ -20,8 +22,8 @@ _NOTHING = b""
 
 
 class Parser:
-    """Records in, complete requests out. `limits` passed to next() has max_params, maxpost
-    and workers (a Config): a reload applies to connections already open.
+    """Records in, complete requests out. `limits` passed to next() has max_params, maxpost,
+    workers and processes (a Config): a reload applies to connections already open.
 
     After next(), `replies` holds records the connection must send before anything else
     (management answers, END_REQUEST for a refused request); `closing` says the
@@ -181,8 +183,12 @@ class Parser:
 
     def _management(self, rtype, content, limits):
         if rtype == fcgi.GET_VALUES:
-            workers = str(limits.workers).encode()
-            values = {b"FCGI_MAX_CONNS": workers, b"FCGI_MAX_REQS": workers,
+            # for the whole daemon: every process accepts on the one socket. A connection
+            # holds no worker (it is parked until bytes arrive), so a process holds as many
+            # as it has file descriptors; the backlog bounds only those not yet accepted.
+            descriptors = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            values = {b"FCGI_MAX_CONNS": b"%d" % (limits.processes * descriptors),
+                      b"FCGI_MAX_REQS": b"%d" % (limits.processes * limits.workers),
                       b"FCGI_MPXS_CONNS": b"0"}
             asked = fcgi.decode_params(content)
             self.replies.append(fcgi.record(fcgi.GET_VALUES_RESULT, 0, fcgi.encode_params(

@@ -2,7 +2,8 @@
 
 Independent of the transport: the FastCGI connection and the development HTTP front both
 hand a request's params and body here with an output object that has `write(bytes)` (send
-response bytes now) and `end(bytes)` (send these last bytes and complete the response).
+response bytes now; raises connection.ClientGone once the client went away, which `broken`
+then says) and `end(bytes)` (send these last bytes and complete the response).
 """
 
 import logging
@@ -15,6 +16,7 @@ from ..states.pool import PoolClosed, StatePool
 from ..states.searchpath import search_paths
 from ..states.state import LuaState, Outcome, ScriptError, ScriptGone
 from . import pages
+from .connection import ClientGone
 
 log = logging.getLogger("luafcgid")
 
@@ -55,8 +57,7 @@ class Responder:
                               config.max_requests, self._closer.close)
         # SCRIPT_NAME -> page (the status and ping pages), answered before any script
         self._routes = status.routes(config, self.pool) if status is not None else {}
-        # resolved once, so a root reached through a symbolic link still matches
-        self._roots = tuple(os.path.join(os.path.realpath(root), "") for root in config.roots)
+        self._roots = self._resolve_roots()
         self._located = {}   # SCRIPT_FILENAME -> real path, emptied by every sweep
         self._successor = None
         self._per_thread = workdir.per_thread()
@@ -81,6 +82,12 @@ class Responder:
             self.on_load(path)
         return state
 
+    def _resolve_roots(self):
+        """The roots as real paths, so that a root reached through a symbolic link still
+        matches. Resolved again at every sweep and when a script falls outside them: a
+        deploy swaps a `current` symlink to a new release (a few lstat calls each)."""
+        return tuple(os.path.join(os.path.realpath(root), "") for root in self.config.roots)
+
     def locate(self, script):
         """The real path of a non-empty regular file named by `script`, or None; raises
         Forbidden, before the file is opened, when confinement does not allow it."""
@@ -92,7 +99,9 @@ class Responder:
         except ValueError:   # a NUL byte in the name
             return None
         if self._roots and not path.startswith(self._roots):
-            raise Forbidden(f"{path} is outside every root")
+            self._roots = self._resolve_roots()
+            if not path.startswith(self._roots):
+                raise Forbidden(f"{path} is outside every root")
         try:
             st = os.stat(path)   # not opened: a missing file is a 404 whatever its name
         except OSError:
@@ -101,10 +110,14 @@ class Responder:
             return None
         if not path.endswith(self.config.extensions):
             raise Forbidden(f"{path} does not end with one of {', '.join(self.config.extensions)}")
+        # a 403, as nginx and php-fpm answer, rather than a load that fails with a 500
+        if not os.access(path, os.R_OK):
+            raise Forbidden(f"{path} is not readable by the daemon's user")
         self._located[script] = path
         return path
 
     def forget_locations(self):
+        self._roots = self._resolve_roots()
         self._located = {}
 
     def respond(self, params, body, out, body_too_large=False, worker=None, window=None):
@@ -198,6 +211,8 @@ class Responder:
         the script's pcall (which leaves the state untrusted)."""
         try:
             return method(*args)
+        except ClientGone as exc:   # sending the last of a response, after the handler
+            return Outcome(False, kind="Client Gone", message=str(exc))
         except Exception as exc:
             memory = isinstance(exc, vm.load(self.config.lua).LuaMemoryError)
             return Outcome(False, kind="Memory Error" if memory else "Unknown Error",
@@ -208,6 +223,8 @@ class Responder:
             # the headers leave Lua apart from the body and are joined here: 3-4% of a
             # 25 KB page's time less than in Lua (parse and respond in-process, best of five)
             out.end(result.head + result.payload)
+        elif out.broken and result.kind not in _FATAL:
+            out.end()   # the page stopped at a write after its client left: no script error
         else:
             self._report(result.kind, path, result.message, out,
                          headers_sent=result.headers_sent)

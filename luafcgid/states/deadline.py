@@ -13,8 +13,8 @@ What no hook can interrupt: one C function call (the hook fires when it returns:
 blocking read, one huge string operation) and a __gc finalizer (Lua runs no hooks inside
 finalizers). A call still running stuck_timeout seconds past its deadline is given up on:
 its worker counts as stuck (logged, listed on the status page), its client is answered 500
-now, another worker thread takes its place (server.py), and with processes > 1 the
-supervisor replaces the process. The worker's thread stays in the call; should the call
+now, another worker thread takes its place (server.py), and the supervisor, when one runs,
+replaces the process. The worker's thread stays in the call; should the call
 return, the worker serves again. The same thread checks the slowlog at every tick.
 """
 

@@ -95,13 +95,14 @@ def limits_memory(choice):
 
 
 def problems(config):
-    """What the installed VM cannot do of what `config` asks, one line each."""
+    """What the VM the states will run cannot do of what `config` asks, one line each. That
+    VM is the one this process runs already, if any: a reload keeps it (lua needs a
+    restart), and loading another would fail."""
     if config.memory_limit is None:
         return []
-    try:
-        if limits_memory(config.lua):
-            return []
-    except VMError as exc:
-        return [str(exc)]
-    return [f"memory_limit: the installed {MODULES[config.lua]} cannot limit a state's memory "
+    with _lock:
+        choice = _loaded[0] if _loaded is not None else config.lua
+    if limits_memory(choice):
+        return []
+    return [f"memory_limit: the installed {MODULES[choice]} cannot limit a state's memory "
             f"(LuaJIT needs a GC64 build for that); set memory_limit: null or choose another lua"]
