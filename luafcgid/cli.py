@@ -15,6 +15,7 @@ from .listener import Listener, ListenError
 from .ops import daemon, environment, logs, privileges, signals, systemd
 from .shared.dictionaries import Dictionaries
 from .reference import man_page, sample_config, settings_reference
+from .settings import SYSLOG_FACILITIES
 from .states import vm
 
 log = logging.getLogger("luafcgid")
@@ -120,7 +121,9 @@ def _reread(args, machine):
 
 def _setup_logs(config, args):
     logs.setup(config.logfile, to_stderr=not args.daemon, access_log=config.access_log,
-               slowlog=config.slowlog)
+               slowlog=config.slowlog,
+               syslog=(config.syslog_address, SYSLOG_FACILITIES[config.syslog_facility],
+                       config.syslog_ident))
 
 
 def run(argv):

@@ -6,6 +6,8 @@ import re
 import yaml
 
 from . import procman
+from .ops import access_format
+from .ops.logs import SYSLOG
 from .settings import BY_NAME, SETTINGS, SettingError
 from .states import vm
 
@@ -73,8 +75,10 @@ def from_mapping(raw, source="<config>", base_dir=None):
         except SettingError as exc:
             problems.append(f"{setting.name}: {exc}")
             continue
-        # listen is a path only when it names a Unix socket (it contains a slash)
-        if setting.is_path and value is not None and (setting.name != "listen" or "/" in value):
+        # listen is a path only when it names a Unix socket (it contains a slash); logfile
+        # is none when it says syslog
+        if (setting.is_path and value is not None and (setting.name != "listen" or "/" in value)
+                and not (setting.name == "logfile" and value == SYSLOG)):
             value = _resolve(base_dir, value)
         values[setting.name] = value
     if not problems:
@@ -111,6 +115,10 @@ def _cross_checks(values):
             problems.append(f"lua_cpath: {pattern} holds C modules for Lua {match.group(1)}, "
                             f"but the states run Lua {version} (lua: {values['lua']}); a C "
                             f"module built for another Lua version fails to load or crashes")
+    try:
+        access_format.compile(values["access_format"])
+    except access_format.FormatError as exc:
+        problems.append(f"access_format: {exc}")
     prelude = values["prelude"]
     if prelude is not None:
         if not os.path.isfile(prelude):

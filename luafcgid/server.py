@@ -12,6 +12,7 @@ import time
 from . import procman
 from .config import LISTENER, RESTART_ONLY, keep_running
 from .listener import Listener, ListenError
+from .ops import access_format
 from .ops.metrics import Metrics, current_worker
 from .ops.slowlog import SlowLog
 from .ops.status import Status
@@ -52,6 +53,7 @@ class Server:
                                            config.process_max_memory)
         self.retiring = False   # asked the supervisor for a successor
         self.metrics = Metrics(config.workers, config.slowlog_timeout)
+        self._log_access(config)
         self.slowlog = SlowLog(lambda: self.config, self.metrics)
         self.watcher = Watcher(lambda: self.config, self._replace_stuck, self.slowlog.check)
         for worker in self.metrics.workers:
@@ -85,6 +87,11 @@ class Server:
         log.info("luafcgid serving on %s with %d workers, %d states, Lua %s",
                  self.listener.description, self.config.workers, self.config.states,
                  self.config.lua)
+
+    def _log_access(self, config):
+        """The access log's format, compiled once per config (the config checked it)."""
+        self.metrics.configure(access_format.compile(config.access_format)
+                               if config.access_log else None, bool(config.status_path))
 
     def _start_worker(self, worker):
         self._threads.append(vm.start_thread(self.config.lua, self._work,
@@ -125,6 +132,11 @@ class Server:
                          self.process, why)
                 self.retiring = True
         self.publish()
+        if self.scoreboard is not None and self.config.status_path:
+            # for the status page's ?full in the other processes; only from here, the one
+            # thread that writes this process's slot of them
+            self.scoreboard.publish_workers(self.process, self.status.entries())
+        self.status.sample()
         self.acceptor.close_idle(self.config.client_timeout)
         return True
 
@@ -141,6 +153,7 @@ class Server:
 
     def _work(self, number):
         worker = current_worker.stats = self.metrics.workers[number - 1]
+        worker.tid, worker.born = threading.get_native_id(), time.time()
         while True:
             connection = self.acceptor.next()
             if connection is None:
@@ -172,6 +185,7 @@ class Server:
         # the re-read config passed preflight (cli.py), so this socket is not refused
         self.acceptor.admit = admission(config.allowed_clients, self.listener.sock)
         self.metrics.slow_after = config.slowlog_timeout
+        self._log_access(config)
         self.closer.patience = config.request_timeout
         heartbeat = Heartbeat(config.sweep)
         old, self.responder = self.responder, Responder(

@@ -231,6 +231,31 @@ def address_list(value):
     return tuple(networks)
 
 
+def access_format_value(value):
+    """A format string, or a mapping of JSON names to format strings; config.py compiles it
+    (ops/access_format.py) and reports what is wrong in it."""
+    if isinstance(value, dict):
+        for name, spec in value.items():
+            if not isinstance(name, str) or not isinstance(spec, str):
+                raise SettingError(f"a mapping of JSON names to formats (strings), got "
+                                   f"{name!r}: {spec!r}")
+        return value
+    return string(value)
+
+
+# syslog's facilities by name, with their codes (RFC 5424)
+SYSLOG_FACILITIES = {"kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "syslog": 5,
+                     "lpr": 6, "news": 7, "uucp": 8, "cron": 9, "authpriv": 10, "ftp": 11,
+                     **{f"local{n}": 16 + n for n in range(8)}}
+
+
+def syslog_facility(value):
+    value = string(value).lower()
+    if value not in SYSLOG_FACILITIES:
+        raise SettingError(f"expected one of {', '.join(SYSLOG_FACILITIES)}, got {value!r}")
+    return value
+
+
 def client_list(value):
     """allowed_clients: null (not set), "any", or addresses and networks."""
     if value is None or value == "any":
@@ -362,8 +387,18 @@ SETTINGS = (
             "response"),
     # -- process
     Setting("logfile", optional(string), "luafcgid.log",
-            "Log file; null logs to standard error only.", "process", is_path=True,
-            example="/var/log/luafcgid/luafcgid.log"),
+            "Log file; syslog sends the log to the system logger (the journal, under "
+            "systemd) instead, as php-fpm's error_log = syslog; null logs to standard error "
+            "only.", "process", is_path=True, example="/var/log/luafcgid/luafcgid.log"),
+    Setting("syslog_facility", syslog_facility, "daemon",
+            "With logfile: syslog, the facility the lines are sent with (php-fpm's "
+            "syslog.facility): daemon, user, local0 to local7, ...", "process"),
+    Setting("syslog_ident", string, "luafcgid",
+            "With logfile: syslog, the name every line is sent under, followed by the "
+            "process id (php-fpm's syslog.ident).", "process"),
+    Setting("syslog_address", string, "/dev/log",
+            "With logfile: syslog, the system logger's Unix datagram socket.", "process",
+            is_path=True),
     Setting("pidfile", optional(string), None,
             "File the daemon's process id is written to.", "process", live=False,
             is_path=True),
@@ -382,9 +417,20 @@ SETTINGS = (
             "Group to run as with user; null means the user's primary group.", "process",
             live=False),
     Setting("access_log", optional(string), None,
-            "Access log: one line per request (time, method, URI, status, bytes, seconds, "
-            "script), e.g. /var/log/luafcgid/access.log; null for none.", "process",
-            is_path=True),
+            "Access log: one line per request, as access_format says, e.g. "
+            "/var/log/luafcgid/access.log; null for none.", "process", is_path=True),
+    Setting("access_format", access_format_value,
+            "%{%Y-%m-%dT%H:%M:%S%z}T %m %{REQUEST_URI}e %s %O %{seconds.6}d %f",
+            "The access log's line, in php-fpm's access.format codes: %R remote address, "
+            "%u remote user, %m method, %r URI without the query, %q query, %Q '?' if there "
+            "is a query, %s status, %O bytes sent, %f script, %l request content length, "
+            "%d duration ({seconds}, {mili}, {micro}; {seconds.6} for 6 decimals), %M the "
+            "Lua state's memory after the request ({bytes}, {kilo}, {mega}), %C CPU "
+            "percent of the worker thread, %t start and %T end time ({strftime format}), "
+            "%{NAME}e a FastCGI param, %{NAME}o a response header, %n pool, %p pid, %P "
+            "parent pid, %% a percent sign. Every field is escaped. json writes one JSON "
+            "object per line (time, remote_addr, method, uri, status, bytes, seconds, "
+            "script, pid); a mapping of names to formats writes those.", "process"),
     Setting("slowlog", optional(string), None,
             "Log of requests that ran longer than slowlog_timeout, with the Lua traceback of "
             "where they were (Lua 5.2 to 5.5; see the manual for LuaJIT and 5.1), e.g. "
@@ -447,8 +493,11 @@ SETTINGS = (
             "Seconds: see emergency_restart_threshold.", "pm"),
     # -- status and ping pages
     Setting("status_path", optional(url_path), None,
-            "SCRIPT_NAME that answers the status page (plain text; ?json, ?openmetrics) "
-            "instead of a script, like php-fpm's pm.status_path.", "status",
+            "SCRIPT_NAME that answers the status page instead of a script, in php-fpm's "
+            "forms (pm.status_path): plain text, ?json, ?xml, ?html or ?openmetrics, and "
+            "?full for every worker; luafcgid's own figures (states, scripts, stuck "
+            "workers) follow php-fpm's. While it is set, each request's CPU time and its "
+            "state's memory are taken (about 1 us a request).", "status",
             example="/luafcgid-status"),
     Setting("ping_path", optional(url_path), None,
             "SCRIPT_NAME that answers 'pong', for health checks.", "status",

@@ -70,7 +70,7 @@ class Supervisor:
         self.listener = listener
         self.reread = reread
         # a slot for each process and for a successor beside each one being replaced
-        self.scoreboard = Scoreboard(2 * config.processes)
+        self.scoreboard = Scoreboard(2 * config.processes, config.workers)
         self.children = {}   # pid -> Child
         self.failures = {}   # process number -> boot failures in a row
         self.held = 0.0      # monotonic time before which no process starts (a backoff)

@@ -109,13 +109,13 @@ def test_a_gc_loop_during_a_request_is_given_up_on_and_reported(tmp_path, lua):
         assert served >= 1
         assert "stuck: still running" in s.daemon.log()
         page = json.loads(s.get("/status.lua?json")[2])
-        assert page["workers"]["stuck"] == 1
+        assert len(page["stuck"]) == 1
         assert page["stuck"][0]["request"].startswith("GET /gcloop.lua")
         assert_alive(s)   # on the other worker
         release.touch()   # the finalizer ends; the stop hook waiting for it fires
         wait_for(lambda: "returned; serving again" in s.daemon.log(),
                  what="the stuck worker to come back")
-        assert json.loads(s.get("/status.lua?json")[2])["workers"]["stuck"] == 0
+        assert json.loads(s.get("/status.lua?json")[2])["stuck"] == []
     finally:
         release.touch()
         assert s.stop() == 0

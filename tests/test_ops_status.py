@@ -60,21 +60,22 @@ def test_status_json_counters_move(pages, site):
     for _ in range(5):
         assert run(pages.address, site, "count.lua")[2] == b"x"
     assert run(pages.address, site, "fail.lua")[0].startswith("500")
-    # the five, the failure and the first status request; a worker counts its request
-    # just after the client has the response, so the last one may show a moment later
-    wait_for(lambda: json.loads(fetch(pages.address, "/status", "json")[2])["requests"]
-             >= before["requests"] + 7, what="the counters")
+    # the five, the failure, the first status request and this one; a worker counts its
+    # request just after the client has the response, so the last one may show a moment
+    # later
+    wait_for(lambda: json.loads(fetch(pages.address, "/status", "json")[2])["accepted conn"]
+             >= before["accepted conn"] + 8, what="the counters")
     status, headers, body = fetch(pages.address, "/status", "json")
     assert headers["content-type"] == "application/json"
     after = json.loads(body)
     assert after["failed_requests"] == before["failed_requests"] + 1
-    assert after["uptime_seconds"] >= before["uptime_seconds"]
-    assert after["workers"]["total"] == 3
-    assert after["workers"]["active"] >= 1   # this status request itself
-    assert after["queue"] == 0   # a Unix socket: read through ss
+    assert after["start since"] >= before["start since"]
+    assert after["total processes"] == 3
+    assert after["active processes"] >= 1   # this status request itself
+    assert after["listen queue"] == 0   # a Unix socket: read through ss
     script = {s["path"]: s for s in after["scripts"]}[site.file("count.lua")]
     assert script["clones"] == 1 and script["requests"] == 5
-    assert script["memory_kb"] > 0 and script["loaded_at"] > after["start_time"] - 1
+    assert script["memory_kb"] > 0 and script["loaded_at"] > after["start time"] - 1
 
 
 def test_status_plain_text(pages, site):
@@ -86,8 +87,8 @@ def test_status_plain_text(pages, site):
     status, headers, body = fetch(pages.address, "/status")
     text = body.decode()
     assert headers["content-type"].startswith("text/plain")
-    assert int(text.split("\nrequests: ")[1].split("\n")[0]) >= 1
-    assert "idle workers: " in text and "total workers: 3\n" in text
+    assert int(text.split("\naccepted conn:        ")[1].split("\n")[0]) >= 2
+    assert "idle processes:       " in text and "total processes:      3\n" in text
     assert line in text
 
 
@@ -105,24 +106,25 @@ def test_status_openmetrics(pages, site):
     assert first[1]["content-type"].startswith("application/openmetrics-text")
     assert first[2].endswith(b"# EOF\n")
     for line in first[2].decode().splitlines():
-        assert line.startswith(("luafcgid_", "# HELP luafcgid_", "# TYPE luafcgid_", "# EOF"))
+        assert re.match(r"(# (HELP|TYPE) )?(luafcgid|phpfpm)_|# EOF$", line)
     for _ in range(3):
         run(pages.address, site, "m.lua")
     before = _samples(first[2])
     wait_for(lambda: _samples(fetch(pages.address, "/status", "openmetrics")[2])[
-        ("luafcgid_requests_total", ())] >= before[("luafcgid_requests_total", ())] + 4,
+        ("phpfpm_accepted_connections", ())] >= before[("phpfpm_accepted_connections", ())] + 4,
         what="the counters")
     after = _samples(fetch(pages.address, "/status", "openmetrics")[2])
     script = (("script", site.file("m.lua")),)
     assert after[("luafcgid_script_requests_total", script)] == 3
     assert after[("luafcgid_script_memory_bytes", script)] > 0
-    assert after[("luafcgid_workers", (("state", "idle"),))] <= 2
+    assert after[("phpfpm_idle_processes", ())] <= 2
 
 
 def test_tcp_listen_queue_is_read_from_proc(daemon):
     from conftest import free_port
-    d = daemon(listen=f"127.0.0.1:{free_port()}", status_path="/status")
-    assert json.loads(fetch(d.address, "/status", "json")[2])["queue"] == 0
+    d = daemon(listen=f"127.0.0.1:{free_port()}", status_path="/status", backlog=77)
+    page = json.loads(fetch(d.address, "/status", "json")[2])
+    assert (page["listen queue"], page["max listen queue"], page["listen queue len"]) == (0, 0, 77)
 
 
 def test_access_log_has_one_line_per_request(daemon, site, tmp_path):
@@ -167,7 +169,7 @@ def test_slowlog_writes_the_lua_traceback_once(daemon, site, tmp_path, lua):
     # where it was (LuaJIT names the loop's last line, and the handler by its local name)
     assert re.search(r"busy\.lua:[45]: in function 'spin'", text)
     assert "busy.lua:7: in function" in text
-    wait_for(lambda: json.loads(fetch(d.address, "/status", "json")[2])["slow_requests"] == 1,
+    wait_for(lambda: json.loads(fetch(d.address, "/status", "json")[2])["slow requests"] == 1,
              what="the slow request count")
 
 

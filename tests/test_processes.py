@@ -147,13 +147,16 @@ def test_the_status_page_reports_every_process(daemon, site):
 
     def pool_wide():
         data = json.loads(get(b"/status")[1])
-        return len(data["processes"]) == 2 and data["requests"] >= 30 and data
+        return len(data["serving_processes"]) == 2 and data["accepted conn"] >= 30 and data
 
     wait_for(pool_wide, what="both processes on the scoreboard")
     data = pool_wide()
-    assert {slot["pid"] for slot in data["processes"]} == set(_children(d.proc.pid))
-    assert data["workers"]["total"] == 4
-    assert sum(slot["requests"] for slot in data["processes"]) == data["requests"]
+    slots = data["serving_processes"]
+    assert {slot["pid"] for slot in slots} == set(_children(d.proc.pid))
+    assert data["total processes"] == 4
+    # php-fpm counts the requests accepted: the ones answered and the ones running
+    assert sum(slot["requests"] for slot in slots) + data["active processes"] == \
+        data["accepted conn"]
 
 
 def test_a_hung_process_is_replaced(stack):

@@ -1,11 +1,13 @@
-"""The logs, through Python logging: the error log (timestamps and the worker's name), and
-the optional access log and slowlog. SIGUSR1 reopens them all (logrotate's postrotate).
+"""The logs, through Python logging: the error log (timestamps and the worker's name), to
+a file or to the system logger (logfile: syslog), and the optional access log and slowlog.
+SIGUSR1 reopens the files (logrotate's postrotate).
 
 Every line is escaped as it is written (escape()): a request names its script, URI and method,
 and a script writes con:log and its error messages, so any of them could otherwise carry a
 line feed and forge a line (nginx decodes "%0a" in a URI into SCRIPT_FILENAME). The error
-log and the access log escape each whole message, whatever built it; the slowlog, whose
-entries span lines on purpose, escapes its fields itself (slowlog.py).
+log escapes each whole message, whatever built it; the access log's line escapes each field
+(access_format.py) and the slowlog, whose entries span lines on purpose, its fields
+(slowlog.py).
 
 A log that cannot be written (a full disk) never stops serving: the failure is reported on
 standard error once, its lines are lost meanwhile, and writing resumes when it can. A file
@@ -13,10 +15,15 @@ that cannot be reopened keeps its old stream and is tried again every second.
 """
 
 import logging
+import os
 import re
+import socket
 import sys
 
 FORMAT = "%(asctime)s %(levelname)s [%(threadName)s] %(message)s"
+# the system logger stamps the time, and the level is the line's priority
+SYSLOG_FORMAT = "[%(threadName)s] %(message)s"
+SYSLOG = "syslog"   # the logfile that means the system logger
 
 log = logging.getLogger("luafcgid")
 access = logging.getLogger("luafcgid.access")
@@ -133,6 +140,60 @@ class LogFile(logging.FileHandler):
         return True
 
 
+class Syslog(logging.Handler):
+    """The error log sent to the system logger's Unix datagram socket (journald and rsyslog
+    listen on /dev/log), as "<PRI>ident[pid]: [thread] message", the form syslog(3) sends.
+    A logger that is not there is refused at setup (OSError); one that goes away later is
+    reported once, like a file that cannot be written, and each line tries to reach it
+    again, so lines flow once it is back. (Not logging.handlers.SysLogHandler: importing it
+    cost each process 1.5 MB, and it ignores a logger that is not there.)"""
+
+    _PRIORITIES = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
+
+    def __init__(self, address, facility, ident):
+        """`facility`: its code (settings.SYSLOG_FACILITIES)."""
+        super().__init__()
+        self.address, self.facility, self.ident = address, facility, ident
+        self.failing = False
+        self.sock = self._connect()
+
+    def _connect(self):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.connect(self.address)
+        except OSError as exc:
+            sock.close()
+            raise OSError(exc.errno, f"cannot reach the system logger at {self.address}: "
+                                     f"{exc.strerror}") from None
+        return sock
+
+    def emit(self, record):
+        try:
+            # the process id at the time of the line: serving processes are forked after
+            # setup
+            line = (f"<{self.facility * 8 + self._PRIORITIES.get(record.levelname, 6)}>"
+                    f"{self.ident}[{os.getpid()}]: {self.format(record)}").encode()
+            try:
+                self.sock.send(line)
+            except OSError:   # the logger restarted (a new socket) or is gone
+                self.sock.close()
+                self.sock = self._connect()
+                self.sock.send(line)
+        except OSError as exc:
+            if not self.failing:
+                self.failing = True
+                _report(f"cannot send the log to {self.address}: {exc}; its lines are lost "
+                        f"until the system logger takes them")
+            return
+        if self.failing:
+            self.failing = False
+            _report(f"sending the log to {self.address} again")
+
+    def close(self):
+        self.sock.close()
+        super().close()
+
+
 def _route(logger, handlers, formatter):
     old = list(logger.handlers)
     for handler in handlers:
@@ -146,27 +207,34 @@ def _route(logger, handlers, formatter):
     logger.propagate = False
 
 
-def setup(logfile, to_stderr=True, access_log=None, slowlog=None):
-    """Log to `logfile` (when set) and to standard error (when asked); the access log and
-    the slowlog only go to their files, and are off when not set."""
-    # every file is opened before any logger changes, so a file that cannot be opened
-    # (OSError; a missing directory too: none is created) leaves the logging as it was
-    handlers = [LogFile(logfile)] if logfile else []
-    if to_stderr or not logfile:
-        handlers.append(logging.StreamHandler(sys.stderr))
+def setup(logfile, to_stderr=True, access_log=None, slowlog=None, syslog=None):
+    """Log to `logfile` (when set) and to standard error (when asked), or with logfile
+    "syslog" to the system logger only, Syslog(*syslog) (address, facility, ident); the
+    access log and the slowlog only go to their files, and are off when not set."""
+    # every file (and the system logger) is opened before any logger changes, so one that
+    # cannot be opened (OSError; a missing directory too: none is created) leaves the
+    # logging as it was
+    if logfile == SYSLOG:
+        handlers, formatter = [Syslog(*syslog)], EscapingFormatter(SYSLOG_FORMAT)
+    else:
+        handlers, formatter = [LogFile(logfile)] if logfile else [], EscapingFormatter(FORMAT)
+        if to_stderr or not logfile:
+            handlers.append(logging.StreamHandler(sys.stderr))
     access_handlers = [LogFile(access_log)] if access_log else []
     slow_handlers = [LogFile(slowlog)] if slowlog else []
-    _route(log, handlers, EscapingFormatter(FORMAT))
-    # the access log line carries its own time stamp; its handlers stay empty when it is
+    _route(log, handlers, formatter)
+    # the access log line carries its own time stamp, and access_format escaped each field
+    # (a JSON line's quotes and backslashes must stay); its handlers stay empty when it is
     # off, which is what the request path checks
-    _route(access, access_handlers, EscapingFormatter("%(message)s"))
+    _route(access, access_handlers, logging.Formatter("%(message)s"))
     # a slowlog entry spans lines: slowlog.py escapes its fields
     _route(slow, slow_handlers, logging.Formatter("%(asctime)s [%(threadName)s] %(message)s"))
 
 
 def files(config):
     """The log files the config names (for handing them to the user the daemon runs as)."""
-    return [path for path in (config.logfile, config.access_log, config.slowlog) if path]
+    return [path for path in (config.logfile, config.access_log, config.slowlog)
+            if path and path != SYSLOG]
 
 
 def _files():

@@ -1,10 +1,12 @@
 """Under a supervisor: every serving process's request counters, in memory the supervisor
 shares with the processes it forks, so that whichever process answers the status page can
 report the whole pool (as php-fpm's scoreboard does), and the supervisor sees which process
-is serving, has a worker stuck in Lua (deadline.py) or asks to be replaced (recycling). Each
-process writes only its own slot, once a second from its main thread; the supervisor clears
-the slot of a process that ended."""
+is serving, has a worker stuck in Lua (deadline.py) or asks to be replaced (recycling); and
+each process's workers for the status page's ?full. Each process writes only its own slots,
+once a second from its main thread; the supervisor clears the slot of a process that
+ended."""
 
+import json
 import mmap
 import struct
 import time
@@ -16,11 +18,42 @@ FIELDS = ("pid", "requests", "failed_requests", "slow_requests", "active_workers
           "updated", "stuck_workers", "beat", "retiring")
 
 
+# a process's workers, as the status page's ?full lists them: JSON, behind its length
+_LENGTH = struct.Struct("=I")
+# room per worker (twice `workers`: stuck ones are replaced); longer strings are cut as
+# php-fpm cuts them in its scoreboard (its request_uri holds 128 bytes, script 256)
+_PER_WORKER = 1024
+_CUT = {"request uri": 128, "script": 256, "user": 32, "request method": 16}
+
+
 class Scoreboard:
-    def __init__(self, processes):
+    def __init__(self, processes, workers=1):
         self.processes = processes
         # anonymous and MAP_SHARED (mmap's default): the forked children share the pages
         self._memory = mmap.mmap(-1, _SLOT.size * processes)
+        self._room = 2 * workers * _PER_WORKER
+        self._workers = mmap.mmap(-1, self._room * processes)
+
+    def publish_workers(self, number, entries):
+        """Process `number`'s workers: a list of plain dicts (the status page's entries)."""
+        for entry in entries:
+            for name, most in _CUT.items():
+                if len(entry[name]) > most:
+                    entry[name] = entry[name][:most]
+        data = json.dumps(entries).encode()[:self._room - _LENGTH.size]
+        start = (number - 1) * self._room
+        self._workers[start + _LENGTH.size:start + _LENGTH.size + len(data)] = data
+        _LENGTH.pack_into(self._workers, start, len(data))
+
+    def workers(self, number):
+        """What process `number` last published with publish_workers ([] if nothing, or
+        if it was read in the middle of a write)."""
+        start = (number - 1) * self._room
+        length, = _LENGTH.unpack_from(self._workers, start)
+        try:
+            return json.loads(self._workers[start + _LENGTH.size:start + _LENGTH.size + length])
+        except ValueError:
+            return []
 
     def publish(self, number, pid, requests, failed, slow, active, workers, stuck, retiring):
         _SLOT.pack_into(self._memory, (number - 1) * _SLOT.size, pid, requests, failed, slow,

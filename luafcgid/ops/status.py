@@ -4,22 +4,23 @@ The responder answers them when SCRIPT_NAME matches status_path or ping_path, be
 script lookup. Only clients in status_allow see them, by REMOTE_ADDR: the web server's
 word, which anyone who can connect to luafcgid's socket can forge. That is why a TCP
 listener needs allowed_clients (clients.py): on a Unix socket, listen_mode and listen_group
-decide who can speak. The status page is plain text, JSON with `?json`, or OpenMetrics text (which
-Prometheus reads) with `?openmetrics`.
+decide who can speak. The status page is php-fpm's (fpm_status.py renders it): plain text,
+?json, ?xml, ?html or ?openmetrics, and ?full lists every worker as php-fpm lists its
+processes (a worker thread serves one request at a time, as a php-fpm process does).
+luafcgid's own figures, the Lua states and scripts, failed requests, stuck workers and with
+processes > 1 each serving process, follow php-fpm's under their own names.
 """
 
-import ipaddress
-import json
 import os
 import socket
 import subprocess
 import time
 from collections import defaultdict
+from ipaddress import ip_network
 
 from ..request import pages
 from ..request.clients import peer_address
-
-OPENMETRICS_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+from . import access_format, fpm_status
 
 
 def _plain(status, body, content_type="text/plain; charset=utf-8"):
@@ -68,20 +69,56 @@ def _memory_kb(state):
         return None
 
 
-def _whole_pool(data, scoreboard):
-    """Under the supervisor: the request and worker figures become the sums over every
-    process (this one live, the others as they published them within the last second), and
-    `processes` lists each. States and scripts stay this process's own."""
-    processes = [slot for slot in scoreboard.read() if slot["pid"]]
-    data["processes"] = processes
-    for key in ("requests", "failed_requests", "slow_requests"):
-        data[key] = sum(slot[key] for slot in processes)
-    total = sum(slot["workers"] for slot in processes)
-    active = sum(slot["active_workers"] for slot in processes)
-    data["workers"] = {"total": total, "active": active, "idle": total - active,
-                       "stuck": sum(slot["stuck_workers"] for slot in processes)}
-    uptime = data["uptime_seconds"]
-    data["requests_per_second"] = round(data["requests"] / uptime, 3) if uptime > 0 else 0.0
+def backlog_length(backlog):
+    """The most connections the listening socket queues: `backlog` (the setting), as the
+    kernel caps it at net.core.somaxconn (which -1 takes)."""
+    try:
+        with open("/proc/sys/net/core/somaxconn") as stream:
+            cap = int(stream.read())
+    except (OSError, ValueError):
+        return max(backlog, 0)
+    return cap if backlog < 0 else min(backlog, cap)
+
+
+def _text_of(value):
+    return value.decode("utf-8", "replace") if value else "-"
+
+
+def worker_entry(worker, now, wall):
+    """php-fpm's entry of one process (fpm_status.PROCESS) for a worker thread: while it
+    serves a request, that request and how long it runs so far; idle, its last request,
+    with that request's CPU (percent of its duration, as php-fpm's) and its state's
+    memory."""
+    started, params = worker.started, worker.params or {}
+    seconds = now - started if started else worker.seconds
+    uri = params.get(b"REQUEST_URI")
+    if uri is None and params.get(b"SCRIPT_NAME"):
+        query = params.get(b"QUERY_STRING")
+        uri = params[b"SCRIPT_NAME"] + (b"?" + query if query else b"")
+    script = worker.script if worker.script is not None else params.get(b"SCRIPT_FILENAME")
+    try:
+        length = int(params.get(b"CONTENT_LENGTH") or 0)
+    except ValueError:
+        length = 0
+    idle = not started
+    return {
+        # the worker thread's id (its LWP, as ps -L shows it): php-fpm_exporter tells
+        # processes apart by pid and start time, and threads of one process share the pid
+        "pid": worker.tid,
+        "state": fpm_status.IDLE if idle else fpm_status.RUNNING,
+        "start time": int(worker.born),
+        "start since": int(wall - worker.born),
+        "requests": worker.requests,
+        "request duration": int(seconds * 1e6),
+        "request method": _text_of(params.get(b"REQUEST_METHOD")),
+        "request uri": _text_of(uri),
+        "content length": length,
+        "user": _text_of(params.get(b"REMOTE_USER")),
+        "script": _text_of(script),
+        "last request cpu": round(worker.cpu / worker.seconds * 100, 2)
+        if idle and worker.seconds > 0 else 0.0,
+        "last request memory": worker.memory if idle else 0,
+    }
 
 
 class Status:
@@ -96,14 +133,18 @@ class Status:
         self.scoreboard = scoreboard
         self.publish = publish
         self.dictionaries = dictionaries
+        # php-fpm's maxima since the start: of the accept queue as the status page saw it,
+        # and of the active workers, sampled every second (sample()) as php-fpm's master does
+        self.max_queue = 0
+        self.max_active = 0
 
     def routes(self, config, pool):
         """SCRIPT_NAME (bytes) -> page function, for a responder whose states are `pool`."""
-        allowed = tuple(ipaddress.ip_network(network) for network in config.status_allow)
+        allowed = tuple(ip_network(network) for network in config.status_allow)
         found = {}
         if config.status_path:
             found[config.status_path.encode()] = lambda params: self._guarded(
-                allowed, params, lambda params: self.status_page(params, pool))
+                allowed, params, lambda params: self.status_page(params, config, pool))
         if config.ping_path:
             found[config.ping_path.encode()] = lambda params: self._guarded(
                 allowed, params, lambda _: _plain("200 OK", b"pong\n"))
@@ -116,12 +157,61 @@ class Status:
             return pages.response("403 Forbidden")
         return page(params)
 
-    def snapshot(self, pool):
-        """Everything the status page shows, as plain data."""
+    def _pool_totals(self):
+        """(requests, failed, slow, active, workers, stuck, the processes' slots or None):
+        this process's, or with processes > 1 the sums over every process (this one live,
+        the others as they published them within the last second)."""
+        if self.scoreboard is None:
+            requests, failed, slow, active = self.metrics.totals()
+            return (requests, failed, slow, active, len(self.metrics.workers),
+                    len(self.stuck()), None)
+        self.publish()
+        slots = [slot for slot in self.scoreboard.read() if slot["pid"]]
+        return tuple(sum(slot[key] for slot in slots) for key in (
+            "requests", "failed_requests", "slow_requests", "active_workers", "workers",
+            "stuck_workers")) + (slots,)
+
+    def entries(self):
+        """This process's workers, as ?full lists them (worker_entry)."""
+        now, wall = time.monotonic(), time.time()
+        return [worker_entry(worker, now, wall) for worker in self.metrics.workers]
+
+    def sample(self):
+        """Every second (the server's tick): the most workers active at once."""
+        self.max_active = max(self.max_active, self._pool_totals()[3])
+
+    def snapshot(self, config, pool, full=False):
+        """(php-fpm's pool figures, its process entries or None, luafcgid's own figures)."""
+        requests, failed, slow, active, workers, _, slots = self._pool_totals()
+        self.max_active = max(self.max_active, active)
+        queue = accept_queue(self.sock())
+        if queue is not None:
+            self.max_queue = max(self.max_queue, queue)
         metrics = self.metrics
-        requests, failed, slow, active = metrics.totals()
-        stuck = self.stuck()
-        uptime = metrics.uptime()
+        figures = {
+            "pool": access_format.POOL,
+            "process manager": config.pm,
+            "start time": int(metrics.started),
+            "start since": int(metrics.uptime()),
+            # php-fpm counts a request when it is accepted: the ones running too
+            "accepted conn": requests + active,
+            "listen queue": queue or 0,
+            "max listen queue": self.max_queue,
+            "listen queue len": backlog_length(config.backlog),
+            "idle processes": workers - active,
+            "active processes": active,
+            "total processes": workers,
+            "max active processes": self.max_active,
+            "max children reached": 0,
+            "slow requests": slow,
+        }
+        processes = None
+        if full:
+            processes = self.entries()
+            # with processes > 1 the other processes' workers, as of the last second
+            for slot in slots or ():
+                if slot["pid"] != os.getpid():
+                    processes += self.scoreboard.workers(slot["process"])
         scripts = defaultdict(lambda: {"clones": 0, "requests": 0, "loaded_at": 0.0,
                                        "memory_kb": None})
         for state in pool.states():
@@ -132,84 +222,59 @@ class Status:
             memory = pool.inspect(state, _memory_kb)
             if memory is not None:
                 entry["memory_kb"] = (entry["memory_kb"] or 0.0) + memory
-        data = {
-            "pid": os.getpid(),
-            "start_time": metrics.started,
-            "uptime_seconds": round(uptime, 3),
-            "requests": requests,
-            "requests_per_second": round(requests / uptime, 3) if uptime > 0 else 0.0,
+        own = {
             "failed_requests": failed,
-            "slow_requests": slow,
-            "workers": {"total": len(metrics.workers), "active": active,
-                        "idle": len(metrics.workers) - active, "stuck": len(stuck)},
             # workers given up on, stuck in Lua past request_timeout (deadline.py)
-            "stuck": stuck,
+            "stuck": self.stuck(),
             "states": pool.stats(),
             "scripts": [{"path": path, **entry} for path, entry in sorted(scripts.items())],
             # one store for every process: whichever answers shows the same
             "shared": self.dictionaries.stats() if self.dictionaries is not None else [],
         }
-        queue = accept_queue(self.sock())
-        if queue is not None:   # omitted where the system does not tell
-            data["queue"] = queue
-        if self.scoreboard is not None:
-            self.publish()
-            _whole_pool(data, self.scoreboard)
-        return data
+        if slots is not None:
+            own["serving_processes"] = slots
+        return figures, processes, own
 
-    def status_page(self, params, pool):
-        query = params.get(b"QUERY_STRING", b"").split(b"&")
-        data = self.snapshot(pool)
-        if b"json" in query:
-            body = json.dumps(data, indent=1).encode() + b"\n"
-            return _plain("200 OK", body, "application/json")
-        if b"openmetrics" in query:
-            return _plain("200 OK", openmetrics(data).encode(), OPENMETRICS_TYPE)
-        return _plain("200 OK", text(data).encode())
+    def status_page(self, params, config, pool):
+        chosen, full = fpm_status.form(params.get(b"QUERY_STRING", b""))
+        figures, processes, own = self.snapshot(config, pool, full)
+        content_type, body = fpm_status.render(chosen, figures, processes, own, text(own),
+                                               openmetrics(own))
+        return _plain("200 OK", body, content_type)
 
 
-def text(data):
-    workers = data["workers"]
-    lines = [f"pid: {data['pid']}",
-             f"start time: {time.strftime('%Y-%m-%dT%H:%M:%S%z', time.localtime(data['start_time']))}",
-             f"uptime seconds: {data['uptime_seconds']}",
-             f"requests: {data['requests']}",
-             f"requests per second: {data['requests_per_second']}",
-             f"failed requests: {data['failed_requests']}",
-             f"slow requests: {data['slow_requests']}",
-             f"active workers: {workers['active']}",
-             f"idle workers: {workers['idle']}",
-             f"total workers: {workers['total']}",
-             f"stuck workers: {workers['stuck']}"]
-    if "queue" in data:
-        lines.append(f"listen queue: {data['queue']}")
-    for slot in data.get("processes", ()):
+def text(own):
+    """luafcgid's own lines of the plain text page, after php-fpm's."""
+    lines = [f"failed requests:      {own['failed_requests']}",
+             f"stuck workers:        {len(own['stuck'])}"]
+    for slot in own.get("serving_processes", ()):
         lines.append(f"process {slot['process']}: pid {slot['pid']} requests {slot['requests']} "
                      f"failed {slot['failed_requests']} slow {slot['slow_requests']} active "
                      f"workers {slot['active_workers']} of {slot['workers']} stuck "
                      f"{slot['stuck_workers']}")
-    for stuck in data["stuck"]:
+    for stuck in own["stuck"]:
         lines.append(f"stuck: {stuck['worker']} running {stuck['request']} for "
                      f"{stuck['seconds']} s")
-    lines.append(f"states: {data['states']['states']} (created {data['states']['created']}, "
-                 f"evicted {data['states']['evicted']}, flushed {data['states']['flushed']})")
-    for script in data["scripts"]:
+    lines.append(f"states: {own['states']['states']} (created {own['states']['created']}, "
+                 f"evicted {own['states']['evicted']}, flushed {own['states']['flushed']})")
+    for script in own["scripts"]:
         memory = "-" if script["memory_kb"] is None else f"{script['memory_kb']:.1f} KiB"
         loaded = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(script["loaded_at"]))
         lines.append(f"script: {script['path']} clones {script['clones']} requests "
                      f"{script['requests']} loaded {loaded} memory {memory}")
-    for shared in data["shared"]:
+    for shared in own["shared"]:
         lines.append(f"shared: {shared['name']} capacity {shared['capacity']} free "
                      f"{shared['free_space']} keys {shared['keys']}")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _label(value):
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def openmetrics(data):
-    """OpenMetrics text: every family has # TYPE and # HELP; counters end in _total."""
+def openmetrics(own):
+    """luafcgid's own OpenMetrics families, after php-fpm's: every family has # TYPE and
+    # HELP; counters end in _total."""
     out = []
 
     def family(name, kind, help_text, samples):
@@ -219,25 +284,12 @@ def openmetrics(data):
         for labels, value in samples:
             out.append(f"luafcgid_{name}{suffix}{labels} {value}")
 
-    workers = data["workers"]
-    family("start_time_seconds", "gauge", "Unix time the daemon started.",
-           [("", data["start_time"])])
-    family("uptime_seconds", "gauge", "Seconds since the daemon started.",
-           [("", data["uptime_seconds"])])
-    family("requests", "counter", "Requests answered.", [("", data["requests"])])
     family("failed_requests", "counter", "Requests answered with a 5xx status.",
-           [("", data["failed_requests"])])
-    family("slow_requests", "counter", "Requests that ran longer than slowlog_timeout.",
-           [("", data["slow_requests"])])
-    family("workers", "gauge", "Worker threads by activity.",
-           [('{state="active"}', workers["active"]), ('{state="idle"}', workers["idle"])])
+           [("", own["failed_requests"])])
     family("stuck_workers", "gauge", "Workers stuck in Lua past request_timeout, which could "
-           "not stop them.", [("", workers["stuck"])])
-    if "queue" in data:
-        family("listen_queue", "gauge", "Connections waiting to be accepted.",
-               [("", data["queue"])])
-    family("states", "gauge", "Lua states in the pool.", [("", data["states"]["states"])])
-    scripts = data["scripts"]
+           "not stop them.", [("", len(own["stuck"]))])
+    family("states", "gauge", "Lua states in the pool.", [("", own["states"]["states"])])
+    scripts = own["scripts"]
     labels = [f'{{script="{_label(s["path"])}"}}' for s in scripts]
     family("script_clones", "gauge", "Lua states holding the script.",
            [(label, s["clones"]) for label, s in zip(labels, scripts)])
@@ -248,7 +300,7 @@ def openmetrics(data):
     family("script_memory_bytes", "gauge", "Lua memory of the script's idle states.",
            [(label, round(s["memory_kb"] * 1024)) for label, s in zip(labels, scripts)
             if s["memory_kb"] is not None])
-    shared = data["shared"]
+    shared = own["shared"]
     labels = [f'{{dict="{_label(d["name"])}"}}' for d in shared]
     family("shared_capacity_bytes", "gauge", "Capacity of the shared dictionary.",
            [(label, d["capacity"]) for label, d in zip(labels, shared)])
@@ -256,5 +308,4 @@ def openmetrics(data):
            [(label, d["free_space"]) for label, d in zip(labels, shared)])
     family("shared_keys", "gauge", "Keys stored in the shared dictionary (expired ones "
            "until they are reclaimed).", [(label, d["keys"]) for label, d in zip(labels, shared)])
-    out.append("# EOF")
-    return "\n".join(out) + "\n"
+    return out

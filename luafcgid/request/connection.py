@@ -83,7 +83,7 @@ class Output:
     request (abandon); a lock keeps their records whole."""
 
     __slots__ = ("sock", "request_id", "half_close", "timeout", "ended", "broken", "head",
-                 "sent", "lock")
+                 "first", "sent", "lock")
 
     def __init__(self, sock, request_id, half_close, timeout):
         """`half_close`: shut the sending side once the response is complete (nginx
@@ -97,6 +97,7 @@ class Output:
         self.ended = False
         self.broken = False
         self.head = None
+        self.first = None   # the first bytes written (a reference), for %{NAME}o
         self.sent = 0
         self.lock = threading.Lock()
 
@@ -105,6 +106,7 @@ class Output:
             if data and not self.ended and not self.broken:
                 if self.head is None:
                     self.head = data[:_HEAD]
+                    self.first = data
                 self.sent += len(data)
                 self._send_records(data)
             if self.broken:
@@ -142,6 +144,7 @@ class Output:
         self.ended = True
         if self.head is None:
             self.head = data[:_HEAD]
+            self.first = data
         self.sent += len(data)
         if not self.broken:
             self._send_records(data, fcgi.end_request(self.request_id))

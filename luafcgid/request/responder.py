@@ -133,6 +133,8 @@ class Responder:
             script = apache_script_filename(script)
             # a plain dict, which the state encodes anew: a Params' raw bytes hold the prefix
             params = {**params, b"SCRIPT_FILENAME": script}
+        if worker is not None:
+            worker.script = script
         if not script:
             uri = params.get(b"REQUEST_URI", b"?").decode(errors="surrogateescape")
             log.warning("request for %s has no SCRIPT_FILENAME param (is 'fastcgi_param "
@@ -167,12 +169,12 @@ class Responder:
                     "Timeout Error", f"{path}: request_timeout ({self.config.request_timeout:g}"
                     " s) exceeded; the request could not be stopped"))
         try:
-            self._run(script, path, params, body, out, window)
+            self._run(script, path, params, body, out, window, worker)
         finally:
             if window is not None:
                 window.params = window.abandon = None
 
-    def _run(self, script, path, params, body, out, window):
+    def _run(self, script, path, params, body, out, window, worker=None):
         try:
             state = self.pool.acquire(path, window)
         except ScriptError as exc:
@@ -189,6 +191,8 @@ class Responder:
                 out.end(pages.unavailable())
             return
         result = self._call(state.serve, params, body, out, window)
+        if worker is not None and worker.metrics.measure_memory:
+            worker.memory = state.memory()
         discard = not result.ok and result.kind in _FATAL
         if not self.config.finishhandler or discard:
             # released before the response goes out: a client's next request then finds

@@ -175,6 +175,11 @@ class LuaState:
         if not result.ok:
             raise ScriptError(result.kind, result.message)
 
+    def memory(self):
+        """Bytes the state's Lua heap holds now, as its memory_limit counts them (0 without
+        a memory_limit, which is when lupa does not count)."""
+        return self.runtime.get_memory_used() or 0
+
     def changed_on_disk(self):
         """Whether the script, or the prelude it ran, changed (or went) since this state
         loaded."""
