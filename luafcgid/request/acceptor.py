@@ -42,6 +42,7 @@ log = logging.getLogger("luafcgid")
 # accept() failures that say "not now" rather than "never": back off and try again
 _TRANSIENT = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _WATCHED = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+_HUNG_UP = select.EPOLLRDHUP | select.EPOLLHUP
 _ACCEPT_BATCH = 64
 # At the descriptor limit every worker fails to accept ten times a second (about 30 log
 # lines a second with 3 workers): the first failure is logged, then a count per interval.
@@ -92,7 +93,7 @@ class Acceptor:
         just accepted. None once the acceptor is closed and nothing is left to serve."""
         while True:
             events = self._epoll.poll(-1, 1)
-            for fd, _ in events:
+            for fd, mask in events:
                 if fd == self._wake_read:
                     return None
                 if fd == self.sock.fileno():
@@ -104,6 +105,8 @@ class Acceptor:
                     connection = self._watched.get(fd)
                     if connection is None:
                         continue
+                    if mask & _HUNG_UP:
+                        connection.hung_up = True
                     if connection.parked:
                         connection.parked = False
                         self._serving += 1

@@ -192,7 +192,7 @@ def _unix_peer(sock):
 
 class Connection:
     __slots__ = ("sock", "address", "server", "parser", "began", "kept", "parked_at",
-                 "registered", "parked", "arrived", "lingering")
+                 "registered", "parked", "arrived", "lingering", "hung_up")
 
     def __init__(self, sock, address, server):
         """`server` provides the current `responder` and `config`; a reload replaces them,
@@ -207,6 +207,11 @@ class Connection:
         # the acceptor's: in its epoll set; waiting there; bytes arrived while served
         self.registered = self.parked = self.arrived = False
         self.parked_at = 0.0
+        # the acceptor saw the peer shut its side: a short read no longer means nothing more
+        # is there, since the end of the stream is "more" that edge-triggered epoll reports
+        # only once (a request cut short and its end in one event left the connection parked
+        # until client_timeout)
+        self.hung_up = False
 
     @property
     def peer(self):
@@ -250,7 +255,7 @@ class Connection:
                         return bool(self.lingering)
                 if parser.closing:
                     return False
-                if len(data) < _RECV_SIZE:   # a short read: nothing more had arrived
+                if len(data) < _RECV_SIZE and not self.hung_up:   # nothing more had arrived
                     return self._waiting()
         except fcgi.ProtocolError as exc:
             log.warning("malformed FastCGI from %s: %s; connection closed", self.peer, exc)
