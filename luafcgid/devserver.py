@@ -12,6 +12,7 @@ from urllib.parse import unquote, urlsplit
 from . import __version__
 from .request.connection import ClientGone
 from .request.responder import Responder
+from .shared.dictionaries import Dictionaries
 from .states import vm
 from .states.closer import Closer
 from .states.deadline import Watcher
@@ -127,7 +128,8 @@ def serve(config, root, address):
     """Serve `root` over HTTP on (host, port) until interrupted."""
     heartbeat = Heartbeat(config.sweep)
     closer = Closer(config.lua, config.request_timeout)
-    responder = Responder(config, closer=closer, on_load=heartbeat.watch)
+    responder = Responder(config, closer=closer, on_load=heartbeat.watch,
+                          dictionaries=Dictionaries(config.shared))
     watcher = Watcher(lambda: config)
     handler = type("Handler", (_Handler,), {"responder": responder})
     root = os.path.abspath(root)

@@ -50,6 +50,16 @@ end
 package.path = opts.path
 package.cpath = opts.cpath
 
+-- Shared dictionaries (setting `shared`), for require("luafcgid").shared: LuaJIT's ffi is
+-- taken here, before the script, which is not handed it. release_shared(...) lets go of a
+-- dictionary's mutex that an operation raising an error left held, and returns `...`.
+local release_shared
+if opts.shared then
+  package.loaded["luafcgid.shared"], release_shared = assert(loadfile_absolute(
+    opts.libdir .. "/shared.lua"))(opts.shared, opts.shared.ffi and require("ffi") or nil,
+    opts.shared_call)
+end
+
 -- os.exit would end the whole daemon, every other request with it.
 os.exit = function()
   error("os.exit is not available to luafcgid scripts (it would stop the daemon)", 2)
@@ -225,6 +235,7 @@ end
 -- message.
 local function call(fn, ...)
   depth = 0
+  if release_shared then return release_shared(returned(resume(request_thread, fn, ...))) end
   return returned(resume(request_thread, fn, ...))
 end
 
@@ -631,7 +642,9 @@ for name, value in next, G do standard_globals[name] = value end
 for name, value in next, loaded do standard_modules[name] = value end
 
 local function close()
-  current, app_handler = nil, nil
+  -- In LuaJIT nothing else refers to the flag thread: without this reference the collector
+  -- freed it while the watcher could still arm a hook at its address (a SIGSEGV).
+  current, app_handler, flag = nil, nil, nil
   strip(G, nil)   -- a __gc of the globals table itself would run in lua_close
   for name, value in next, G do
     if standard_globals[name] ~= value then rawset(G, name, nil) end

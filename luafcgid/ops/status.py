@@ -122,16 +122,17 @@ def worker_entry(worker, now, wall):
 
 
 class Status:
-    def __init__(self, metrics, sock, stuck, scoreboard=None, publish=None):
+    def __init__(self, metrics, sock, stuck, scoreboard=None, publish=None, dictionaries=None):
         """The figures of `metrics` (a metrics.Metrics), the accept queue of sock() (the
-        listening socket), the workers stuck() in Lua (deadline.Watcher.stuck), and with
-        the supervisor every process's from `scoreboard`, on which publish() puts this
-        one's first."""
+        listening socket), the workers stuck() in Lua (deadline.Watcher.stuck), with the
+        supervisor every process's from `scoreboard`, on which publish() puts this one's
+        first, and those of the shared `dictionaries` (shared.Dictionaries)."""
         self.metrics = metrics
         self.sock = sock
         self.stuck = stuck
         self.scoreboard = scoreboard
         self.publish = publish
+        self.dictionaries = dictionaries
         # php-fpm's maxima since the start: of the accept queue as the status page saw it,
         # and of the active workers, sampled every second (sample()) as php-fpm's master does
         self.max_queue = 0
@@ -227,6 +228,8 @@ class Status:
             "stuck": self.stuck(),
             "states": pool.stats(),
             "scripts": [{"path": path, **entry} for path, entry in sorted(scripts.items())],
+            # one store for every process: whichever answers shows the same
+            "shared": self.dictionaries.stats() if self.dictionaries is not None else [],
         }
         if slots is not None:
             own["serving_processes"] = slots
@@ -259,6 +262,9 @@ def text(own):
         loaded = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(script["loaded_at"]))
         lines.append(f"script: {script['path']} clones {script['clones']} requests "
                      f"{script['requests']} loaded {loaded} memory {memory}")
+    for shared in own["shared"]:
+        lines.append(f"shared: {shared['name']} capacity {shared['capacity']} free "
+                     f"{shared['free_space']} keys {shared['keys']}")
     return lines
 
 
@@ -294,4 +300,12 @@ def openmetrics(own):
     family("script_memory_bytes", "gauge", "Lua memory of the script's idle states.",
            [(label, round(s["memory_kb"] * 1024)) for label, s in zip(labels, scripts)
             if s["memory_kb"] is not None])
+    shared = own["shared"]
+    labels = [f'{{dict="{_label(d["name"])}"}}' for d in shared]
+    family("shared_capacity_bytes", "gauge", "Capacity of the shared dictionary.",
+           [(label, d["capacity"]) for label, d in zip(labels, shared)])
+    family("shared_free_bytes", "gauge", "Free space in the shared dictionary.",
+           [(label, d["free_space"]) for label, d in zip(labels, shared)])
+    family("shared_keys", "gauge", "Keys stored in the shared dictionary (expired ones "
+           "until they are reclaimed).", [(label, d["keys"]) for label, d in zip(labels, shared)])
     return out

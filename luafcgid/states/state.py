@@ -115,9 +115,10 @@ class LuaState:
     """A script loaded into its own runtime. Not thread-safe: the pool lends it to one
     worker at a time. Every call into it runs inside a deadline.Window (when given one)."""
 
-    def __init__(self, path, config, paths):
+    def __init__(self, path, config, paths, dictionaries=None):
         """A runtime ready to load `path` (see load). `paths` is the (package.path,
-        package.cpath) pair for this script."""
+        package.cpath) pair for this script; `dictionaries` (a shared.Dictionaries) are the
+        shared dictionaries it reaches."""
         self.path = path
         try:
             self.signature = file_signature(path)
@@ -137,6 +138,7 @@ class LuaState:
                                          attribute_filter=_deny_attributes,
                                          max_memory=config.memory_limit)
         self._channel = _Channel()
+        self._dictionaries = dictionaries
         values = {name: config.lua_value(name) for name in BY_NAME}
         lua_config = self.runtime.table_from(
             to_lua({k: v for k, v in values.items() if v is not None}), recursive=True)
@@ -148,7 +150,9 @@ class LuaState:
             "buffering": config.buffering, "timeout": config.request_timeout,
             "prelude": config.prelude or "", "libdir": LUA_DIR, "bytecode": config.bytecode,
             "rewrite_paths": not workdir.per_thread(), "chunk": CHUNK, "version": ENV_VERSION,
-        }))
+            "shared": dictionaries and dictionaries.for_lua(ffi=config.lua == "luajit"),
+            "shared_call": dictionaries and dictionaries.call,
+        }), recursive=True)
         try:
             result = self.runtime.execute(_BOOTSTRAP, os.fsencode(path),
                                           os.fsencode(os.path.dirname(path)), lua_config,
@@ -210,6 +214,8 @@ class LuaState:
             if not window.expired:
                 raise
         if window.expired:
+            if self._dictionaries is not None:   # it may have stopped inside an operation
+                self._dictionaries.release()
             message = f"{self.path}: request_timeout ({self.timeout:g} s) exceeded"
             return False, b"Timeout Error", message.encode(), self._channel.sent
         return result
