@@ -4,6 +4,7 @@ local pages = {
   {"counter.lua", "globals persist between requests"},
   {"form.lua", "a form posting to itself"},
   {"module.lua?a=1&a=2&b=x+y", "the luafcgid Lua module"},
+  {"shared.lua", "a visit counter and a rate limit in a shared dictionary (needs shared: {site: 1M})"},
   {"guestbook.lua", "a guestbook in SQLite (LuaSQL, needs lua-sql-sqlite3), one connection per state"},
 }
 

@@ -14,6 +14,7 @@ from . import procman
 from .listener import Listener, ListenError
 from . import environment
 from .ops import daemon, logs, privileges, signals, systemd
+from .shared.dictionaries import Dictionaries
 from .reference import man_page, sample_config, settings_reference
 from .settings import SYSLOG_FACILITIES
 from .states import vm
@@ -151,6 +152,9 @@ def run(argv):
         if config.pidfile:
             daemon.write_pidfile(config.pidfile)
         privileges.drop(config)
+        # made here, in the process that outlives the serving ones, so that the contents
+        # survive their replacement and reloads
+        dictionaries = Dictionaries(config.shared)
         # before any thread starts; after the daemon took what it reads itself
         environment.confine(config)
     except (ListenError, privileges.PrivilegeError, OSError) as exc:
@@ -161,8 +165,8 @@ def run(argv):
     # the serving process(es) are made only now: the supervisor's parent serves nothing
     reread = functools.partial(_reread, args, machine)
     if procman.supervised(config):
-        return Supervisor(config, listening, reread).run()
-    if not mainloop.run(Server(config, listening, reread)):
+        return Supervisor(config, listening, reread, dictionaries).run()
+    if not mainloop.run(Server(config, listening, reread, dictionaries=dictionaries)):
         exit_leaving_lua()
     return 0
 

@@ -13,6 +13,7 @@ from . import __version__
 from .request.connection import ClientGone
 from .request.parser import Request
 from .request.responder import Responder
+from .shared.dictionaries import Dictionaries
 from .states import vm
 from .states.closer import Closer
 from .states.deadline import Watcher
@@ -130,7 +131,8 @@ def serve(config, root, address):
     vm.load(config.lua)   # the process's VM, before any thread reads a request with it
     heartbeat = Heartbeat(config.sweep)
     closer = Closer(config.lua, config.request_timeout)
-    responder = Responder(config, closer=closer, on_load=heartbeat.watch)
+    responder = Responder(config, closer=closer, on_load=heartbeat.watch,
+                          dictionaries=Dictionaries(config.shared))
     workers = Workers(lambda number: f"request-{number}")
     watcher = Watcher(workers, lambda: config)
     handler = type("Handler", (_Handler,), {"responder": responder})

@@ -12,6 +12,7 @@ SECTIONS = {
     "clients": "Who may connect over TCP",
     "pool": "Workers and the Lua state pool",
     "modules": "Lua modules",
+    "shared": "Shared dictionaries",
     "response": "Responses",
     "process": "Process and logs",
     "pm": "Process management: how many processes, recycling, restarts",

@@ -33,14 +33,16 @@ class Server:
     """A serving process, as a role of mainloop.run."""
 
     def __init__(self, config, listener, reread, process=None, scoreboard=None,
-                 supervisor=None):
+                 supervisor=None, dictionaries=None):
         """Serves on `listener` (a listener.Listener); a reload applies reread() (a Config,
         or None when the file is bad). `process` numbers this serving process when a
         supervisor (pid `supervisor`) runs it: they serve on the supervisor's listener,
         publish their counters on its `scoreboard` (and there ask to be replaced when
-        recycling says so), and stop when it is gone."""
+        recycling says so), and stop when it is gone. Scripts reach `dictionaries`
+        (shared.Dictionaries)."""
         vm.load(config.lua)   # the process's VM, before any thread reads a request with it
         self.config = config
+        self.dictionaries = dictionaries
         self.listener = listener
         self.reread = reread
         self.process = process
@@ -54,10 +56,11 @@ class Server:
         self.watcher = Watcher(self.workers, lambda: self.config, self._replace_stuck,
                                slowlog.report)
         self.closer = Closer(config.lua, config.request_timeout)
-        self.status = Status(self.workers, lambda: self.listener.sock, scoreboard, self.publish)
+        self.status = Status(self.workers, lambda: self.listener.sock, scoreboard, self.publish,
+                             dictionaries)
         self.heartbeat = Heartbeat(config.sweep)
         self.responder = Responder(config, self.status, self.closer,
-                                   on_load=self.heartbeat.watch)
+                                   on_load=self.heartbeat.watch, dictionaries=dictionaries)
         self.stdout = Capture("stdout" if process is None else f"stdout-{process}")
         self.stopping = False
         self.acceptor = None
@@ -189,8 +192,9 @@ class Server:
         self._configure_workers(config)
         self.closer.patience = config.request_timeout
         heartbeat = Heartbeat(config.sweep)
-        old, self.responder = self.responder, Responder(config, self.status, self.closer,
-                                                        on_load=heartbeat.watch)
+        old, self.responder = self.responder, Responder(
+            config, self.status, self.closer, on_load=heartbeat.watch,
+            dictionaries=self.dictionaries)
         old.retire(self.responder)
         self.heartbeat.stop()
         self.heartbeat = heartbeat

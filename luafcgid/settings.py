@@ -143,17 +143,41 @@ def file_mode(value):
     raise SettingError(f"expected an octal mode string like \"0660\", got {value!r}")
 
 
-def byte_size(value):
+def _bytes(value):
     """Bytes as an integer or a string with a K, M or G suffix ("64M")."""
     if isinstance(value, str):
         match = re.fullmatch(r"\s*(\d+)\s*([KMG]?)i?B?\s*", value, re.IGNORECASE)
         if not match:
             raise SettingError(f"expected a size like \"64M\", \"512K\" or bytes, got {value!r}")
         value = int(match.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[match.group(2).upper()]
-    value = integer(1)(value)
+    return integer(1)(value)
+
+
+def byte_size(value):
+    value = _bytes(value)
     if value < 1 << 20:
         raise SettingError(f"must be at least 1M (a Lua state needs some room), got {value} bytes")
     return value
+
+
+def dictionary_sizes(value):
+    """Shared dictionaries: a mapping of a Lua name to a capacity ("10M")."""
+    if not isinstance(value, dict):
+        raise SettingError(f"expected a mapping of name: capacity like {{cache: 10M}}, got "
+                           f"{_type_name(value)}")
+    sizes = {}
+    for name, size in value.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise SettingError(f"{name!r}: a dictionary's name must be a Lua name (letters, "
+                               f"digits and _, as in shared.cache)")
+        try:
+            size = _bytes(size)
+        except SettingError as exc:
+            raise SettingError(f"{name}: {exc}") from None
+        if not 64 << 10 <= size <= 64 << 30:
+            raise SettingError(f"{name}: a capacity from 64K to 64G, got {size} bytes")
+        sizes[name] = size
+    return sizes
 
 
 def path_list(value):
@@ -298,13 +322,23 @@ SETTINGS = (
             "states and Python interpreter lock (like php-fpm's static pool, with threads "
             "inside); one per core is a good start. workers, states and clones count per "
             "process.", "pool", live=False, example=2),
-    Setting("states", integer(1), 5,
-            "Most Lua states kept in the pool (at least workers).", "pool"),
+    Setting("states", integer(1), 64,
+            "Most Lua states kept in the pool (at least workers). The pool grows as scripts "
+            "are requested; a state costs about 90-140 KiB of memory for a hello page, "
+            "230-280 KiB for a page with a 200-row table or a SQLite connection, 450 KiB for "
+            "an Orbit application (python3 -m bench.pool_scale memory). Hold every page of "
+            "the site: with more pages than states, rare pages are loaded again when asked for (about "
+            "0.5 ms each): a site of 40 pages on 5 states served a seventh to a third of the "
+            "requests per second it served on 64. The original's default was 5.", "pool"),
     Setting("clones", optional(integer(1)), None,
             "Most states holding the same script; null means as many as workers.", "pool"),
-    Setting("retries", integer(0), 2,
-            "Times to wait briefly for a busy clone to go idle before creating another clone.",
-            "pool"),
+    Setting("retries", integer(0), 20,
+            "Longest wait, in milliseconds, of a request whose script's states are all busy "
+            "before its new clone replaces another script's idle state (only when the pool is "
+            "full). It waits twice the time its script's requests typically hold a state, if "
+            "that is at most this long, and not at all for slower scripts: a short wait spares "
+            "reloads when several hot pages share a full pool. 0: never wait. (The original "
+            "counted idle-state searches, 2 by default.)", "pool"),
     Setting("sweep", integer(1), 1000,
             "The heartbeat's period in milliseconds: every sweep, states whose script changed on "
             "disk are flushed (the file watcher flushes most at once).",
@@ -327,6 +361,13 @@ SETTINGS = (
             "bootstrap); its globals are the script's. Its errors fail the load like the "
             "script's own; when it changes, states are reloaded like for a changed script.",
             "modules", is_path=True),
+    # -- shared dictionaries
+    Setting("shared", dictionary_sizes, {},
+            "Shared dictionaries for scripts, as name: capacity ({cache: 10M, sessions: 50M}), "
+            "like nginx's lua_shared_dict: require(\"luafcgid\").shared.cache is one store for "
+            "every state, worker and process, with ngx.shared.DICT's methods. Set uses at most "
+            "the capacity, evicting the least recently used keys. The contents survive a "
+            "reload and the replacement of a process, not a stop.", "shared", live=False),
     # -- responses
     Setting("handler", identifier, "main",
             "Global function called for each request as handler(env, con).", "response"),

@@ -61,10 +61,12 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, config, listener, reread):
-        """Runs serving processes on `listener` (a listener.Listener) as procman says;
-        a reload applies reread() (a Config, or None when the file is bad)."""
+    def __init__(self, config, listener, reread, dictionaries):
+        """Runs serving processes on `listener` (a listener.Listener) as procman says,
+        which share `dictionaries` (shared.Dictionaries); a reload applies reread() (a
+        Config, or None when the file is bad)."""
         self.config = config
+        self.dictionaries = dictionaries
         self.listener = listener
         self.reread = reread
         # a slot for each process and for a successor beside each one being replaced
@@ -258,7 +260,8 @@ class Supervisor:
         try:
             mainloop.run(Server(self.config, self.listener.shared(), self.reread,
                                 process=number, scoreboard=self.scoreboard,
-                                supervisor=self.pid), service=False)
+                                supervisor=self.pid, dictionaries=self.dictionaries),
+                         service=False)
             code = 0
         except BaseException:
             log.exception("process %d failed", number)

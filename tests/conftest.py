@@ -369,6 +369,50 @@ class InThread:
         return self._outcome["value"]
 
 
+# A page that marks itself in flight (a file "in-NAME", NAME its query string), waits at its
+# FIFO "gate-NAME", then answers how many of the X-Requests requests of its batch it saw in
+# flight.
+GATED_PAGE = """
+function main(env, con)
+  local name = env.QUERY_STRING:match("^(.*)-%d+$")
+  io.open("in-" .. env.QUERY_STRING, "w"):close()
+  local gate = io.open("gate-" .. env.QUERY_STRING); gate:read("*a"); gate:close()
+  local seen = 0
+  for i = 1, tonumber(env.HTTP_X_REQUESTS) do
+    if io.open("in-" .. name .. "-" .. i) then seen = seen + 1 end
+  end
+  con:puts(seen)
+end
+"""
+
+
+def all_in_flight_at_once(s, page, count, batch="batch"):
+    """`count` concurrent GETs of `page` (a GATED_PAGE in the site's root) through `s`'s
+    nginx, each held in the page until every one of them is in it: fails (in 10 s) when they
+    cannot all be in the page at once. Then each is let go and must answer that it saw all
+    `count` in flight."""
+    names = [f"{batch}-{n}" for n in range(1, count + 1)]
+    gates = [Fifo(s.site.file(f"gate-{name}")) for name in names]
+    requests = [InThread(lambda name=name: s.get(f"/{page}?{name}",
+                                                 headers={"X-Requests": str(count)}))
+                for name in names]
+
+    def release_all():
+        for gate in gates:
+            gate.release()
+        return all(r.done() for r in requests)
+
+    try:
+        wait_for(lambda: all(os.path.exists(s.site.file(f"in-{name}")) for name in names),
+                 what=f"{count} requests in {page} at once")
+    finally:
+        # each let go as it arrives, also where they queue one after another
+        wait_for(release_all, timeout=60, what="the requests to finish")
+    for r in requests:
+        status, _, body = r.result()
+        assert (status, body) == (200, str(count).encode())
+
+
 # -- FastCGI clients ---------------------------------------------------------------------
 
 def libfcgi_request(address, params, body=b""):

@@ -25,9 +25,11 @@ def problems(tmp_path, text):
     return info.value.problems
 
 
-def test_defaults_are_the_originals_except_listen_and_showerrors():
+def test_defaults_are_the_originals_except_listen_showerrors_and_the_pool():
     c = config.defaults()
-    assert (c.workers, c.states, c.max_clones, c.sweep, c.retries) == (3, 5, 3, 1000, 2)
+    # states: 64, not the original's 5, which serialised the pages of a real site, and retries
+    # a time in ms (issue 17)
+    assert (c.workers, c.states, c.max_clones, c.sweep, c.retries) == (3, 64, 3, 1000, 20)
     # the original showed Lua messages on error pages by default; PHP's production
     # display_errors does not, nor does luafcgid
     assert (c.showerrors, c.buffering, c.handler, c.httpstatus, c.contenttype) == (

@@ -271,3 +271,30 @@ def test_an_endless_finalizer_then_sighup_freezes_nothing(tmp_path, lua):
     assert s.get("/endless.lua")[::2] == (200, b"loaded")   # a fresh state
     assert s.stop() == 0   # SIGTERM is still obeyed, within request_timeout
     assert "close has run for" in s.daemon.log()
+
+
+# The script frees memory and fills what was freed, then loops until its deadline.
+REUSED = """
+function main(env, con)
+  collectgarbage()
+  collectgarbage()
+  local junk = {}
+  for i = 1, 50000 do junk[i] = ("\\255"):rep(i % 200) .. i end
+  while true do end
+end
+"""
+
+
+def test_a_script_stopped_after_a_collection_does_not_crash_the_daemon(tmp_path):
+    # In LuaJIT nothing referred to the flag thread the watcher also arms the stop hook on
+    # (runtime.lua): the collector freed it, the script's strings took its memory, and
+    # arming the hook there killed the daemon (SIGSEGV: nginx answered 502).
+    s = start(tmp_path, "luajit")
+    try:
+        s.write("reused.lua", REUSED)
+        for _ in range(3):
+            status, _, body = s.get("/reused.lua", timeout=30)
+            assert status == 500 and b"Timeout Error" in body
+        assert_alive(s)
+    finally:
+        s.stop()

@@ -12,6 +12,8 @@ Invariants, for each combination:
 - every request gets exactly one complete response (through nginx, and record by record);
 - after a script error, the next request on that script succeeds;
 - an edited script is reloaded;
+- concurrent requests to one page run at once, also when the site has more pages than
+  `states` and they fill the pool (the "many" pages);
 - the log holds no ERROR line but the ones the test provoked, and the daemon drains and
   exits 0.
 """
@@ -21,7 +23,7 @@ import os
 import threading
 
 import pytest
-from conftest import RawClient, Stack, wait_for
+from conftest import GATED_PAGE, RawClient, Stack, all_in_flight_at_once, wait_for
 
 from luafcgid.request import fastcgi as fcgi
 from luafcgid.states import vm
@@ -29,7 +31,8 @@ from luafcgid.states import vm
 VMS = [choice for choice in vm.MODULES if vm.available(choice)]
 
 # setting -> the values it takes; "keepalive" is nginx's (cached upstream connections per
-# nginx worker, with fastcgi_keep_conn on), every other one is luafcgid's
+# nginx worker, with fastcgi_keep_conn on), "pages" the site's (fewer pages than `states`, or
+# more, served before the tests so that they fill the pool), every other one is luafcgid's
 FACTORS = {
     "lua": VMS,
     "finishhandler": [None, "after"],
@@ -39,7 +42,10 @@ FACTORS = {
     "prelude": [False, True],
     "processes": [1, 2],
     "keepalive": [0, 8],
+    "pages": ["few", "many"],
 }
+
+STATES = {"few": 16, "many": 4}   # the site has 7 pages of its own
 
 
 def pairwise(factors):
@@ -117,17 +123,25 @@ def combination(request, tmp_path_factory):
     """(settings, a started Stack) for one combination."""
     factors = dict(request.param)
     keepalive = factors.pop("keepalive")
+    pages = factors.pop("pages")
+    states = STATES[pages]
+    fillers = 2 * states + 2 if pages == "many" else 0
     root = tmp_path_factory.mktemp("matrix")
-    settings = {"workers": 2, "states": 4, "showerrors": True,
+    settings = {"workers": 2, "states": states, "showerrors": True,
                 **{k: v for k, v in factors.items() if k != "prelude"}}
     s = Stack(root, settings, keepalive=keepalive)
     if factors["prelude"]:
         settings["prelude"] = s.write("prelude.lua", 'PRELUDE = "prelude"\n')
         s.daemon.settings["prelude"] = settings["prelude"]
     for name, code in (("counter.lua", COUNTER), ("echo.lua", ECHO), ("big.lua", BIG),
-                       ("failing.lua", FAILING)):
+                       ("failing.lua", FAILING), ("gated.lua", GATED_PAGE)):
         s.write(name, code)
+    for n in range(fillers):
+        s.write(f"filler{n}.lua", f"function main(env, con) con:puts({n}) end\n")
     s.start()
+    for _ in range(2):   # each process (processes: 2) likely sees each page
+        for n in range(fillers):
+            assert s.get(f"/filler{n}.lua")[2] == str(n).encode()
     yield request.param, s
     s.stop()
 
@@ -241,6 +255,11 @@ def test_an_edited_script_is_reloaded(combination, tmp_path):
     publish("v2")
     wait_for(lambda: all(s.get("/edited.lua")[2] == b"v2" for _ in range(6)),
              what="every state of the edited script to reload")
+
+
+def test_concurrent_requests_to_one_page_run_at_once(combination):
+    _, s = combination
+    all_in_flight_at_once(s, "gated.lua", 2)   # `workers`: at once even in one process
 
 
 def test_zz_drains_and_logged_no_unexpected_error(combination):

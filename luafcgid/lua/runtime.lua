@@ -34,13 +34,26 @@ local function is_memory_error(message)
 end
 
 part("paths", dir, opts)
+
+-- Shared dictionaries (setting `shared`), for require("luafcgid").shared: LuaJIT's ffi is
+-- taken here, before the script, which is not handed it (confine.lua). release_shared(...)
+-- lets go of a dictionary's mutex that an operation raising an error left held, and returns
+-- `...`.
+local release_shared
+if opts.shared then
+  package.loaded["luafcgid.shared"], release_shared = assert(loadfile_absolute(
+    opts.libdir .. "/shared.lua"))(opts.shared, opts.shared.ffi and require("ffi") or nil,
+    opts.shared_call)
+end
+
 part("confine", config)
 local load_file = part("source", opts, loadfile_absolute, io_open)
-local call, request_thread, flag = part("thread", opts.timeout, KIND, is_memory_error)
+local call, request_thread, flag = part("thread", opts.timeout, KIND, is_memory_error,
+  release_shared)
 local Con, head, drain = part("con", config, opts, script, send, log)
 local load_state, serve, finish, forget = part("run", script, dir, log, opts, KIND,
   is_memory_error, load_file, loadfile_absolute, io_open, call, Con, head, drain,
   part("params"))
-local close = part("close", forget)
+local close = part("close", forget, flag)
 
 return true, load_state, serve, finish, close, tostring(request_thread), flag and tostring(flag)

@@ -124,14 +124,16 @@ def worker_entry(worker, now, wall):
 
 
 class Status:
-    def __init__(self, workers, sock, scoreboard=None, publish=None):
+    def __init__(self, workers, sock, scoreboard=None, publish=None, dictionaries=None):
         """The figures of `workers` (a worker.Workers), the accept queue of sock() (the
-        listening socket), and with the supervisor every process's from `scoreboard`, on
-        which publish() puts this one's first."""
+        listening socket), with the supervisor every process's from `scoreboard`, on which
+        publish() puts this one's first, and those of the shared `dictionaries`
+        (shared.Dictionaries)."""
         self.workers = workers
         self.sock = sock
         self.scoreboard = scoreboard
         self.publish = publish
+        self.dictionaries = dictionaries
         self.started = time.time()
         self._started_monotonic = time.monotonic()
         # php-fpm's maxima since the start: of the accept queue as the status page saw it,
@@ -222,10 +224,10 @@ class Status:
                     processes += self.scoreboard.workers(slot["process"])
         scripts = defaultdict(lambda: {"clones": 0, "requests": 0, "loaded_at": 0.0,
                                        "memory_kb": None})
-        for state in pool.states():
+        for state, served in pool.usage():
             entry = scripts[state.path]
             entry["clones"] += 1
-            entry["requests"] += state.requests
+            entry["requests"] += served
             entry["loaded_at"] = max(entry["loaded_at"], state.loaded_at)
             memory = pool.inspect(state, _memory_kb)
             if memory is not None:
@@ -236,6 +238,8 @@ class Status:
             "stuck": self.stuck(),
             "states": pool.stats(),
             "scripts": [{"path": path, **entry} for path, entry in sorted(scripts.items())],
+            # one store for every process: whichever answers shows the same
+            "shared": self.dictionaries.stats() if self.dictionaries is not None else [],
         }
         if slots is not None:
             own["serving_processes"] = slots
@@ -268,6 +272,9 @@ def text(own):
         loaded = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(script["loaded_at"]))
         lines.append(f"script: {script['path']} clones {script['clones']} requests "
                      f"{script['requests']} loaded {loaded} memory {memory}")
+    for shared in own["shared"]:
+        lines.append(f"shared: {shared['name']} capacity {shared['capacity']} free "
+                     f"{shared['free_space']} keys {shared['keys']}")
     return lines
 
 
@@ -303,4 +310,12 @@ def openmetrics(own):
     family("script_memory_bytes", "gauge", "Lua memory of the script's idle states.",
            [(label, round(s["memory_kb"] * 1024)) for label, s in zip(labels, scripts)
             if s["memory_kb"] is not None])
+    shared = own["shared"]
+    labels = [f'{{dict="{_label(d["name"])}"}}' for d in shared]
+    family("shared_capacity_bytes", "gauge", "Capacity of the shared dictionary.",
+           [(label, d["capacity"]) for label, d in zip(labels, shared)])
+    family("shared_free_bytes", "gauge", "Free space in the shared dictionary.",
+           [(label, d["free_space"]) for label, d in zip(labels, shared)])
+    family("shared_keys", "gauge", "Keys stored in the shared dictionary (expired ones "
+           "until they are reclaimed).", [(label, d["keys"]) for label, d in zip(labels, shared)])
     return out

@@ -43,11 +43,13 @@ class Forbidden(Exception):
 
 
 class Responder:
-    def __init__(self, config, status=None, closer=None, on_load=None):
+    def __init__(self, config, status=None, closer=None, on_load=None, dictionaries=None):
         """`status` (a status.Status) provides the status and ping pages, if configured;
         `closer` (a closer.Closer) closes the states the pool lets go of; on_load(path) is
-        called after a state of a script loaded."""
+        called after a state of a script loaded; the states reach `dictionaries`
+        (shared.Dictionaries)."""
         self.config = config
+        self._dictionaries = dictionaries
         self._closer = closer or Closer(config.lua, config.request_timeout)
         self.pool = StatePool(self._load, config.states, config.max_clones, config.retries,
                               config.max_requests, self._closer.close)
@@ -68,7 +70,7 @@ class Responder:
     def _load(self, path, worker=None):
         config = self.config
         paths = search_paths(os.path.dirname(path), config.lua, config.lua_path, config.lua_cpath)
-        state = LuaState(path, config, paths)
+        state = LuaState(path, config, paths, self._dictionaries)
         try:
             state.load(worker)
         except BaseException:

@@ -3,33 +3,100 @@
 All bookkeeping happens under one lock, which is never held while Lua runs: states are loaded,
 served and closed outside it. A worker holds at most one state at a time and there are at
 least as many states as workers, so a waiting worker is always woken by a release.
+
+The policy, for sites with more pages than states:
+- a request takes its script's most recently used idle state (the others age, and go first);
+- when its script has none idle, it gets a new state: a clone (at most `clones` per script)
+  in a free slot, or in place of the idle state least worth keeping: idle longest, for its
+  own recent request rate (_choose_victim);
+- a request waits only for what no new state can give it: its script has `clones` states,
+  or every state is busy or loading. A clone that would displace another script's state
+  first waits a moment for one of its own script's states: twice the time its script's
+  requests typically hold a state, if that is at most `retries` ms (at most that long while
+  it is not known yet). For short requests the wait is shorter than the reloads it spares
+  (4 hot pages on 4 states thrashed without it); a slow page's request does not wait at all
+  (it used to queue on the page's busy state when the pool was full of other pages).
 """
 
 import math
 import threading
 import time
 
+RATE_WINDOW = 60.0   # seconds: a state's rate counts the requests of about the last minute
+HOLD_WEIGHT = 1 / 8   # of the newest request in a script's typical hold time
+
 
 class PoolClosed(Exception):
     """The pool is shutting down and lends no more states."""
 
 
+class _Script:
+    """One script's states (and states being loaded) and how long its requests take."""
+
+    __slots__ = ("path", "states", "idle", "loading", "hold")
+
+    def __init__(self, path):
+        self.path = path
+        self.states = []    # its records, busy or idle
+        self.idle = []      # its idle records, the most recently used last
+        self.loading = 0    # states of it being created
+        self.hold = None    # seconds a request typically holds a state (a moving average)
+
+    def held(self, seconds):
+        hold = self.hold
+        self.hold = seconds if hold is None else hold + (seconds - hold) * HOLD_WEIGHT
+
+    def moment(self, longest):
+        """How long a request for a clone waits for one of this script's states first."""
+        if self.hold is None:
+            return longest
+        return 2 * self.hold if 2 * self.hold <= longest else 0.0
+
+
+class _Record:
+    """The pool's bookkeeping for one loaded state."""
+
+    __slots__ = ("state", "script", "busy", "requests", "rate", "last_used", "lent_at",
+                 "stale")
+
+    def __init__(self, state, script, now):
+        self.state = state
+        self.script = script
+        self.busy = False
+        self.requests = 0     # requests it served
+        self.rate = 0.0       # the same, each one's weight decaying by e every RATE_WINDOW
+        self.last_used = now  # when its last request gave it back
+        self.lent_at = now    # when its current request took it
+        self.stale = False    # flushed while busy: closed when given back
+
+    def rate_at(self, now):
+        return self.rate * math.exp((self.lent_at - now) / RATE_WINDOW)
+
+    def lend(self, now):
+        """Count a request taking this state at `now`."""
+        self.rate = self.rate_at(now) + 1.0
+        self.requests += 1
+        self.lent_at = now
+
+
 class StatePool:
     def __init__(self, create, states, clones, retries, max_requests=0,
-                 close=lambda state: state.close()):
+                 close=lambda state: state.close(), clock=time.monotonic):
         """`create(path, *context)` builds a loaded state (or raises); the pool only calls it
-        outside its lock. `close(state)` closes a state the pool lets go of. A state is
-        closed after `max_requests` requests (0: never)."""
+        outside its lock. `close(state)` closes a state the pool lets go of. `retries`: the
+        longest moment, in ms (see above). A state is closed after `max_requests` requests
+        (0: never). `clock()` gives the seconds that ages, rates and hold times are measured
+        in."""
         self._create = create
         self._close = close
+        self._clock = clock
         self.max_states = states
         self.max_clones = clones
-        self.retries = retries
+        self.longest_moment = retries / 1000
         self.max_requests = max_requests
         self._cond = threading.Condition(threading.Lock())
-        self._idle = {}      # path -> idle states, most recently used last
-        self._states = {}    # path -> every state of that script, busy or idle
-        self._loading = {}   # path -> states being created
+        self._scripts = {}   # path -> _Script, while it has states, loaded or loading
+        self._records = {}   # state -> its _Record
         self._total = 0      # states that exist or are being created
         self._closed = False
         self.created = 0
@@ -42,78 +109,91 @@ class StatePool:
     # -- lending ------------------------------------------------------------------------
 
     def acquire(self, path, *context):
-        """An idle state of `path`, marked busy; may create one (with `context` passed to
-        create), evict another or wait."""
+        """A state of `path` lent to the caller: an idle one, or a new one (`context` is
+        passed to create), which may replace another script's idle state; see the policy
+        above for when it waits."""
         victim = None
-        looks = 0
+        patience = None   # when the moment's wait for our own script's state ends
         with self._cond:
             while True:
                 if self._closed:
                     raise PoolClosed()
-                idle = self._idle.get(path)
-                if idle:
-                    state = idle.pop()
-                    if not idle:   # an empty list left here outlived its script's states
-                        del self._idle[path]
-                    state.busy = True
-                    state.requests += 1
-                    return state
-                count = len(self._states.get(path, ())) + self._loading.get(path, 0)
+                now = self._clock()
+                script = self._scripts.get(path)
+                if script is not None and script.idle:
+                    record = script.idle[-1]   # the most recently used: the others age
+                    self._take(record)
+                    record.lend(now)
+                    return record.state
+                count = len(script.states) + script.loading if script is not None else 0
                 if count >= self.max_clones:
                     self._wait()
                     continue
-                if count and looks < self.retries:
-                    # A busy clone may be released in a moment: prefer it to a new clone.
-                    looks += 1
-                    self._wait(0.001)
-                    continue
                 if self._total >= self.max_states:
-                    # A clone only displaces another script's clone: evicting a script's
-                    # last state would cost it a reload (about 0.5 ms) to save a wait for
-                    # our own busy state, which ends with its request.
-                    victim = self._choose_victim(clones_only=count > 0)
-                    if victim is None:
+                    if count:
+                        if patience is None:
+                            patience = time.monotonic() + script.moment(self.longest_moment)
+                        left = patience - time.monotonic()
+                        if left > 0:
+                            self._wait(left)
+                            continue
+                    victim = self._choose_victim(now)
+                    if victim is None:   # every state busy or loading: one is released soon
                         self._wait()
                         continue
                     self._remove(victim)
                     self.evicted += 1
+                if script is None:
+                    script = self._scripts[path] = _Script(path)
+                script.loading += 1
                 self._total += 1
-                self._loading[path] = self._loading.get(path, 0) + 1
                 break
         if victim is not None:
-            self._close(victim)
+            self._close(victim.state)
         try:
             state = self._create(path, *context)
         except BaseException:
             with self._cond:
+                script.loading -= 1
                 self._total -= 1
-                self._loading_done(path)
+                self._forget_if_empty(script)
                 self._cond.notify_all()
             raise
         with self._cond:
-            self._loading_done(path)
-            self._states.setdefault(path, []).append(state)
+            script.loading -= 1
+            record = self._records[state] = _Record(state, script, self._clock())
+            script.states.append(record)
             self.created += 1
-            state.busy = True
-            state.requests = 1
+            record.busy = True
+            record.lend(record.lent_at)
         return state
 
     def release(self, state, discard=False):
-        """Give a state back; a discarded or stale one is closed instead of kept."""
+        """Give a state back; a discarded, stale or worn-out one is closed instead of kept."""
         with self._cond:
-            state.busy = False
-            state.last_used = time.monotonic()
-            recycle = 0 < self.max_requests <= state.requests
-            drop = discard or recycle or state.stale or self._closed
-            self.discarded += discard
-            self.recycled += recycle and not discard
-            if drop:
-                self._remove(state)
-            else:
-                self._idle.setdefault(state.path, []).append(state)
-            self._cond.notify_all()
+            record = self._records[state]
+            record.last_used = now = self._clock()
+            record.script.held(now - record.lent_at)
+            drop = self._settle(record, discard)
         if drop:
             self._close(state)
+
+    def inspect(self, state, look):
+        """look(state) with `state` lent to the caller, if it is idle now; else None (a busy
+        state's runtime belongs to its worker: Lua is not for two threads at once). A look is
+        not a use: the state's age and rate stay as they were."""
+        with self._cond:
+            record = self._records.get(state)
+            if record is None or record.busy:
+                return None
+            self._take(record)
+        try:
+            return look(state)
+        finally:
+            with self._cond:
+                drop = self._settle(record)
+            if drop:
+                self._close(state)
 
     # -- flushing -----------------------------------------------------------------------
 
@@ -121,14 +201,14 @@ class StatePool:
         """Close idle states for which predicate(state) is true; mark busy ones stale so
         they are closed when released. Returns how many states were flushed."""
         with self._cond:
-            chosen = [s for states in self._states.values() for s in states if predicate(s)]
+            chosen = [r for r in self._records.values() if predicate(r.state)]
             closing = []
-            for state in chosen:
-                if state.busy:
-                    state.stale = True
+            for record in chosen:
+                if record.busy:
+                    record.stale = True
                 else:
-                    self._remove(state)
-                    closing.append(state)
+                    self._remove(record)
+                    closing.append(record.state)
             self.flushed += len(chosen)
             self._cond.notify_all()
         for state in closing:
@@ -142,46 +222,27 @@ class StatePool:
             self._cond.notify_all()
         self.flush()
 
-    def inspect(self, state, look):
-        """look(state) with `state` lent to the caller, if it is idle now; else None (a busy
-        state's runtime belongs to its worker: Lua is not for two threads at once)."""
-        with self._cond:
-            idle = self._idle.get(state.path)
-            if not idle or state not in idle:
-                return None
-            place = idle.index(state)   # kept: a look is not a use
-            idle.remove(state)
-            if not idle:
-                del self._idle[state.path]
-            state.busy = True
-        try:
-            return look(state)
-        finally:
-            with self._cond:
-                state.busy = False
-                drop = state.stale or self._closed
-                if drop:
-                    self._remove(state)
-                else:
-                    self._idle.setdefault(state.path, []).insert(place, state)
-                self._cond.notify_all()
-            if drop:
-                self._close(state)
+    # -- reading ------------------------------------------------------------------------
 
     def states(self):
         """A snapshot list of every loaded state (busy or idle)."""
         with self._cond:
-            return [s for states in self._states.values() for s in states]
+            return list(self._records)
+
+    def usage(self):
+        """A snapshot list of (state, requests it served) for every loaded state."""
+        with self._cond:
+            return [(r.state, r.requests) for r in self._records.values()]
 
     def stats(self):
         with self._cond:
-            busy = sum(s.busy for states in self._states.values() for s in states)
-            return {"states": self._total, "busy": busy, "idle": self._total - busy
-                    - sum(self._loading.values()), "loading": sum(self._loading.values()),
-                    "scripts": len(self._states), "created": self.created,
-                    "evicted": self.evicted, "flushed": self.flushed,
-                    "discarded": self.discarded, "recycled": self.recycled,
-                    "waiting": self.waiting}
+            busy = sum(r.busy for r in self._records.values())
+            loading = self._total - len(self._records)
+            return {"states": self._total, "busy": busy, "idle": len(self._records) - busy,
+                    "loading": loading, "scripts": len(self._scripts),
+                    "created": self.created, "evicted": self.evicted,
+                    "flushed": self.flushed, "discarded": self.discarded,
+                    "recycled": self.recycled, "waiting": self.waiting}
 
     # -- internals (lock held) ----------------------------------------------------------
 
@@ -192,40 +253,59 @@ class StatePool:
         finally:
             self.waiting -= 1
 
-    def _loading_done(self, path):
-        left = self._loading[path] - 1
-        if left:
-            self._loading[path] = left
+    def _take(self, record):
+        """Lend an idle state: the one way a state leaves the idle list but to be closed."""
+        idle = record.script.idle
+        if idle[-1] is record:
+            idle.pop()
         else:
-            del self._loading[path]
+            idle.remove(record)
+        record.busy = True
 
-    def _remove(self, state):
-        states = self._states[state.path]
-        states.remove(state)
-        if not states:
-            del self._states[state.path]
-        idle = self._idle.get(state.path)
-        if idle and state in idle:
-            idle.remove(state)
-            if not idle:
-                del self._idle[state.path]
+    def _settle(self, record, discard=False):
+        """Decide whether a state coming back is kept (idle) or dropped; True: close it."""
+        record.busy = False
+        recycle = not discard and 0 < self.max_requests <= record.requests
+        drop = discard or recycle or record.stale or self._closed
+        self.discarded += discard
+        self.recycled += recycle
+        if drop:
+            self._remove(record)
+        else:   # in the order of last use (a look leaves a state's age as it was)
+            idle = record.script.idle
+            place = len(idle)
+            while place and idle[place - 1].last_used > record.last_used:
+                place -= 1
+            idle.insert(place, record)
+        self._cond.notify_all()
+        return drop
+
+    def _remove(self, record):
+        script = record.script
+        script.states.remove(record)
+        if record in script.idle:
+            script.idle.remove(record)
+        del self._records[record.state]
         self._total -= 1
+        self._forget_if_empty(script)
 
-    def _choose_victim(self, clones_only=False):
-        """The idle state least worth keeping: idle longest, relative to how popular it is,
-        and sooner if its script has other states to fall back on. A hot script's only
-        state thus outlives a one-off script's state that was used more recently. The idle
-        time counts from one second, so that in a burst (all idle for milliseconds)
-        popularity still decides."""
-        now = time.monotonic()
+    def _forget_if_empty(self, script):
+        if not script.states and not script.loading:
+            del self._scripts[script.path]
+
+    def _choose_victim(self, now):
+        """The idle state least worth keeping: idle longest, relative to its request rate. A
+        script's requests go to its most recently used state first, so its busiest state
+        carries its script's rate, and a clone only the requests that found the others busy:
+        a hot script's state thus outlives a one-off script's state that was used more
+        recently, a clone made for a moment of concurrency goes before another script's
+        only state, and a script no longer asked for loses its rate within minutes. The idle
+        time counts from one second, so that in a burst (all idle for milliseconds) the rate
+        still decides."""
         victim, worst = None, -1.0
-        for path, idle in self._idle.items():
-            clones = len(self._states[path])
-            if clones_only and clones == 1:
-                continue
-            for state in idle:
-                score = ((now - state.last_used + 1.0) * clones
-                         / (1 + math.log2(1 + state.requests)))
+        for script in self._scripts.values():
+            for record in script.idle:
+                score = (now - record.last_used + 1.0) / (1.0 + record.rate_at(now))
                 if score > worst:
-                    victim, worst = state, score
+                    victim, worst = record, score
         return victim

@@ -150,9 +150,10 @@ class LuaState:
     worker at a time. A call into it is watched by its worker's record (worker.py) when it
     may be interrupted: with a request_timeout, or the slowlog on."""
 
-    def __init__(self, path, config, paths):
+    def __init__(self, path, config, paths, dictionaries=None):
         """A runtime ready to load `path` (see load). `paths` is the (package.path,
-        package.cpath) pair for this script."""
+        package.cpath) pair for this script; `dictionaries` (a shared.Dictionaries) are the
+        shared dictionaries it reaches."""
         self.path = path
         try:
             self.signature = file_signature(path)
@@ -164,10 +165,6 @@ class LuaState:
         except OSError:   # the load reports it as a File Error
             self.prelude_signature = None
         self.loaded_at = time.time()
-        self.last_used = time.monotonic()
-        self.requests = 0
-        self.busy = False
-        self.stale = False
         self.timeout = config.request_timeout
         self.hooks = hooks.for_vm(config.lua)
         self._module = module = vm.load(config.lua)
@@ -176,6 +173,7 @@ class LuaState:
                                          attribute_filter=_deny_attributes,
                                          max_memory=config.memory_limit)
         self._channel = _Channel()
+        self._dictionaries = dictionaries
         values = {name: config.lua_value(name) for name in BY_NAME}
         lua_config = self.runtime.table_from(
             to_lua({k: v for k, v in values.items() if v is not None}), recursive=True)
@@ -188,6 +186,8 @@ class LuaState:
             "prelude": config.prelude or "", "libdir": LUA_DIR, "bytecode": config.bytecode,
             "rewrite_paths": not workdir.per_thread(), "chunk": CHUNK, "version": ENV_VERSION,
             "kinds": errors.LUA_KINDS, "parts": _compiled(module)[1],
+            "shared": dictionaries and dictionaries.for_lua(ffi=config.lua == "luajit"),
+            "shared_call": dictionaries and dictionaries.call,
         }), recursive=True)
         try:
             result = self.runtime.execute(_compiled(module)[0], os.fsencode(path),
@@ -254,6 +254,8 @@ class LuaState:
         finally:
             worker.leave(self)
         if worker.expired:
+            if self._dictionaries is not None:   # it may have stopped inside an operation
+                self._dictionaries.release()
             return Outcome(False, kind=errors.TIMEOUT,
                            message=f"{self.path}: request_timeout ({self.timeout:g} s) exceeded",
                            headers_sent=self._channel.sent)

@@ -3,6 +3,10 @@
 
 local M = {}
 
+-- The shared dictionaries of setting `shared`, by name (luafcgid/lua/shared.lua), which the
+-- daemon set up in this state before the script ran.
+M.shared = package.loaded["luafcgid.shared"] or {}
+
 local byte, char, format, gsub, tonumber, tostring, type, pairs, concat, sort =
   string.byte, string.char, string.format, string.gsub, tonumber, tostring, type, pairs,
   table.concat, table.sort

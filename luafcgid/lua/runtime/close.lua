@@ -7,7 +7,10 @@
 --
 -- Runs last, so that what it keeps as standard is all the bootstrap made. Returns close().
 
-local forget = ...
+-- `flag`, the flag thread (thread.lua), is kept referenced until close(): in LuaJIT nothing
+-- else refers to it, and the collector freed it while the watcher could still arm a hook at
+-- its address (a SIGSEGV).
+local forget, flag = ...
 
 local G, loaded, next, rawset, collect, strip = _G, package.loaded, next, rawset,
   collectgarbage, debug.setmetatable
@@ -17,6 +20,7 @@ for name, value in next, loaded do standard_modules[name] = value end
 
 local function close()
   forget()
+  flag = nil
   strip(G, nil)   -- a __gc of the globals table itself would run in lua_close
   for name, value in next, G do
     if standard_globals[name] ~= value then rawset(G, name, nil) end

@@ -9,8 +9,10 @@
 -- request_timeout needs.
 --
 -- Returns call(fn, ...), the request thread and the flag thread (nil without a timeout).
+-- call() hands what a call returns to release_shared, when shared dictionaries are on
+-- (runtime.lua).
 
-local timeout, KIND, is_memory_error = ...
+local timeout, KIND, is_memory_error, release_shared = ...
 local type, tostring, pcall, error, select = type, tostring, pcall, error, select
 
 local create, resume, yield, running = coroutine.create, coroutine.resume, coroutine.yield,
@@ -54,6 +56,7 @@ end
 -- message.
 local function call(fn, ...)
   depth = 0
+  if release_shared then return release_shared(returned(resume(request_thread, fn, ...))) end
   return returned(resume(request_thread, fn, ...))
 end
 

@@ -1,0 +1,1 @@
+"""Shared dictionaries (setting `shared`): one store for every state, worker and process."""
