@@ -24,7 +24,7 @@ from bench.peers import (C_ORIGINAL_ENV, FASTCGI, MODES, PATHS, PEERS, UNSUPPORT
                          targets_of)
 from bench.processes import free_port
 from bench.report import markdown, plot, summary, table_rows, text_table
-from bench.workloads import WORKLOADS, run_wrk, verify
+from bench.workloads import BLOCKING, WORKLOADS, run_wrk, verify
 
 # Calls of the page's main() whose CPU time gives its Lua cost: 20,000 as in issue 16 (about
 # 4 s at 190 µs a call); the smoke run only checks that the figure comes out.
@@ -258,7 +258,7 @@ def parse_args(argv):
         args.warmup = 0.0
     args.peers = split_list(args.peers, PEERS, "peers")
     args.modes = split_list(args.modes, MODES, "modes")
-    args.workloads = split_list(args.workloads, WORKLOADS, "workloads")
+    args.workloads = split_list(args.workloads, WORKLOADS + BLOCKING, "workloads")
     try:
         args.connections = [int(c) for c in args.connections.split(",") if c.strip()]
     except ValueError:

@@ -20,7 +20,7 @@ import yaml
 
 from bench.common import BENCH, REPO, BenchError, fill, write
 from bench.processes import Server, pidfile_roots, pids_running, wait_ready
-from bench.workloads import WORKLOADS
+from bench.workloads import BLOCKING, WORKLOADS
 
 PEERS = ["luafcgid", "floor", "php-fpm", "wsapi", "c-original", "nginx", "nginx-lua"]
 FASTCGI = ("luafcgid", "floor", "php-fpm", "wsapi", "c-original")
@@ -34,8 +34,9 @@ BLOCKING_WORKERS = 4
 
 # URL path of each workload for each peer; a peer without an entry does not run the workload.
 PATHS = {
-    **{peer: {w: "/%s.lua" % w for w in WORKLOADS} for peer in ("luafcgid", "floor", "wsapi", "c-original")},
-    "php-fpm": {w: "/%s.php" % w for w in WORKLOADS},
+    **{peer: {w: "/%s.lua" % w for w in WORKLOADS} for peer in ("floor", "wsapi", "c-original")},
+    "luafcgid": {w: "/%s.lua" % w for w in WORKLOADS + BLOCKING},
+    "php-fpm": {w: "/%s.php" % w for w in WORKLOADS + BLOCKING},
     "nginx": {"hello": "/hello"},  # `return 200` can only answer the static hello
     "nginx-lua": {w: "/" + w for w in WORKLOADS},
 }

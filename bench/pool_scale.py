@@ -39,6 +39,7 @@ import yaml
 from bench import loadgen
 from bench.common import BENCH, REPO
 from luafcgid import config
+from luafcgid.request.parser import Request
 from luafcgid.request.responder import Responder
 from tests.conftest import Stack   # the tests' real daemon + nginx
 
@@ -122,7 +123,7 @@ def hits(scripts, states, requests, seed=1):
         for i, path in enumerate(picks):
             created = responder.pool.created
             started = time.perf_counter()
-            responder.respond({b"SCRIPT_FILENAME": path, b"N": str(i).encode()}, b"", out)
+            responder.respond(Request.of({b"SCRIPT_FILENAME": path, b"N": str(i).encode()}), out)
             elapsed = time.perf_counter() - started
             if responder.pool.created != created:
                 misses += 1
@@ -159,11 +160,13 @@ def memory(lua, name, source, copies):
             paths.append(path.encode())
         responder = Responder(config.defaults(workers=1, states=copies + 1, lua=lua))
         out = Discard()
-        responder.respond({b"SCRIPT_FILENAME": paths[0], b"REQUEST_METHOD": b"GET"}, b"", out)
+        responder.respond(Request.of({b"SCRIPT_FILENAME": paths[0], b"REQUEST_METHOD": b"GET"}),
+                          out)
         gc.collect()
         before = rss_kb()
         for path in paths[1:]:
-            responder.respond({b"SCRIPT_FILENAME": path, b"REQUEST_METHOD": b"GET"}, b"", out)
+            responder.respond(Request.of({b"SCRIPT_FILENAME": path, b"REQUEST_METHOD": b"GET"}),
+                              out)
         gc.collect()
         grown = rss_kb() - before
         pool = responder.pool

@@ -29,6 +29,7 @@ import threading
 import time
 
 from luafcgid import config
+from luafcgid.request.fastcgi import encode_params
 from luafcgid.shared.dictionaries import Dictionaries
 from luafcgid.states import vm
 from luafcgid.states.searchpath import search_paths
@@ -177,8 +178,8 @@ def ffi_in_this_process(ops, workdir):
     state.load()
     rows = []
     for op in ("get", "incr"):
-        seconds = min(float(state.serve({b"QUERY_STRING": f"{op}&{ops}".encode()}, b"",
-                                        None).payload) for _ in range(3))
+        params = encode_params({b"QUERY_STRING": f"{op}&{ops}".encode()})
+        seconds = min(float(state.serve(params, b"", None).payload) for _ in range(3))
         rows.append(("this dictionary, LuaJIT FFI", op, seconds / ops * 1e9))
     state.close()
     return rows

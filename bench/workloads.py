@@ -10,6 +10,9 @@ import urllib.request
 from bench.common import BENCH, BenchError
 
 WORKLOADS = ["hello", "page", "post", "counter"]
+# Only when asked for (--workloads sleep; luafcgid and php-fpm): a page that waits 10 ms
+# outside Lua, as on a database, for what a process shape serves while its workers wait.
+BLOCKING = ["sleep"]
 POST_BYTES = 1024
 POST_BODY = ("data=" + "x" * (POST_BYTES - 5)).encode()  # same body as wrk/bench.lua sends
 HTTP_TIMEOUT = 10.0    # seconds for one verification request
@@ -36,6 +39,8 @@ def verify(workload, url):
             text = body.decode("utf-8", "replace")
             if workload == "hello":
                 ok = text == "Hello, world!\n"
+            elif workload == "sleep":
+                ok = text == "Slept 10 ms\n"
             elif workload == "page":
                 ok = text.count("<tr><td>") == 200 and "&lt;b&gt;7&lt;/b&gt; &amp; &quot;more&quot; &#39;text&#39;" in text
             else:

@@ -12,7 +12,8 @@ from . import __version__, preflight
 from . import config as configuration
 from . import procman
 from .listener import Listener, ListenError
-from .ops import daemon, environment, logs, privileges, signals, systemd
+from . import environment
+from .ops import daemon, logs, privileges, signals, systemd
 from .shared.dictionaries import Dictionaries
 from .reference import man_page, sample_config, settings_reference
 from .settings import SYSLOG_FACILITIES

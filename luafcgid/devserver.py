@@ -11,16 +11,18 @@ from urllib.parse import unquote, urlsplit
 
 from . import __version__
 from .request.connection import ClientGone
+from .request.parser import Request
 from .request.responder import Responder
 from .shared.dictionaries import Dictionaries
 from .states import vm
 from .states.closer import Closer
 from .states.deadline import Watcher
 from .states.heartbeat import Heartbeat
+from .states.worker import Workers
 
 log = logging.getLogger("luafcgid")
 
-_request = threading.local()   # the deadline.Window of the request a thread serves
+_request = threading.local()   # the worker.Worker of the thread serving a request
 
 
 class _HttpOutput:
@@ -94,8 +96,8 @@ class _Handler(SimpleHTTPRequestHandler):
         too_large = length > maxpost
         body = b"" if too_large else self.rfile.read(length)
         self.close_connection = True
-        self.responder.respond(self._params(script, length), body, _HttpOutput(self), too_large,
-                               window=_request.window)
+        self.responder.respond(Request.of(self._params(script, length), body, too_large),
+                               _HttpOutput(self), _request.worker)
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = _run
 
@@ -126,11 +128,13 @@ class _Handler(SimpleHTTPRequestHandler):
 
 def serve(config, root, address):
     """Serve `root` over HTTP on (host, port) until interrupted."""
+    vm.load(config.lua)   # the process's VM, before any thread reads a request with it
     heartbeat = Heartbeat(config.sweep)
     closer = Closer(config.lua, config.request_timeout)
     responder = Responder(config, closer=closer, on_load=heartbeat.watch,
                           dictionaries=Dictionaries(config.shared))
-    watcher = Watcher(lambda: config)
+    workers = Workers(lambda number: f"request-{number}")
+    watcher = Watcher(workers, lambda: config)
     handler = type("Handler", (_Handler,), {"responder": responder})
     root = os.path.abspath(root)
 
@@ -142,14 +146,14 @@ def serve(config, root, address):
                             (request, client_address))
 
         def finish_request(self, request, client_address):
-            _request.window = watcher.window(threading.current_thread().name)
+            _request.worker = workers.add()
             try:
                 handler(request, client_address, self, directory=root)
             finally:
-                watcher.remove(_request.window)
+                workers.remove(_request.worker)
 
     httpd = Server(address, handler)
-    heartbeat.start(responder)
+    heartbeat.start(responder.pool, responder.forget_locations)
     watcher.start()
     log.info("development server: http://%s:%d/ serving %s (not for production)",
              *httpd.server_address[:2], root)

@@ -12,19 +12,17 @@ import time
 from . import procman
 from .config import LISTENER, RESTART_ONLY, keep_running
 from .listener import Listener, ListenError
-from .ops import access_format
-from .ops.metrics import Metrics, current_worker
-from .ops.slowlog import SlowLog
+from .ops import access_format, describe, slowlog
 from .ops.status import Status
 from .ops.stdout import Capture
 from .request.acceptor import Acceptor
 from .request.clients import admission
-from .request.connection import Connection
 from .request.responder import Responder
 from .states import vm
 from .states.closer import Closer
 from .states.deadline import Watcher
 from .states.heartbeat import Heartbeat
+from .states.worker import IDLE, READING, Workers
 
 log = logging.getLogger("luafcgid")
 
@@ -42,6 +40,7 @@ class Server:
         publish their counters on its `scoreboard` (and there ask to be replaced when
         recycling says so), and stop when it is gone. Scripts reach `dictionaries`
         (shared.Dictionaries)."""
+        vm.load(config.lua)   # the process's VM, before any thread reads a request with it
         self.config = config
         self.dictionaries = dictionaries
         self.listener = listener
@@ -52,22 +51,19 @@ class Server:
         self.recycling = procman.Recycling(config.process_max_requests,
                                            config.process_max_memory)
         self.retiring = False   # asked the supervisor for a successor
-        self.metrics = Metrics(config.workers, config.slowlog_timeout)
-        self._log_access(config)
-        self.slowlog = SlowLog(lambda: self.config, self.metrics)
-        self.watcher = Watcher(lambda: self.config, self._replace_stuck, self.slowlog.check)
-        for worker in self.metrics.workers:
-            worker.window = self.watcher.window(self._worker_name(worker.number))
+        self.workers = Workers(self._worker_name)
+        self._configure_workers(config)
+        self.watcher = Watcher(self.workers, lambda: self.config, self._replace_stuck,
+                               slowlog.report)
         self.closer = Closer(config.lua, config.request_timeout)
-        self.status = Status(self.metrics, lambda: self.listener.sock, self.watcher.stuck,
-                             scoreboard, self.publish, dictionaries)
+        self.status = Status(self.workers, lambda: self.listener.sock, scoreboard, self.publish,
+                             dictionaries)
         self.heartbeat = Heartbeat(config.sweep)
         self.responder = Responder(config, self.status, self.closer,
                                    on_load=self.heartbeat.watch, dictionaries=dictionaries)
         self.stdout = Capture("stdout" if process is None else f"stdout-{process}")
         self.stopping = False
         self.acceptor = None
-        self._threads = []   # one per metrics.workers entry, in the same order
         self._threads_lock = threading.Lock()
 
     def start(self):
@@ -77,46 +73,56 @@ class Server:
         # (processes 2, workers 2) and from 49 to 44 ms (processes 1, workers 3).
         sys.setswitchinterval(SWITCH_INTERVAL)
         self.stdout.start()
-        self.acceptor = Acceptor(self.listener.sock, self._connect,
+        self.acceptor = Acceptor(self.listener.sock,
                                  admission(self.config.allowed_clients, self.listener.sock))
-        self.heartbeat.start(self.responder)
+        self.heartbeat.start(self.responder.pool, self.responder.forget_locations)
         self.watcher.start()
-        for worker in self.metrics.workers:
-            self._start_worker(worker)
+        for _ in range(self.config.workers):
+            self._start_worker(self.workers.add())
         self.publish()
         log.info("luafcgid serving on %s with %d workers, %d states, Lua %s",
                  self.listener.description, self.config.workers, self.config.states,
                  self.config.lua)
 
-    def _log_access(self, config):
-        """The access log's format, compiled once per config (the config checked it)."""
-        self.metrics.configure(access_format.compile(config.access_format)
-                               if config.access_log else None, bool(config.status_path))
+    def _configure_workers(self, config):
+        """What the workers measure and write for the running config: the slowlog, the
+        access log (its format compiled once per config, which the config checked), the
+        status page (it shows each worker's last request)."""
+        access = (access_format.compile(config.access_format) if config.access_log
+                  else None)
+        status_page = bool(config.status_path)
+        self.workers.configure(
+            config.slowlog_timeout, config.slowlog_timeout is not None and bool(config.slowlog),
+            None if access is None else describe.access_writer(access), status_page,
+            status_page or (access is not None and access.measure_cpu),
+            status_page or (access is not None and access.measure_memory))
 
     def _start_worker(self, worker):
-        self._threads.append(vm.start_thread(self.config.lua, self._work,
-                                             self._worker_name(worker.number), (worker.number,)))
+        worker.thread = vm.start_thread(self.config.lua, self._work, worker.name, (worker,))
 
-    def _replace_stuck(self, window):
+    def _replace_stuck(self, stuck):
         """A worker stuck in Lua (deadline.py) serves nothing more; another thread takes its
         place, so that the connections this process already accepted are served. At most
         `workers` threads are added so, however many get stuck."""
+        log.error("%s: %s stuck: still running %.1f s into its call, past request_timeout "
+                  "and stuck_timeout (in one C function call, or in a __gc finalizer: Lua "
+                  "cannot be interrupted there); its client is answered 500", stuck.name,
+                  describe.describe(stuck), time.monotonic() - stuck.call_started)
         with self._threads_lock:
-            if self.stopping or len(self._threads) >= 2 * self.config.workers:
+            if self.stopping or len(self.workers) >= 2 * self.config.workers:
                 return
-            worker = self.metrics.add_worker()
-            worker.window = self.watcher.window(self._worker_name(worker.number))
+            worker = self.workers.add()
             self._start_worker(worker)
-        log.warning("%s started in place of %s", worker.window.name, window.name)
+        log.warning("%s started in place of %s", worker.name, stuck.name)
 
     def _worker_name(self, number):
         return f"worker-{number}" if self.process is None else f"worker-{self.process}.{number}"
 
     def summary(self):
         """One line for systemd's STATUS=."""
-        requests, failed, _, active = self.metrics.totals()
+        requests, failed, _, active = self.workers.totals()
         return (f"serving on {self.listener.description}: {requests} requests, {failed} "
-                f"failed, {active}/{len(self.metrics.workers)} workers busy")
+                f"failed, {active}/{len(self.workers)} workers busy")
 
     def healthy(self):
         return self.heartbeat.alive()
@@ -126,7 +132,7 @@ class Server:
             log.error("the supervisor (pid %d) is gone; stopping", self.supervisor)
             return False
         if self.scoreboard is not None and not self.retiring:
-            why = self.recycling.due(self.metrics.totals()[0])
+            why = self.recycling.due(self.workers.totals()[0])
             if why:
                 log.info("process %d %s; asking the supervisor for a successor",
                          self.process, why)
@@ -148,26 +154,25 @@ class Server:
         if config is not None:
             self.apply(config)
 
-    def _connect(self, sock, address):
-        return Connection(sock, address, self)
-
-    def _work(self, number):
-        worker = current_worker.stats = self.metrics.workers[number - 1]
-        worker.tid, worker.born = threading.get_native_id(), time.time()
+    def _work(self, worker):
+        worker.run_here()
+        acceptor = self.acceptor
         while True:
-            connection = self.acceptor.next()
+            worker.stage = IDLE
+            connection = acceptor.next()
             if connection is None:
                 return
+            worker.stage = READING
             while True:
                 try:
-                    keep = connection.serve(worker)
+                    keep = connection.serve(worker, self.config, self.responder)
                 except Exception:
                     log.exception("unexpected error serving %s", connection.peer)
                     keep = False
                 if not keep:
-                    self.acceptor.discard(connection)
+                    acceptor.discard(connection)
                     break
-                if self.acceptor.park(connection):
+                if acceptor.park(connection):
                     break
 
     def apply(self, config):
@@ -184,8 +189,7 @@ class Server:
             self._rebind(config)
         # the re-read config passed preflight (cli.py), so this socket is not refused
         self.acceptor.admit = admission(config.allowed_clients, self.listener.sock)
-        self.metrics.slow_after = config.slowlog_timeout
-        self._log_access(config)
+        self._configure_workers(config)
         self.closer.patience = config.request_timeout
         heartbeat = Heartbeat(config.sweep)
         old, self.responder = self.responder, Responder(
@@ -194,7 +198,7 @@ class Server:
         old.retire(self.responder)
         self.heartbeat.stop()
         self.heartbeat = heartbeat
-        heartbeat.start(self.responder)
+        heartbeat.start(self.responder.pool, self.responder.forget_locations)
         self.config = config
         log.info("reloaded %s", config.source)
 
@@ -228,16 +232,14 @@ class Server:
         self.listener.close()
         log.info("stopping: draining in-flight requests; new connections are refused")
         deadline = time.monotonic() + self.config.shutdown_timeout
-        windows = [worker.window for worker in self.metrics.workers]
         # a worker stuck in Lua is not waited for: it would never end
-        while any(thread.is_alive() and not window.stuck
-                  for thread, window in zip(self._threads, windows)):
+        while any(worker.thread.is_alive() and not worker.stuck for worker in self.workers):
             if time.monotonic() >= deadline:
                 break
             self.acceptor.drain(self.config.client_timeout,
-                                held=sum(bool(window.stuck) for window in windows))
+                                held=sum(bool(worker.stuck) for worker in self.workers))
             time.sleep(0.02)
-        busy = sum(thread.is_alive() for thread in self._threads)
+        busy = sum(worker.thread.is_alive() for worker in self.workers)
         if busy:
             log.warning("%d request(s) still running after shutdown_timeout or stuck; "
                         "exiting anyway", busy)
@@ -258,9 +260,10 @@ class Server:
     def publish(self):
         """Put this process's counters on the supervisor's scoreboard (if there is one)."""
         if self.scoreboard is not None:
-            requests, failed, slow, active = self.metrics.totals()
+            requests, failed, slow, active = self.workers.totals()
             self.scoreboard.publish(self.process, os.getpid(), requests, failed, slow, active,
-                                    len(self.metrics.workers), len(self.watcher.stuck()),
+                                    len(self.workers),
+                                    sum(bool(worker.stuck) for worker in self.workers),
                                     self.retiring)
 
 

@@ -313,7 +313,9 @@ SETTINGS = (
             "ignore it (listen_mode and listen_group guard them).", "clients"),
     # -- workers and the state pool
     Setting("workers", integer(1), 3,
-            "Worker threads per process, each serving one request at a time.", "pool",
+            "Worker threads per process, each serving one request at a time; a page that "
+            "waits (on a database, os.execute) holds its worker meanwhile. The threads of a "
+            "process share its Python interpreter lock; Lua runs without it.", "pool",
             live=False, example=2),
     Setting("processes", integer(1), 1,
             "Serving processes sharing the listening socket, each with its own workers, "

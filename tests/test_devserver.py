@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, can_connect, free_port, wait_for
+from conftest import ROOT, can_connect, free_port, skip_unless, wait_for
 
 
 @pytest.fixture
@@ -83,8 +83,8 @@ def test_pages_run_in_their_own_directory(devserver):
     """C modules' relative paths too: each connection's thread changes into the page's
     directory, and static files are still served from the root."""
     root, request = devserver
-    if not glob.glob("/usr/lib/*/lua/5.1/luasql/sqlite3.so"):
-        pytest.skip("lua-sql-sqlite3 is not installed (apt-get install lua-sql-sqlite3)")
+    skip_unless(glob.glob("/usr/lib/*/lua/5.1/luasql/sqlite3.so"),
+                "lua-sql-sqlite3 is not installed (apt-get install lua-sql-sqlite3)")
     (root / "app").mkdir()
     (root / "app" / "notes.lua").write_text("""
         local db = assert(require("luasql.sqlite3").sqlite3():connect("app.db"))

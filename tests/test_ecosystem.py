@@ -218,6 +218,7 @@ def test_close_runs_finalizers_at_once_without_the_cycle_collector(tmp_path):
         import gc, os
         gc.disable()
         from luafcgid import config
+        from luafcgid.request.fastcgi import encode_params
         from luafcgid.states.searchpath import search_paths
         from luafcgid.states.state import LuaState
 
@@ -228,7 +229,7 @@ def test_close_runs_finalizers_at_once_without_the_cycle_collector(tmp_path):
         for _ in range(3):
             state = LuaState({str(script)!r}, cfg, search_paths({str(tmp_path)!r}, cfg.lua))
             state.load()
-            assert state.serve({{b"REQUEST_METHOD": b"GET"}}, b"", Out())[0]
+            assert state.serve(encode_params({{b"REQUEST_METHOD": b"GET"}}), b"", Out())[0]
             before = os.path.exists({str(marker)!r})
             state.close()
             print(before, open({str(marker)!r}).read().split())

@@ -117,6 +117,35 @@ def test_a_script_whose_name_is_not_utf8_is_served(stack):
     assert (status, body) == (200, name)
 
 
+def test_error_kinds_are_spelled_once_and_both_sides_know_the_same():
+    """errors.py names every kind; runtime.lua only refers to the ones it is handed
+    (KIND.<name>), all of them, and no other module spells one out, so a typo cannot keep
+    an untrusted state or show a kind nobody defined."""
+    import glob
+    import re
+
+    from conftest import ROOT
+
+    from luafcgid.states import errors
+    package = os.path.join(ROOT, "luafcgid")
+    lua = {path: open(path).read() for path in glob.glob(f"{package}/lua/**/*.lua",
+                                                             recursive=True)}
+    used = {name for text in lua.values() for name in re.findall(r"\bKIND\.(\w+)", text)}
+    assert used == set(errors.LUA_KINDS)
+    kinds = {errors.RUNTIME, errors.SYNTAX, errors.FILE, errors.MEMORY, errors.TIMEOUT,
+             errors.UNKNOWN, errors.CLIENT_GONE}
+    # the daemon's own: only its clock says a call ran too long, only its output that the
+    # client went away
+    assert set(errors.LUA_KINDS.values()) | {errors.TIMEOUT, errors.CLIENT_GONE} == kinds
+    assert errors.FATAL < kinds
+    python = {path: open(path).read() for path in glob.glob(f"{package}/**/*.py",
+                                                                recursive=True)
+              if not path.endswith(os.path.join("states", "errors.py"))}
+    for path, text in {**lua, **python}.items():
+        spelled = [kind for kind in kinds if f'"{kind}"' in text]
+        assert not spelled, f"{path} spells out {spelled}"
+
+
 def test_an_unreadable_script_is_403_as_nginx_and_php_fpm_answer(open_dir):
     # root reads any file: the daemon runs as nobody when the tests run as root
     user = {"user": "nobody", "group": "nogroup"} if os.geteuid() == 0 else {}

@@ -2,18 +2,17 @@
 
 import os
 
-from conftest import wait_for
+from conftest import Fifo, wait_for
 
 
 def test_finish_handler_runs_after_the_response_went_out(stack, tmp_path):
-    go, done = tmp_path / "go", tmp_path / "done"
+    go, done = Fifo(tmp_path / "go"), tmp_path / "done"
     s = stack(finishhandler="after")
     s.write("finish.lua", f"""
         function main(env, con) con:puts("response") end
         function after(env, con)
           -- waits until the test has the whole response: proves it was sent before
-          local deadline = os.time() + 20
-          while not io.open("{go}") and os.time() < deadline do end
+          io.open("{go.path}"):read(2)
           con:puts("never sent")
           local f = io.open("{done}", "w"); f:write(env.REQUEST_URI); f:close()
         end
@@ -22,11 +21,10 @@ def test_finish_handler_runs_after_the_response_went_out(stack, tmp_path):
         status, _, body = s.get(f"/finish.lua?n={n}")
         assert (status, body) == (200, b"response")
         assert not done.exists()
-        go.write_text("")
+        wait_for(go.release, what="the finish handler to read its FIFO")
         # the handler opens the file, then writes: wait for what it wrote
         wait_for(lambda: done.exists() and done.read_text() == f"/finish.lua?n={n}",
                  what="the finish handler")
-        os.unlink(go)
         os.unlink(done)
 
 

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from luafcgid import config as configuration
 from luafcgid.request import fastcgi as fcgi
+from luafcgid.request.params import route
 from luafcgid.request.parser import Parser
 
 BOUNDED = settings(max_examples=300, deadline=None)
@@ -24,6 +25,42 @@ def test_decode_params_accepts_or_refuses_any_bytes(data):
     assert all(type(k) is bytes and type(v) is bytes for k, v in result.items())
 
 
+def _routed(data):
+    """What route() (Lua) and decode_params (Python) make of `data`: the same, or both
+    refuse it with the same reason."""
+    try:
+        python = fcgi.decode_params(data)
+    except fcgi.ProtocolError as exc:
+        try:
+            route(data)
+        except fcgi.ProtocolError as refused:
+            assert str(refused) == str(exc)
+            return
+        raise AssertionError(f"Lua read what Python refused ({exc})")
+    assert route(data) == (python.get(b"SCRIPT_FILENAME", b""), python.get(b"SCRIPT_NAME"),
+                           python.get(b"CONTENT_LENGTH"))
+
+
+@BOUNDED
+@given(st.binary(max_size=2000))
+def test_lua_and_python_read_any_bytes_alike(data):
+    _routed(data)
+
+
+names = st.sampled_from([b"SCRIPT_FILENAME", b"SCRIPT_NAME", b"CONTENT_LENGTH", b"SCRIPT_NAMEX",
+                         b"X" * 15])
+
+
+@BOUNDED
+@given(st.lists(st.tuples(st.one_of(names, st.binary(max_size=200)), st.binary(max_size=300)),
+                max_size=8), st.integers(0, 40))
+def test_lua_and_python_read_pairs_alike_whole_or_cut(items, cut):
+    """Valid pairs (repeated names: the later wins), and the same cut short."""
+    data = fcgi.encode_params(items)
+    _routed(data)
+    _routed(data[:max(0, len(data) - cut)])
+
+
 @BOUNDED
 @given(pairs)
 def test_params_round_trip(params):
@@ -31,14 +68,16 @@ def test_params_round_trip(params):
 
 
 def _read_all(data, cuts=(), **settings_):
-    """Every request a Parser reads from `data`, fed in pieces cut at `cuts`, then EOF."""
+    """Every request a Parser reads from `data`, fed in pieces cut at `cuts`, then EOF, as
+    (request_id, keep_conn, params decoded, body, too_large)."""
     limits = configuration.defaults(**settings_)
     parser = Parser()
     requests = []
     for start, stop in zip([0, *cuts], [*cuts, len(data)]):
         parser.received(data[start:stop])
         while (request := parser.next(limits)) is not None:
-            requests.append(request)
+            requests.append((request.id, request.keep, fcgi.decode_params(request.params),
+                             request.body, request.too_large))
         if parser.closing:
             return requests
     parser.eof()

@@ -3,7 +3,7 @@
 import os
 import threading
 
-from conftest import wait_for
+from conftest import Fifo, wait_for
 
 
 def _body(stack, path):
@@ -43,13 +43,12 @@ def test_deleted_script_becomes_404(shared_stack):
 
 def test_busy_state_is_flushed_when_released(stack, tmp_path):
     s = stack(workers=2, states=2)
-    go, started = tmp_path / "go", tmp_path / "started"
+    go, started = Fifo(tmp_path / "go"), tmp_path / "started"
     s.write("busy.lua", f"""
         function main(env, con)
           if env.QUERY_STRING == "wait" then
             io.open("{started}", "w"):close()
-            local deadline = os.time() + 20
-            while not io.open("{go}") and os.time() < deadline do end
+            io.open("{go.path}"):read(2)
           end
           con:puts("old")
         end
@@ -62,7 +61,7 @@ def test_busy_state_is_flushed_when_released(stack, tmp_path):
     wait_for(lambda: "reloading" in s.daemon.log(), what="the flush of the busy state")
     # the busy state keeps serving its request with the code it was loaded with ...
     wait_for(lambda: s.get("/busy.lua")[2] == b"new", what="a fresh state for new requests")
-    go.write_text("")
+    wait_for(go.release, what="the slow request to read its FIFO")
     waiter.join(30)
     assert result["r"][2] == b"old"
     # ... and is closed on release, so later requests never see the old code again

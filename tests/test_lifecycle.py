@@ -56,13 +56,13 @@ def test_sighup_under_load_fails_no_request(stack, keepalive):
 
 
 @pytest.mark.parametrize("keepalive", [0, 8], ids=["new-connections", "kept-alive"])
-def test_sigterm_drains_a_request_in_flight_then_exits_0(stack, keepalive):
+def test_sigterm_drains_a_request_in_flight_then_exits_0(stack, keepalive, tmp_path):
     s = stack(keepalive=keepalive)
-    started = s.site.file("started")
+    started, fifo = s.site.file("started"), Fifo(tmp_path / "fifo")
     s.write("slow.lua", f"""
         function main(env, con)
           io.open("{started}", "w"):close()
-          os.execute("sleep 1")
+          io.open("{fifo.path}"):read(2)   -- until the test lets it go on
           con:puts("finished")
         end
     """)
@@ -71,12 +71,16 @@ def test_sigterm_drains_a_request_in_flight_then_exits_0(stack, keepalive):
     client.start()
     wait_for(lambda: os.path.exists(started), what="the request to run")
     s.daemon.signal(signal.SIGTERM)
+    wait_for(lambda: "stopping: draining" in s.daemon.log(), what="the drain to begin")
+    # draining: the daemon waits for the request, which is still held
+    assert client.is_alive() and s.daemon.proc.poll() is None
+    wait_for(fifo.release, what="the page to read its FIFO")
     client.join(30)
     status, _, body = results[0]
     assert (status, body) == (200, b"finished")
     assert s.daemon.proc.wait(30) == 0
     log = s.daemon.log()
-    assert "stopping: draining" in log and "busy=0" in log
+    assert "busy=0" in log
 
 
 @pytest.mark.parametrize("processes", [1, 2])

@@ -135,6 +135,9 @@ def test_memory_limit_holds_on_every_supported_vm(choice):
 
 def test_the_check_refuses_memory_limit_where_the_vm_cannot_hold_it(monkeypatch):
     monkeypatch.setitem(vm._memory_checked, "5.1", False)
+    # as in a process that runs no VM yet (this one may: routing a request reads its params
+    # in Lua, request/params.py)
+    monkeypatch.setattr(vm, "_loaded", None)
     config = configuration.defaults(lua="5.1", memory_limit="64M")
     (problem,) = vm.problems(config)
     assert problem.startswith("memory_limit: the installed lupa.lua51 cannot limit")

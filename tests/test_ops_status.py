@@ -182,3 +182,36 @@ def test_slowlog_under_lua_51_says_why_there_is_no_traceback(daemon, site, tmp_p
              what="the slowlog entry")
     assert "slow request: GET /busy.lua" in slow.read_text()
     assert "Lua 5.1 has no luaL_traceback" in slow.read_text()
+
+
+SPIN_UNTIL = """
+function main(env, con)
+  while not io.open("{flag}") do end   -- in Lua until the slowlog has written it
+  con:puts("done")
+end
+"""
+
+
+def test_the_logs_name_the_script_apache_asked_for_without_its_proxy_prefix(
+        daemon, site, tmp_path):
+    """mod_proxy_fcgi sends SCRIPT_FILENAME as proxy:fcgi://HOST/path: the access log and
+    the slowlog name /path, the script that ran."""
+    from conftest import InThread
+    access, slow, flag = tmp_path / "access.log", tmp_path / "slow.log", tmp_path / "flag"
+    # Lua 5.4: LuaJIT runs no hooks in the loop it compiles
+    d = daemon(lua="5.4", access_log=str(access), slowlog=str(slow), slowlog_timeout=0.1)
+    script = site.write("spin.lua", SPIN_UNTIL.format(flag=flag))
+    answer = InThread(lambda: fetch(d.address, "/spin.lua",
+                                    SCRIPT_FILENAME=f"proxy:fcgi://localhost{script}"))
+    try:
+        wait_for(lambda: slow.exists() and "traceback" in slow.read_text(),
+                 what="the slowlog entry")
+    finally:
+        flag.write_text("")
+    assert answer.result()[2] == b"done"
+    wait_for(lambda: access.exists() and access.read_text(), what="the access log line")
+    assert access.read_text().split()[1:4] + access.read_text().split()[-1:] == [
+        "GET", "/spin.lua?", "200", script]
+    assert re.search(rf"slow request: GET /spin\.lua\? ran [\d.]+ s \(script {re.escape(script)}\)",
+                     slow.read_text())
+    assert "proxy:" not in access.read_text() + slow.read_text()

@@ -3,6 +3,7 @@ replies it leaves for the connection to send, when it says the connection ends. 
 records through a real daemon are in test_protocol.py."""
 
 import resource
+import types
 
 import pytest
 from conftest import RawClient
@@ -19,6 +20,12 @@ def request_bytes(request_id=1, body=b"", keep_conn=False):
     return RawClient.request_bytes(PARAMS, body, request_id, keep_conn)
 
 
+def fields(request):
+    """A parser.Request as (request_id, keep_conn, params decoded, body, too_large)."""
+    return (request.id, request.keep, fcgi.decode_params(request.params), request.body,
+            request.too_large)
+
+
 def test_a_request_fed_byte_by_byte_is_kept_until_complete():
     parser = Parser()
     data = request_bytes(body=b"a=1")
@@ -27,18 +34,36 @@ def test_a_request_fed_byte_by_byte_is_kept_until_complete():
         assert parser.next(LIMITS) is None
         assert parser.in_progress
     parser.received(data[-1:])
-    assert parser.next(LIMITS) == (1, False, PARAMS, b"a=1", False)
+    assert fields(parser.next(LIMITS)) == (1, False, PARAMS, b"a=1", False)
     assert not parser.in_progress
     parser.eof()   # between requests: a clean end
+
+
+@pytest.mark.parametrize("keep_conn", [False, True])
+def test_a_request_read_whole_or_record_by_record_is_the_same(keep_conn):
+    """next() takes a whole bodiless request in one step, anything else record by record."""
+    data = request_bytes(request_id=7, keep_conn=keep_conn)
+    whole, cut = Parser(), Parser()
+    whole.received(data)
+    cut.received(data[:-1])
+    assert cut.next(LIMITS) is None
+    cut.received(data[-1:])
+    assert fields(whole.next(LIMITS)) == fields(cut.next(LIMITS)) == (7, keep_conn, PARAMS,
+                                                                       b"", False)
+    assert not whole.in_progress and not cut.in_progress
+    too_long = Parser()
+    too_long.received(data)
+    with pytest.raises(fcgi.ProtocolError, match="longer than max_params"):
+        too_long.next(types.SimpleNamespace(max_params=10, maxpost=100, workers=3))
 
 
 def test_requests_received_together_come_out_one_by_one():
     parser = Parser()
     parser.received(request_bytes(1, b"one", keep_conn=True) + request_bytes(2, b"two")[:20])
-    assert parser.next(LIMITS)[3] == b"one"
+    assert parser.next(LIMITS).body == b"one"
     assert parser.next(LIMITS) is None and parser.in_progress
     parser.received(request_bytes(2, b"two")[20:])
-    assert parser.next(LIMITS)[:4] == (2, False, PARAMS, b"two")
+    assert fields(parser.next(LIMITS))[:4] == (2, False, PARAMS, b"two")
 
 
 def test_the_body_is_bytes_whatever_buffer_it_was_cut_from():
@@ -48,8 +73,8 @@ def test_the_body_is_bytes_whatever_buffer_it_was_cut_from():
     assert parser.next(LIMITS) is None   # now kept in a bytearray
     parser.received(data[5:])
     request = parser.next(LIMITS)
-    assert type(request[3]) is bytes and request[3] == b"x" * 50
-    assert all(type(k) is bytes and type(v) is bytes for k, v in request[2].items())
+    assert type(request.body) is bytes and request.body == b"x" * 50
+    assert type(request.params) is bytes and type(request.script) is bytes
 
 
 @pytest.mark.parametrize("cut, reason", [
@@ -70,7 +95,7 @@ def test_a_body_is_refused_as_soon_as_it_passes_maxpost():
     parser.received(head + fcgi.record(fcgi.STDIN, 1, b"y" * 60))
     assert parser.next(LIMITS) is None
     parser.received(fcgi.record(fcgi.STDIN, 1, b"y" * 41) + fcgi.record(fcgi.STDIN, 1, b"z"))
-    assert parser.next(LIMITS) == (1, False, PARAMS, b"", True)
+    assert fields(parser.next(LIMITS)) == (1, False, PARAMS, b"", True)
     assert parser.closing   # nothing more is read
     assert parser.next(LIMITS) is None
 
@@ -83,8 +108,29 @@ def test_a_content_length_over_maxpost_is_refused_when_the_params_end(length, re
     parser.received(fcgi.begin_request(1) + fcgi.record(fcgi.PARAMS, 1, fcgi.encode_params(params))
                     + fcgi.record(fcgi.PARAMS, 1))
     request = parser.next(LIMITS)
-    assert (request == (1, False, params, b"", True)) is refused
+    assert (request is not None and fields(request) == (1, False, params, b"", True)) is refused
     assert (request is None) is not refused and parser.closing is refused
+
+
+def test_the_script_and_its_name_are_read_from_the_params_kept_as_received():
+    parser = Parser()
+    params = {b"SCRIPT_NAME": b"/a.lua", b"X": b"1" * 200, b"SCRIPT_FILENAME": b"/srv/a.lua"}
+    parser.received(RawClient.request_bytes(params))
+    request = parser.next(LIMITS)
+    assert (request.script, request.name) == (b"/srv/a.lua", b"/a.lua")
+    assert request.params == fcgi.encode_params(params)
+    parser = Parser()
+    parser.received(RawClient.request_bytes({b"X": b"1"}))
+    request = parser.next(LIMITS)
+    assert (request.script, request.name) == (b"", None)
+
+
+def test_params_that_are_not_name_value_pairs_are_a_protocol_error():
+    parser = Parser()
+    parser.received(fcgi.begin_request(1) + fcgi.record(fcgi.PARAMS, 1, b"\x05\x09abc")
+                    + fcgi.record(fcgi.PARAMS, 1) + fcgi.record(fcgi.STDIN, 1))
+    with pytest.raises(fcgi.ProtocolError, match="longer than its stream"):
+        parser.next(LIMITS)
 
 
 def test_params_beyond_max_params_are_refused_as_they_arrive():
@@ -128,7 +174,7 @@ def test_an_aborted_request_on_a_kept_connection_makes_room_for_the_next():
     parser = Parser()
     parser.received(fcgi.begin_request(1, flags=fcgi.KEEP_CONN)
                     + fcgi.record(fcgi.ABORT_REQUEST, 1) + request_bytes(2, b"next"))
-    assert parser.next(LIMITS)[:1] == (2,)
+    assert parser.next(LIMITS).id == 2
     assert parser.replies == [fcgi.record(fcgi.END_REQUEST, 1,
                                           fcgi.END_BODY.pack(0, fcgi.REQUEST_COMPLETE))]
     assert not parser.closing

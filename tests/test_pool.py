@@ -9,6 +9,7 @@ import pytest
 from conftest import GATED_PAGE, InThread, all_in_flight_at_once, wait_for
 
 from luafcgid import config
+from luafcgid.request.fastcgi import encode_params
 from luafcgid.request.responder import Responder
 from luafcgid.states.pool import PoolClosed, StatePool
 
@@ -326,8 +327,8 @@ def test_real_states_are_never_shared_and_the_limits_hold(tmp_path, scripts, sta
                     worst["total"] = max(worst["total"], len(loaded))
                     worst["clones"] = max(worst["clones"], sum(s.path == path for s in loaded))
                 try:
-                    result = state.serve({b"SPIN": str(rng.randint(1, 20000)).encode()}, b"",
-                                         Output())
+                    result = state.serve(encode_params(
+                        {b"SPIN": str(rng.randint(1, 20000)).encode()}), b"", Output())
                     assert result.ok, result
                 finally:
                     with lock:

@@ -214,3 +214,44 @@ def test_long_name_value_lengths_are_decoded(server):
     p = {b"HTTP_X_" + b"N" * 200: b"v", **params(server, "q" * 300)}
     client.request(p)
     assert split_response(client.response()[0])[2] == b"hello " + b"q" * 300
+
+
+HELD = """
+function main(env, con)
+  io.open("{marker}", "w"):close()
+  io.open("{fifo}"):read(2)
+  con:puts("held")
+end
+"""
+
+
+def test_bytes_and_the_end_arriving_together_on_a_parked_connection_are_both_read(
+        daemon, site, tmp_path):
+    """A parked connection on which the client's last bytes and its shutdown arrive while
+    no worker looks get one epoll event for both: the worker must read on to the end
+    rather than park it again after the short read (then nothing would wake it before
+    client_timeout)."""
+    from conftest import Fifo, InThread, wait_for
+    d = daemon(workers=1, client_timeout=60)
+    marker, fifo = tmp_path / "holding", Fifo(tmp_path / "fifo")
+    site.write("held.lua", HELD.format(marker=marker, fifo=fifo.path))
+    parked = RawClient(d.address)   # accepted, read (nothing yet) and parked first
+    held = InThread(lambda: _response(d.address, {b"SCRIPT_FILENAME": site.file("held.lua")
+                                                  .encode()}))
+    wait_for(marker.exists, what="the only worker to be held")
+    parked.send(b"\x01\x01\x00")   # part of a record header
+    parked.sock.shutdown(1)
+    wait_for(fifo.release, what="the page to read its FIFO")
+    assert split_response(held.result())[2] == b"held"
+    assert parked.read_record() is None   # closed at once, not after client_timeout
+    wait_for(lambda: "in the middle of a record" in d.log(), what="the malformed line")
+    assert "within client_timeout" not in d.log()
+
+
+def _response(address, params):
+    client = RawClient(address)
+    try:
+        client.request(params)
+        return client.response()[0]
+    finally:
+        client.close()

@@ -18,6 +18,7 @@ from luafcgid.states import vm
 from luafcgid.states.deadline import Watcher
 from luafcgid.states.searchpath import search_paths
 from luafcgid.states.state import LuaState
+from luafcgid.states.worker import Workers
 
 VMS = ("luajit", "5.4", "5.1")
 
@@ -316,7 +317,7 @@ def test_lua_and_python_agree_on_the_same_memory(tmp_path):
     state = LuaState(str(script), cfg, search_paths(str(tmp_path), cfg.lua), dictionaries)
     try:
         state.load()
-        result = state.serve({}, b"", None)
+        result = state.serve(b"", b"", None)   # no params (encoded)
         assert result.ok, result.message
         assert result.payload == b"4000\0py\0 10240 \xfd\xfe\xff 41.5 true"
     finally:
@@ -356,13 +357,14 @@ def test_a_call_stopped_inside_an_operation_lets_go_of_the_lock(tmp_path):
     script = tmp_path / "spin.lua"
     script.write_text(SPIN)
     cfg = config.defaults(request_timeout=0.2)
-    watcher = Watcher(lambda: cfg)
+    workers = Workers(lambda number: "worker")
+    watcher = Watcher(workers, lambda: cfg)
     watcher.start()
-    window = watcher.window("worker")
+    worker = workers.add()
     state = LuaState(str(script), cfg, search_paths(str(tmp_path), cfg.lua), dictionaries)
     try:
         state.load()   # without a deadline: only the request is to be stopped
-        assert state.serve({}, b"", None, window).kind == "Timeout Error"
+        assert state.serve(b"", b"", None, worker).kind == "Timeout Error"
     finally:
         watcher.stop()
         state.close()
@@ -393,7 +395,7 @@ def test_an_operation_failing_inside_lets_go_of_the_lock_when_the_call_ends(tmp_
     state = LuaState(str(script), cfg, search_paths(str(tmp_path), cfg.lua), dictionaries)
     try:
         state.load()
-        result = state.serve({}, b"", None)
+        result = state.serve(b"", b"", None)   # no params (encoded)
     finally:
         state.close()
     ok, err, again = result.payload.decode().split("|")

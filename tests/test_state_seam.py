@@ -5,6 +5,7 @@ a tuple once broke the finish handler for every request."""
 import pytest
 
 from luafcgid import config
+from luafcgid.request.fastcgi import encode_params
 from luafcgid.states.searchpath import search_paths
 from luafcgid.states.state import LuaState, Outcome
 
@@ -46,20 +47,20 @@ def state(tmp_path):
 
 
 def test_serve_succeeds_with_the_unsent_bytes(state):
-    result = state().serve({b"MODE": b"ok"}, b"", Sink())
+    result = state().serve(encode_params({b"MODE": b"ok"}), b"", Sink())
     assert result.ok and result.kind == "" and result.payload == b"body"
     assert result.head.startswith(b"Status: 200") and result.head.endswith(b"\r\n\r\n")
 
 
 def test_serve_fails_with_kind_and_message(state):
-    result = state().serve({b"MODE": b"fail"}, b"", Sink())
+    result = state().serve(encode_params({b"MODE": b"fail"}), b"", Sink())
     assert result == Outcome(False, kind="Runtime Error", message=result.message)
     assert "handler failed" in result.message
 
 
 def test_serve_failure_after_flush_says_the_headers_went_out(state):
     sink = Sink()
-    result = state().serve({b"MODE": b"flushed"}, b"", sink)
+    result = state().serve(encode_params({b"MODE": b"flushed"}), b"", sink)
     assert not result.ok and result.headers_sent and "after flush" in result.message
     assert sink.data.endswith(b"early")
 
@@ -67,12 +68,12 @@ def test_serve_failure_after_flush_says_the_headers_went_out(state):
 @pytest.mark.parametrize("finishhandler", [None, "after", "undefined_global"])
 def test_finish_succeeds_whether_or_not_a_handler_is_defined(state, finishhandler):
     s = state(finishhandler=finishhandler)
-    assert s.serve({b"MODE": b"ok"}, b"", Sink()).ok
+    assert s.serve(encode_params({b"MODE": b"ok"}), b"", Sink()).ok
     assert s.finish() == Outcome(True)
 
 
 def test_finish_fails_with_kind_and_message(state):
     s = state(finishhandler="after")
-    assert s.serve({b"MODE": b"finish-fails"}, b"", Sink()).ok
+    assert s.serve(encode_params({b"MODE": b"finish-fails"}), b"", Sink()).ok
     result = s.finish()
     assert not result.ok and result.kind == "Runtime Error" and "finish failed" in result.message

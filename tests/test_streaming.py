@@ -20,12 +20,11 @@ def _peak_rss_kb(pid):
 
 def test_unbuffered_puts_go_out_at_once(stack, tmp_path):
     s = stack(buffering=False)
-    go = tmp_path / "go"
+    go = Fifo(tmp_path / "go")
     s.write("stream.lua", f"""
         function main(env, con)
           con:puts("first chunk\\n")
-          local deadline = os.time() + 20
-          while not io.open("{go}") and os.time() < deadline do end
+          io.open("{go.path}"):read(2)
           con:puts("second chunk\\n")
         end
     """)
@@ -33,7 +32,7 @@ def test_unbuffered_puts_go_out_at_once(stack, tmp_path):
     client.request({b"SCRIPT_FILENAME": s.site.file("stream.lua").encode()})
     rtype, _, content = client.read_record()   # arrives while the handler still waits
     assert b"first chunk" in content and b"Status: 200 OK" in content
-    go.write_text("")
+    wait_for(go.release, what="the page to read its FIFO")
     data, app_status, _ = client.response()
     assert data == b"second chunk\n" and app_status == 0
 

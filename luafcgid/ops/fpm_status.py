@@ -20,8 +20,6 @@ HEADER = ("pool", "process manager", "start time", "start since", "accepted conn
 PROCESS = ("pid", "state", "start time", "start since", "requests", "request duration",
            "request method", "request uri", "content length", "user", "script",
            "last request cpu", "last request memory")
-# what fpm_request_get_stage_name() calls a process; php-fpm_exporter counts Idle and Running
-IDLE, READING, RUNNING, FINISHING = "Idle", "Reading headers", "Running", "Finishing"
 
 TEXT_TIME = "%d/%b/%Y:%H:%M:%S %z"
 FORMS = ("html", "xml", "json", "openmetrics")   # php-fpm's query keys, in its precedence

@@ -20,7 +20,9 @@ from ipaddress import ip_network
 
 from ..request import pages
 from ..request.clients import peer_address
+from ..states.worker import IDLE, STAGES
 from . import access_format, fpm_status
+from .describe import params_of, running
 
 
 def _plain(status, body, content_type="text/plain; charset=utf-8"):
@@ -85,12 +87,13 @@ def _text_of(value):
 
 
 def worker_entry(worker, now, wall):
-    """php-fpm's entry of one process (fpm_status.PROCESS) for a worker thread: while it
-    serves a request, that request and how long it runs so far; idle, its last request,
-    with that request's CPU (percent of its duration, as php-fpm's) and its state's
-    memory."""
-    started, params = worker.started, worker.params or {}
-    seconds = now - started if started else worker.seconds
+    """php-fpm's entry of one process (fpm_status.PROCESS) for a worker thread, from its
+    record (states/worker.py): while it serves a request, that request and how long it runs
+    so far; idle, its last request, with that request's CPU (percent of its duration, as
+    php-fpm's) and its state's memory."""
+    stage, params = worker.stage, params_of(worker)
+    idle = stage == IDLE
+    seconds = worker.seconds if idle else now - worker.started
     uri = params.get(b"REQUEST_URI")
     if uri is None and params.get(b"SCRIPT_NAME"):
         query = params.get(b"QUERY_STRING")
@@ -100,12 +103,11 @@ def worker_entry(worker, now, wall):
         length = int(params.get(b"CONTENT_LENGTH") or 0)
     except ValueError:
         length = 0
-    idle = not started
     return {
         # the worker thread's id (its LWP, as ps -L shows it): php-fpm_exporter tells
         # processes apart by pid and start time, and threads of one process share the pid
         "pid": worker.tid,
-        "state": fpm_status.IDLE if idle else fpm_status.RUNNING,
+        "state": STAGES[stage],
         "start time": int(worker.born),
         "start since": int(wall - worker.born),
         "requests": worker.requests,
@@ -122,21 +124,30 @@ def worker_entry(worker, now, wall):
 
 
 class Status:
-    def __init__(self, metrics, sock, stuck, scoreboard=None, publish=None, dictionaries=None):
-        """The figures of `metrics` (a metrics.Metrics), the accept queue of sock() (the
-        listening socket), the workers stuck() in Lua (deadline.Watcher.stuck), with the
-        supervisor every process's from `scoreboard`, on which publish() puts this one's
-        first, and those of the shared `dictionaries` (shared.Dictionaries)."""
-        self.metrics = metrics
+    def __init__(self, workers, sock, scoreboard=None, publish=None, dictionaries=None):
+        """The figures of `workers` (a worker.Workers), the accept queue of sock() (the
+        listening socket), with the supervisor every process's from `scoreboard`, on which
+        publish() puts this one's first, and those of the shared `dictionaries`
+        (shared.Dictionaries)."""
+        self.workers = workers
         self.sock = sock
-        self.stuck = stuck
         self.scoreboard = scoreboard
         self.publish = publish
         self.dictionaries = dictionaries
+        self.started = time.time()
+        self._started_monotonic = time.monotonic()
         # php-fpm's maxima since the start: of the accept queue as the status page saw it,
         # and of the active workers, sampled every second (sample()) as php-fpm's master does
         self.max_queue = 0
         self.max_active = 0
+
+    def uptime(self):
+        return time.monotonic() - self._started_monotonic
+
+    def stuck(self):
+        """What every worker given up on runs (describe.running's dicts)."""
+        now = time.monotonic()
+        return [running(worker, now) for worker in self.workers if worker.stuck]
 
     def routes(self, config, pool):
         """SCRIPT_NAME (bytes) -> page function, for a responder whose states are `pool`."""
@@ -162,9 +173,9 @@ class Status:
         this process's, or with processes > 1 the sums over every process (this one live,
         the others as they published them within the last second)."""
         if self.scoreboard is None:
-            requests, failed, slow, active = self.metrics.totals()
-            return (requests, failed, slow, active, len(self.metrics.workers),
-                    len(self.stuck()), None)
+            requests, failed, slow, active = self.workers.totals()
+            return (requests, failed, slow, active, len(self.workers),
+                    sum(bool(worker.stuck) for worker in self.workers), None)
         self.publish()
         slots = [slot for slot in self.scoreboard.read() if slot["pid"]]
         return tuple(sum(slot[key] for slot in slots) for key in (
@@ -174,7 +185,7 @@ class Status:
     def entries(self):
         """This process's workers, as ?full lists them (worker_entry)."""
         now, wall = time.monotonic(), time.time()
-        return [worker_entry(worker, now, wall) for worker in self.metrics.workers]
+        return [worker_entry(worker, now, wall) for worker in self.workers]
 
     def sample(self):
         """Every second (the server's tick): the most workers active at once."""
@@ -187,12 +198,11 @@ class Status:
         queue = accept_queue(self.sock())
         if queue is not None:
             self.max_queue = max(self.max_queue, queue)
-        metrics = self.metrics
         figures = {
             "pool": access_format.POOL,
             "process manager": config.pm,
-            "start time": int(metrics.started),
-            "start since": int(metrics.uptime()),
+            "start time": int(self.started),
+            "start since": int(self.uptime()),
             # php-fpm counts a request when it is accepted: the ones running too
             "accepted conn": requests + active,
             "listen queue": queue or 0,

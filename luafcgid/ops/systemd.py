@@ -8,7 +8,7 @@ import os
 import socket
 import time
 
-from .environment import inherited
+from ..environment import inherited
 
 LISTEN_FDS_START = 3   # SD_LISTEN_FDS_START: passed sockets start at fd 3
 

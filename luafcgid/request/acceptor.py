@@ -36,13 +36,16 @@ import select
 import socket
 import threading
 import time
+import _socket
+
+from .connection import Connection
 
 log = logging.getLogger("luafcgid")
 
 # accept() failures that say "not now" rather than "never": back off and try again
 _TRANSIENT = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _WATCHED = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
-_HUNG_UP = select.EPOLLRDHUP | select.EPOLLHUP
+_HUNG_UP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _ACCEPT_BATCH = 64
 # At the descriptor limit every worker fails to accept ten times a second (about 30 log
 # lines a second with 3 workers): the first failure is logged, then a count per interval.
@@ -58,13 +61,14 @@ DRAIN_IDLE = 1.0
 
 
 class Acceptor:
-    def __init__(self, sock, connect, admit=None):
-        """`connect(sock, address)` makes a Connection of an accepted socket; `admit(address)`,
-        when set, says whether a peer may be served at all (clients.py)."""
-        self._connect = connect
+    def __init__(self, sock, admit=None):
+        """`admit(address)`, when set, says whether a peer may be served at all
+        (clients.py)."""
         self.admit = admit
         self._epoll = select.epoll()
         self._watched = {}   # fd -> Connection registered in the epoll set, parked or served
+        self._parked = {}    # fd -> monotonic time parked, of those waiting in the set
+        self._arrived = set()   # fds of those served now on which more bytes arrived
         self._kept = set()   # fds of those kept alive by the web server (FCGI_KEEP_CONN)
         self._serving = 0    # connections accepted and not parked or discarded since
         self._lock = threading.Lock()
@@ -76,6 +80,7 @@ class Acceptor:
         self._reported_at = None   # monotonic time of the last "accept failed" line
         self._ended = False        # the workers were woken with None
         self.sock = None
+        self._listening = None   # its fd
         self._family = None
         self.listen_on(sock)
 
@@ -84,6 +89,7 @@ class Acceptor:
         sock.setblocking(False)
         self._epoll.register(sock.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
         self._family = sock.family
+        self._listening = sock.fileno()
         old, self.sock = self.sock, sock
         if old is not None:
             self._epoll.unregister(old.fileno())
@@ -92,51 +98,51 @@ class Acceptor:
         """Block until a Connection may have bytes to read: a parked one that has, or one
         just accepted. None once the acceptor is closed and nothing is left to serve."""
         while True:
-            events = self._epoll.poll(-1, 1)
-            for fd, mask in events:
+            for fd, mask in self._epoll.poll(-1, 1):
+                if fd == self._listening:
+                    connection = self._accept()
+                    if connection is None:
+                        continue
+                    if self._kept:
+                        self._accept_backlog()
+                    return connection
                 if fd == self._wake_read:
                     return None
-                if fd == self.sock.fileno():
-                    connection = self._accept_pending()
-                    if connection is not None:
-                        return connection
-                    continue
                 with self._lock:
                     connection = self._watched.get(fd)
                     if connection is None:
                         continue
                     if mask & _HUNG_UP:
+                        # the client's last bytes and its end came as one event: the
+                        # worker reads on to the end, past a short read
                         connection.hung_up = True
-                    if connection.parked:
-                        connection.parked = False
+                    if self._parked.pop(fd, None) is not None:
                         self._serving += 1
                         return connection
-                    connection.arrived = True   # its worker reads again before parking it
+                    self._arrived.add(fd)   # its worker reads again before parking it
 
-    def _accept_pending(self):
-        """Accept a connection, to be read at once (its request has usually arrived with it:
-        no epoll round trip). When the web server keeps connections alive, accept the whole
-        backlog and park the rest, so that new connections take turns with kept ones in the
-        ready list: accepting one per pass starved the backlog (at 256 clients the p99
-        latency was 449 ms against a 9 ms median; 49 ms against 19 ms since). Otherwise one
-        at a time is fair and cheapest: a batch parked all but one of about ten accepted,
-        each costing an epoll_ctl and a pass through epoll_wait, and ended on a failed
-        accept; and a process that took a batch held it while another process took newer
-        connections from the backlog."""
-        first = self._accept()
-        if first is not None and self._kept:
-            for _ in range(_ACCEPT_BATCH - 1):
-                connection = self._accept()
-                if connection is None:
-                    break
-                self.park(connection)
-        return first
+    def _accept_backlog(self):
+        """A connection is accepted to be read at once (its request has usually arrived with
+        it: no epoll round trip). When the web server keeps connections alive, the rest of
+        the backlog is accepted and parked too, so that new connections take turns with
+        kept ones in the ready list: accepting one per pass starved the backlog (at 256
+        clients the p99 latency was 449 ms against a 9 ms median; 49 ms against 19 ms
+        since). Otherwise one at a time is fair and cheapest: a batch parked all but one of
+        about ten accepted, each costing an epoll_ctl and a pass through epoll_wait, and
+        ended on a failed accept; and a process that took a batch held it while another
+        process took newer connections from the backlog."""
+        for _ in range(_ACCEPT_BATCH - 1):
+            connection = self._accept()
+            if connection is None:
+                break
+            self.park(connection)
 
     def _accept(self):
         """A Connection of the next admitted socket in the backlog, or None. Takes the raw
-        accept() and builds the socket object with the listener's known family:
-        socket.accept() asks for the family and type as enums, costing a microsecond a
-        connection."""
+        accept() and builds a C socket object (_socket.socket) with the listener's known
+        family: socket.accept() asks for the family and type as enums, costing a
+        microsecond a connection, and socket.socket's __init__ and close() are Python, 3
+        calls more."""
         # counted before accept(), so that a drain cannot end while a worker takes one
         with self._lock:
             self._serving += 1
@@ -156,8 +162,8 @@ class Acceptor:
             if self._reported_at is not None:
                 self._accept_recovered()
             if self.admit is None or self.admit(address):
-                return self._connect(socket.socket(self._family, socket.SOCK_STREAM, 0, fd),
-                                     address)
+                return Connection(_socket.socket(self._family, socket.SOCK_STREAM, 0, fd), fd,
+                                  address)
             os.close(fd)
 
     def _accept_failed(self, exc):
@@ -185,42 +191,37 @@ class Acceptor:
     def park(self, connection):
         """Keep a connection until more bytes arrive on it. False when bytes arrived while
         it was being served: the caller reads them now."""
+        fd = connection.fd
         with self._lock:
-            if connection.arrived:
-                connection.arrived = False
+            if fd in self._arrived:
+                self._arrived.discard(fd)
                 return False
             self._serving -= 1
-            connection.parked = True
-            connection.parked_at = time.monotonic()
-            fd = connection.sock.fileno()
-            if not connection.registered:
+            self._parked[fd] = time.monotonic()
+            if fd not in self._watched:
                 self._watched[fd] = connection
                 self._epoll.register(fd, _WATCHED)
-                connection.registered = True
             if connection.kept:
                 self._kept.add(fd)
         return True
 
     def discard(self, connection):
         """Close a connection a worker is done with."""
+        fd = connection.fd
         with self._lock:   # before the close frees its fd for another connection
             self._serving -= 1
-            self._forget(connection)
-            self._end_if_drained()
+            if fd in self._watched:
+                del self._watched[fd]
+                self._kept.discard(fd)
+                self._arrived.discard(fd)
+            if self.closed:
+                self._end_if_drained()
         connection.close()
-
-    def _forget(self, connection):
-        """(lock held) Take a connection out of the epoll set's bookkeeping."""
-        if connection.registered:
-            fd = connection.sock.fileno()
-            self._watched.pop(fd, None)
-            self._kept.discard(fd)
 
     def _end_if_drained(self, held=0):
         """(lock held) Once closed with nothing left to serve but the connections of `held`
         workers, wake every worker with None."""
-        if (self.closed and not self._ended and self._serving <= held
-                and not any(c.parked for c in self._watched.values())):
+        if self.closed and not self._ended and self._serving <= held and not self._parked:
             self._ended = True
             os.write(self._wake_write, b"x")
 
@@ -243,10 +244,15 @@ class Acceptor:
         now = time.monotonic()
         idle_since, waiting_since, linger_limit = now - max_idle, now - max_waiting, now - LINGER
         with self._lock:
-            expired = [fd for fd, c in self._watched.items() if c.parked and (
-                c.lingering < linger_limit if c.lingering else not c.unread() and (
-                    c.parked_at < idle_since if c.kept and c.began is None
-                    else (c.began or c.parked_at) < waiting_since))]
+            expired = []
+            for fd, parked_at in self._parked.items():
+                c = self._watched[fd]
+                if (c.lingering < linger_limit if c.lingering else not c.unread() and (
+                        parked_at < idle_since if c.kept and c.began is None
+                        else (c.began or parked_at) < waiting_since)):
+                    expired.append(fd)
+            for fd in expired:
+                del self._parked[fd]
             self._kept.difference_update(expired)
             connections = [self._watched.pop(fd) for fd in expired]
             self._end_if_drained()

@@ -18,7 +18,6 @@ import logging
 import select
 import socket
 import struct
-import threading
 import time
 
 from . import fastcgi as fcgi
@@ -29,26 +28,15 @@ log = logging.getLogger("luafcgid")
 _RECV_SIZE = 65536
 _IOV_MAX = 1024   # buffers per sendmsg (Linux's UIO_MAXIOV)
 # Every response starts "Status: NNN ..." (runtime.lua's head, pages.py, the status page):
-# Output keeps that much of it for the counters and the access log
+# Output reads the code there for the counters and the access log
 _STATUS = b"Status: "
-_HEAD = len(_STATUS) + 3
+_AT = len(_STATUS)
 _DONTWAIT = socket.MSG_DONTWAIT
 _monotonic = time.monotonic
 
 
 class ClientGone(Exception):
     """The web server closed the connection or stopped reading."""
-
-
-def send_all(sock, data, timeout):
-    """Send every byte of `data` on a blocking socket without blocking in send(): one send()
-    in the common case; when the socket buffer is full, the rest as send_parts sends it."""
-    try:
-        sent = sock.send(data, _DONTWAIT)
-    except BlockingIOError:
-        sent = 0
-    if sent < len(data):
-        send_parts(sock, [memoryview(data)[sent:]], timeout)
 
 
 def send_parts(sock, parts, timeout):
@@ -73,57 +61,75 @@ def send_parts(sock, parts, timeout):
                 raise TimeoutError("the web server read nothing within client_timeout")
 
 
+_END_REQUEST = {}   # request id -> its END_REQUEST records (nginx numbers every request 1)
+
+
+def _status(head):
+    """The HTTP status code of a response that begins with `head` (200 when it says none)."""
+    return int(head[_AT:_AT + 3]) if head[:_AT] == _STATUS else 200
+
+
 class Output:
     """Response bytes for one request, as STDOUT records. Once the web server went away,
     every write raises ClientGone, which stops the page at its next con:puts or con:flush
     (an error it may catch): running on, a 4-second export held its worker to its end,
-    and an endless stream for ever. Keeps the first bytes (the Status line) and the byte
-    count for the counters and the access log.
+    and an endless stream for ever. Keeps the status (from the Status line, 499 as nginx
+    logs it when the client went away before the response was complete), the first bytes
+    and the byte count for the counters and the access log.
     Written by the worker, and by the request_timeout watcher when it gives up on the
-    request (abandon); a lock keeps their records whole."""
+    request (abandon): `lock`, the worker's, keeps their records whole."""
 
-    __slots__ = ("sock", "request_id", "half_close", "timeout", "ended", "broken", "head",
-                 "first", "sent", "lock")
+    __slots__ = ("sock", "request_id", "half_close", "timeout", "lock", "ended", "broken",
+                 "status", "first", "sent")
 
-    def __init__(self, sock, request_id, half_close, timeout):
+    def __init__(self, sock, request_id, half_close, timeout, lock):
         """`half_close`: shut the sending side once the response is complete (nginx
         completes a response on a connection it did not ask to keep only when that closes,
         and something, the finish handler, runs before it does). `timeout`: how long a send
-        may wait for the web server to read."""
+        may wait for the web server to read. `lock`: a threading.RLock."""
         self.sock = sock
         self.request_id = request_id
         self.half_close = half_close
         self.timeout = timeout
+        self.lock = lock
         self.ended = False
         self.broken = False
-        self.head = None
+        self.status = 200   # the response's HTTP status, once its first bytes went out
         self.first = None   # the first bytes written (a reference), for %{NAME}o
         self.sent = 0
-        self.lock = threading.Lock()
 
     def write(self, data):
         with self.lock:
             if data and not self.ended and not self.broken:
-                if self.head is None:
-                    self.head = data[:_HEAD]
+                if not self.sent:
+                    self.status = _status(data)
                     self.first = data
                 self.sent += len(data)
-                self._send_records(data)
+                self._send(data, b"")
             if self.broken:
                 raise ClientGone("the client went away")
 
     def end(self, data=b""):
+        """Send `data` last and complete the response."""
         with self.lock:
-            self._end(data)
-
-    @property
-    def status(self):
-        """The response's HTTP status code (200 when it said none); 499, as nginx logs it,
-        when the client went away before the response was complete."""
-        if self.broken:
-            return 499
-        head = self.head
-        return int(head[len(_STATUS):]) if head and head.startswith(_STATUS) else 200
+            if self.ended:
+                return
+            self.ended = True
+            if not self.sent:
+                self.status = _status(data)
+                self.first = data
+            self.sent += len(data)
+            if not self.broken:
+                request_id = self.request_id
+                tail = _END_REQUEST.get(request_id)
+                if tail is None:
+                    tail = _END_REQUEST[request_id] = fcgi.end_request(request_id)
+                self._send(data, tail)
+            if self.half_close:
+                try:
+                    self.sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
 
     def abandon(self, page):
         """From another thread: complete the response now, with `page` unless part of it
@@ -133,42 +139,34 @@ class Output:
             return False
         try:
             self.half_close = True
-            self._end(b"" if self.sent else page)
+            self.end(b"" if self.sent else page)
         finally:
             self.lock.release()
         return True
 
-    def _end(self, data):
-        if self.ended:
-            return
-        self.ended = True
-        if self.head is None:
-            self.head = data[:_HEAD]
-            self.first = data
-        self.sent += len(data)
-        if not self.broken:
-            self._send_records(data, fcgi.end_request(self.request_id))
-        if self.half_close:
-            try:
-                self.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-
-    def _send_records(self, data, tail=b""):
-        """`data` as STDOUT records, then `tail`. A body of one record goes out joined, in
-        one sendall; a longer one by sendmsg of the records' headers and slices of `data`,
-        without copying it (a 256 KiB body went out 3 times as fast)."""
+    def _send(self, data, tail):
+        """`data` as STDOUT records, then `tail`, without blocking in send(). A body of one
+        record goes out joined, in one send(); a longer one (or what one send() left) by
+        sendmsg of the records' headers and slices of `data`, without copying it (a 256 KiB
+        body went out 3 times as fast)."""
+        sock = self.sock
         try:
-            if len(data) <= fcgi.STDOUT_CHUNK:
-                send_all(self.sock, (fcgi.record(fcgi.STDOUT, self.request_id, data)
-                                     if data else b"") + tail, self.timeout)
-                return
-            parts = fcgi.stream_parts(fcgi.STDOUT, self.request_id, data)
-            if tail:
+            if len(data) > fcgi.STDOUT_CHUNK:
+                parts = fcgi.stream_parts(fcgi.STDOUT, self.request_id, data)
                 parts.append(tail)
-            send_parts(self.sock, parts, self.timeout)
+                send_parts(sock, parts, self.timeout)
+                return
+            if data:
+                tail = fcgi.record(fcgi.STDOUT, self.request_id, data) + tail
+            try:
+                sent = sock.send(tail, _DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            if sent < len(tail):
+                send_parts(sock, [memoryview(tail)[sent:]], self.timeout)
         except OSError as exc:
             self.broken = True
+            self.status = 499
             log.info("client went away while receiving the response: %s", exc)
 
 
@@ -191,27 +189,21 @@ def _unix_peer(sock):
 
 
 class Connection:
-    __slots__ = ("sock", "address", "server", "parser", "began", "kept", "parked_at",
-                 "registered", "parked", "arrived", "lingering", "hung_up")
+    __slots__ = ("sock", "fd", "address", "parser", "began", "kept", "hung_up", "lingering")
 
-    def __init__(self, sock, address, server):
-        """`server` provides the current `responder` and `config`; a reload replaces them,
-        and each request takes the ones current when it begins."""
+    def __init__(self, sock, fd, address):
         self.sock = sock
+        self.fd = fd
         self.address = address   # (host, port) on TCP; the peer is asked only for a log line
-        self.server = server
         self.parser = Parser()
         self.began = None        # monotonic time the request being received began to arrive
         self.kept = False        # the web server asked to keep it open after a request
-        self.lingering = 0.0     # monotonic time it was answered 413 (see serve); 0.0 if not
-        # the acceptor's: in its epoll set; waiting there; bytes arrived while served
-        self.registered = self.parked = self.arrived = False
-        self.parked_at = 0.0
         # the acceptor saw the peer shut its side: a short read no longer means nothing more
         # is there, since the end of the stream is "more" that edge-triggered epoll reports
         # only once (a request cut short and its end in one event left the connection parked
         # until client_timeout)
         self.hung_up = False
+        self.lingering = 0.0     # monotonic time it was answered 413 (see serve); 0.0 if not
 
     @property
     def peer(self):
@@ -219,10 +211,11 @@ class Connection:
             return f"{self.address[0]}:{self.address[1]}"
         return _unix_peer(self.sock)
 
-    def serve(self, worker):
-        """Read what has arrived and answer the requests it completes, counted in `worker`
-        (the serving thread's metrics.WorkerStats). True when the connection waits for more
-        bytes (park it); False when it is finished.
+    def serve(self, worker, config, responder):
+        """Read what has arrived and answer the requests it completes with `responder`
+        under `config` (a reload replaces them: each read takes the current ones), counted
+        in `worker` (the serving thread's worker.Worker). True when the connection waits
+        for more bytes (park it); False when it is finished.
 
         After a request too large (413) nothing more is read: the connection lingers,
         parked, until the web server hangs up (or LINGER seconds, acceptor.close_idle).
@@ -245,13 +238,27 @@ class Connection:
                     return False
                 parser.received(data)
                 while True:
-                    request = parser.next(self.server.config)
+                    request = parser.next(config)
                     if parser.replies:
-                        self._send_replies()
+                        self._send_replies(config.client_timeout)
                     if request is None:
                         break
                     self.began = None
-                    if not self._answer(request, worker):
+                    self.kept = keep = request.keep
+                    # without a finish handler the connection closes right after the
+                    # response; after a 413 it lingers (see above), its response ended by a
+                    # half close
+                    out = Output(sock, request.id, request.too_large or not keep
+                                 and bool(config.finishhandler), config.client_timeout,
+                                 worker.out_lock)
+                    worker.begin(request.params)
+                    try:
+                        responder.respond(request, out, worker)
+                    finally:
+                        worker.end(out)
+                    if request.too_large:
+                        self.lingering = _monotonic()
+                    if not keep:
                         return bool(self.lingering)
                 if parser.closing:
                     return False
@@ -270,31 +277,11 @@ class Connection:
             self.began = _monotonic()
         return True
 
-    def _answer(self, request, worker):
-        """Run one request; True when the connection stays open for the next one."""
-        request_id, keep_conn, params, body, too_large = request
-        self.kept = keep_conn
-        server = self.server
-        config = server.config
-        # without a finish handler the connection closes right after the response; after
-        # a 413 it lingers (see serve), its response ended by a half close
-        out = Output(self.sock, request_id,
-                     too_large or not keep_conn and bool(config.finishhandler),
-                     config.client_timeout)
-        worker.begin(params)
-        try:
-            server.responder.respond(params, body, out, too_large, worker)
-        finally:
-            worker.end(out)
-        if too_large:
-            self.lingering = _monotonic()
-        return keep_conn
-
-    def _send_replies(self):
-        replies = b"".join(self.parser.replies)
+    def _send_replies(self, timeout):
+        replies = self.parser.replies[:]
         self.parser.replies.clear()
         try:
-            send_all(self.sock, replies, self.server.config.client_timeout)
+            send_parts(self.sock, replies, timeout)
         except OSError as exc:
             raise ClientGone(f"connection failed: {exc}") from None
 

@@ -89,20 +89,13 @@ def begin_request(request_id, role=RESPONDER, flags=0):
 _UINT32 = struct.Struct("!I").unpack_from
 
 
-class Params(dict):
-    """Decoded name-value pairs that keep the bytes they came from (`raw`): a Lua state
-    decodes those itself, which is cheaper than converting the dict, and runs without the
-    interpreter lock."""
-
-    __slots__ = ("raw",)
-
-
 def decode_params(buf):
-    """Name-value pairs (spec 3.4) to a Params dict of bytes -> bytes; later names win.
-    On the path of every request: one flat loop, no helper calls."""
+    """Name-value pairs (spec 3.4) to a dict of bytes -> bytes; later names win. Raises
+    ProtocolError on a pair that does not fit. (Requests are routed by request/params.py,
+    which reads them in Lua; this is for the logs, the status page and management
+    records.)"""
     data = bytes(buf)
-    params = Params()
-    params.raw = data
+    params = {}
     pos, end = 0, len(data)
     try:
         while pos < end:

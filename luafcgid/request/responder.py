@@ -1,7 +1,7 @@
 """Answering one request: find the script, borrow a state, run it, write the response.
 
 Independent of the transport: the FastCGI connection and the development HTTP front both
-hand a request's params and body here with an output object that has `write(bytes)` (send
+hand a request (a parser.Request) here with an output object that has `write(bytes)` (send
 response bytes now; raises connection.ClientGone once the client went away, which `broken`
 then says) and `end(bytes)` (send these last bytes and complete the response).
 """
@@ -10,20 +10,18 @@ import logging
 import os
 import stat
 
-from ..states import vm, workdir
+from ..states import errors, workdir
 from ..states.closer import Closer
 from ..states.pool import PoolClosed, StatePool
 from ..states.searchpath import search_paths
-from ..states.state import LuaState, Outcome, ScriptError, ScriptGone
+from ..states.state import LuaState, ScriptError, ScriptGone
+from ..states.worker import FINISHING
+from . import fastcgi as fcgi
 from . import pages
-from .connection import ClientGone
 
 log = logging.getLogger("luafcgid")
 
-
-# Errors after which a state is not trusted again: it may have stopped halfway through
-# updating its globals.
-_FATAL = frozenset(("Memory Error", "Timeout Error", "Unknown Error"))
+SCRIPT_FILENAME = b"SCRIPT_FILENAME"
 
 
 def apache_script_filename(script):
@@ -69,12 +67,12 @@ class Responder:
         self._successor = successor
         self.pool.close()
 
-    def _load(self, path, window=None):
+    def _load(self, path, worker=None):
         config = self.config
         paths = search_paths(os.path.dirname(path), config.lua, config.lua_path, config.lua_cpath)
         state = LuaState(path, config, paths, self._dictionaries)
         try:
-            state.load(window)
+            state.load(worker)
         except BaseException:
             self._closer.close(state)   # its top level may have made finalizers
             raise
@@ -120,63 +118,54 @@ class Responder:
         self._roots = self._resolve_roots()
         self._located = {}
 
-    def respond(self, params, body, out, body_too_large=False, worker=None, window=None):
-        """`window` (a deadline.Window; by default `worker`'s, a metrics.WorkerStats)
-        watches every call into Lua for request_timeout."""
+    def respond(self, request, out, worker=None):
+        """Answer `request` (a parser.Request) through `out`. `worker` (the serving thread's
+        worker.Worker, if any) is told the script and watches the calls into Lua."""
         if self._routes:
-            page = self._routes.get(params.get(b"SCRIPT_NAME"))
+            page = self._routes.get(request.name)
             if page is not None:
-                out.end(page(params))
+                out.end(page(fcgi.decode_params(request.params)))
                 return
-        script = params.get(b"SCRIPT_FILENAME", b"")
+        script, params = request.script, request.params
         if script[:6].lower() == b"proxy:":
             script = apache_script_filename(script)
-            # a plain dict, which the state encodes anew: a Params' raw bytes hold the prefix
-            params = {**params, b"SCRIPT_FILENAME": script}
+            # the state decodes the params, and a later pair wins
+            params += fcgi.encode_params(((SCRIPT_FILENAME, script),))
         if worker is not None:
             worker.script = script
         if not script:
-            uri = params.get(b"REQUEST_URI", b"?").decode(errors="surrogateescape")
+            uri = fcgi.decode_params(params).get(b"REQUEST_URI", b"?").decode(
+                errors="surrogateescape")
             log.warning("request for %s has no SCRIPT_FILENAME param (is 'fastcgi_param "
                         "SCRIPT_FILENAME' in the web server's config?)", uri)
             out.end(pages.bad_request("The request names no script (SCRIPT_FILENAME)."))
             return
-        try:
-            path = self.locate(script)
-        except Forbidden as exc:
-            log.warning("refused %s: %s", script.decode(errors="surrogateescape"), exc)
-            out.end(pages.forbidden())
-            return
+        path = self._located.get(script)
         if path is None:
-            out.end(pages.not_found())
-            return
-        if body_too_large:
+            try:
+                path = self.locate(script)
+            except Forbidden as exc:
+                log.warning("refused %s: %s", script.decode(errors="surrogateescape"), exc)
+                out.end(pages.forbidden())
+                return
+            if path is None:
+                out.end(pages.not_found())
+                return
+        if request.too_large:
             out.end(pages.too_large(self.config.maxpost))
             return
         if self._per_thread:   # before acquire: a state's script loads on this thread
             try:
                 workdir.enter(path)
             except OSError as exc:
-                self._report("File Error", path, f"cannot change into its directory: {exc}",
-                             out)
+                self._report(errors.FILE, path, f"cannot change into its directory: {exc}", out)
                 return
-        if window is None and worker is not None:
-            window = worker.window
-        if window is not None:
-            window.params = params
-            if hasattr(out, "abandon"):
-                window.abandon = lambda: out.abandon(self._error_page(
-                    "Timeout Error", f"{path}: request_timeout ({self.config.request_timeout:g}"
-                    " s) exceeded; the request could not be stopped"))
+        if worker is not None and self.config.request_timeout and hasattr(out, "abandon"):
+            worker.abandon = lambda: out.abandon(self._error_page(
+                errors.TIMEOUT, f"{path}: request_timeout ({self.config.request_timeout:g} s) "
+                "exceeded; the request could not be stopped"))
         try:
-            self._run(script, path, params, body, out, window, worker)
-        finally:
-            if window is not None:
-                window.params = window.abandon = None
-
-    def _run(self, script, path, params, body, out, window, worker=None):
-        try:
-            state = self.pool.acquire(path, window)
+            state = self.pool.acquire(path, worker)
         except ScriptError as exc:
             self._report(exc.kind, path, exc.message, out)
             return
@@ -186,52 +175,40 @@ class Responder:
             return
         except PoolClosed:
             if self._successor is not None:
-                self._successor.respond(params, body, out, window=window)
+                self._successor.respond(request, out, worker)
             else:
                 out.end(pages.unavailable())
             return
-        result = self._call(state.serve, params, body, out, window)
-        if worker is not None and worker.metrics.measure_memory:
+        result = state.serve(params, request.body, out, worker)
+        if worker is not None and worker.measure_memory:
             worker.memory = state.memory()
-        discard = not result.ok and result.kind in _FATAL
-        if not self.config.finishhandler or discard:
+        discard = not result.ok and result.kind in errors.FATAL
+        finish = self.config.finishhandler and not discard
+        if not finish:
             # released before the response goes out: a client's next request then finds
             # the state idle instead of making a clone of it
             self.pool.release(state, discard)
-            self._answer(result, path, out)
-            return
         try:
-            self._answer(result, path, out)
-            finished = self._call(state.finish, window)
-            if not finished.ok:
-                log.error("%s in %s() of %s: %s", finished.kind, self.config.finishhandler,
-                          path, finished.message)
-                discard = finished.kind in _FATAL
+            if result.ok:
+                # the headers leave Lua apart from the body and are joined here: 3-4% of a
+                # 25 KB page's time less than in Lua (parse and respond in-process, best of
+                # five)
+                out.end(result.head + result.payload)
+            elif out.broken and result.kind not in errors.FATAL:
+                out.end()   # the page stopped at a write after its client left: no error
+            else:
+                self._report(result.kind, path, result.message, out, result.headers_sent)
+            if finish:
+                if worker is not None:
+                    worker.stage = FINISHING
+                finished = state.finish(worker)
+                if not finished.ok:
+                    log.error("%s in %s() of %s: %s", finished.kind, self.config.finishhandler,
+                              path, finished.message)
+                    discard = finished.kind in errors.FATAL
         finally:
-            self.pool.release(state, discard)
-
-    def _call(self, method, *args):
-        """method(*args) of a LuaState: its Outcome, also for a lupa-level failure outside
-        the script's pcall (which leaves the state untrusted)."""
-        try:
-            return method(*args)
-        except ClientGone as exc:   # sending the last of a response, after the handler
-            return Outcome(False, kind="Client Gone", message=str(exc))
-        except Exception as exc:
-            memory = isinstance(exc, vm.load(self.config.lua).LuaMemoryError)
-            return Outcome(False, kind="Memory Error" if memory else "Unknown Error",
-                           message=str(exc))
-
-    def _answer(self, result, path, out):
-        if result.ok:
-            # the headers leave Lua apart from the body and are joined here: 3-4% of a
-            # 25 KB page's time less than in Lua (parse and respond in-process, best of five)
-            out.end(result.head + result.payload)
-        elif out.broken and result.kind not in _FATAL:
-            out.end()   # the page stopped at a write after its client left: no script error
-        else:
-            self._report(result.kind, path, result.message, out,
-                         headers_sent=result.headers_sent)
+            if finish:
+                self.pool.release(state, discard)
 
     def _report(self, kind, path, message, out, headers_sent=False):
         # Lua shortens a long script path in its messages ("...tail/of/it.lua:3:"): the

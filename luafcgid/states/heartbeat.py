@@ -28,11 +28,11 @@ class _ScriptEvents(FileSystemEventHandler):
 
 class Heartbeat:
     """The heartbeat thread and the file watcher, for one responder's states: watch(path)
-    is the responder's on_load, start(responder) begins."""
+    is the responder's on_load, start(pool, forget_locations) begins."""
 
     def __init__(self, sweep_ms):
-        self.responder = None
         self.pool = None
+        self._forget_locations = None
         self.interval = sweep_ms / 1000.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
@@ -42,9 +42,11 @@ class Heartbeat:
         self._watches = {}   # directory -> watchdog watch
         self._watches_lock = threading.Lock()
 
-    def start(self, responder):
-        self.responder = responder
-        self.pool = responder.pool
+    def start(self, pool, forget_locations):
+        """Watch the scripts of `pool`'s states; forget_locations() empties the responder's
+        cache of where scripts are, at every sweep."""
+        self.pool = pool
+        self._forget_locations = forget_locations
         self._observer.start()
         self._thread.start()
 
@@ -72,7 +74,7 @@ class Heartbeat:
         return flushed
 
     def sweep(self):
-        self.responder.forget_locations()
+        self._forget_locations()
         self.flush_changed()
         directories = {os.path.dirname(s.path) for s in self.pool.states()}
         with self._watches_lock:

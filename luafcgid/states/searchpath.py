@@ -16,7 +16,7 @@ Debian packages and by LuaRocks' system tree (/usr/local) for the VM's Lua versi
 import sysconfig
 from importlib import resources
 
-from ..ops.environment import inherited
+from ..environment import inherited
 
 # luafcgid's public Lua modules. The daemon's own Lua files (runtime.lua, ...) lie one
 # level up, out of reach of require: require("runtime") re-ran the bootstrap.

@@ -1,19 +1,41 @@
 """One Lua state: a lupa runtime loaded with one script, serving one request at a time."""
 
+import functools
 import logging
 import os
+import threading
 import time
 from importlib import resources
 from typing import NamedTuple
 
-from ..request.fastcgi import Params, encode_params
 from ..settings import BY_NAME
-from . import hooks, vm, workdir
+from . import errors, hooks, vm, workdir
 
 log = logging.getLogger("luafcgid")
 
-LUA_DIR = str(resources.files("luafcgid") / "lua")
-_BOOTSTRAP = (resources.files("luafcgid") / "lua" / "runtime.lua").read_bytes()
+_LUA = resources.files("luafcgid") / "lua"
+LUA_DIR = str(_LUA)
+_BOOTSTRAP = (_LUA / "runtime.lua").read_bytes()
+# runtime.lua's parts, by name, read once: every new state gets them, reads no file
+PARTS = {path.name[:-len(".lua")]: path.read_bytes() for path in (_LUA / "runtime").iterdir()
+         if path.name.endswith(".lua")}
+_compiling = threading.Lock()
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(module):
+    """runtime.lua and its parts (by name) as bytecode of `module`'s VM, compiled once per
+    process with their chunk names and lines. A new state loads them in about 20 µs where
+    compiling their source took 470 (LuaJIT, this machine): half of what creating a state
+    cost. This is the daemon's own code: the rule that chunks load as source only
+    (runtime/source.lua) is for what scripts load."""
+    with _compiling:
+        dump = module.LuaRuntime(encoding=None).eval(
+            "function(source, name) return string.dump(assert((loadstring or load)(source, "
+            "name))) end")
+        return (dump(_BOOTSTRAP, b"=runtime.lua"),
+                {name: dump(source, f"=runtime/{name}.lua".encode())
+                 for name, source in PARTS.items()})
 ENV_VERSION = 2   # env.LUAFCGID_VERSION; the original sent 1
 # The most bytes of a response that cross from Lua to Python at once (runtime.lua's CHUNK).
 # Three concurrent 100 MiB responses raised the daemon's peak RSS by 3 MiB with 256 KiB;
@@ -26,7 +48,7 @@ class Outcome(NamedTuple):
     ok: bool
     payload: bytes = b""          # body bytes not yet sent (serve)
     head: bytes = b""             # the headers, when they were not sent either (serve)
-    kind: str = ""                # on failure: "Runtime Error", "Timeout Error", ...
+    kind: str = ""                # on failure: one of errors.py's kinds
     message: str = ""
     headers_sent: bool = False    # on failure: the headers already went out
 
@@ -45,7 +67,7 @@ def _outcome(values):
 
 
 class ScriptError(Exception):
-    """A script failed to load: kind is "Syntax Error", "Runtime Error", ..."""
+    """A script failed to load: kind is one of errors.py's."""
 
     def __init__(self, kind, message):
         super().__init__(f"{kind}: {message}")
@@ -55,6 +77,13 @@ class ScriptError(Exception):
 
 class ScriptGone(Exception):
     """The script's file went away (or became unreadable) since it was located."""
+
+
+def _lupa_failure(module, exc):
+    """The Outcome of a call that failed in lupa, outside the script's pcall (which leaves the
+    state untrusted): out of memory, or unknown."""
+    kind = errors.MEMORY if isinstance(exc, module.LuaMemoryError) else errors.UNKNOWN
+    return Outcome(False, kind=kind, message=str(exc))
 
 
 def _deny_attributes(obj, name, is_setting):
@@ -85,11 +114,12 @@ class _Channel:
     """The Python end of a state's callbacks. Holds no reference to the runtime, so a
     discarded state is freed (and its Lua finalizers run) as soon as the pool drops it."""
 
-    __slots__ = ("out", "sent")
+    __slots__ = ("out", "sent", "refused")
 
     def __init__(self):
         self.out = None
-        self.sent = False   # send() was called during the current request
+        self.sent = False      # send() was called during the current request
+        self.refused = False   # and `out` refused what it was given (the client went away)
 
     # Both are reachable from a script (debug.getupvalue on con's methods), so they take
     # nothing but the byte strings runtime.lua passes.
@@ -100,7 +130,11 @@ class _Channel:
         out = self.out
         if out is not None:
             self.sent = True
-            out.write(data)
+            try:
+                out.write(data)
+            except Exception:
+                self.refused = True
+                raise
 
     def log(self, script, message):
         if type(script) is not bytes or type(message) is not bytes:
@@ -113,7 +147,8 @@ class _Channel:
 
 class LuaState:
     """A script loaded into its own runtime. Not thread-safe: the pool lends it to one
-    worker at a time. Every call into it runs inside a deadline.Window (when given one)."""
+    worker at a time. A call into it is watched by its worker's record (worker.py) when it
+    may be interrupted: with a request_timeout, or the slowlog on."""
 
     def __init__(self, path, config, paths, dictionaries=None):
         """A runtime ready to load `path` (see load). `paths` is the (package.path,
@@ -150,24 +185,25 @@ class LuaState:
             "buffering": config.buffering, "timeout": config.request_timeout,
             "prelude": config.prelude or "", "libdir": LUA_DIR, "bytecode": config.bytecode,
             "rewrite_paths": not workdir.per_thread(), "chunk": CHUNK, "version": ENV_VERSION,
+            "kinds": errors.LUA_KINDS, "parts": _compiled(module)[1],
             "shared": dictionaries and dictionaries.for_lua(ffi=config.lua == "luajit"),
             "shared_call": dictionaries and dictionaries.call,
         }), recursive=True)
         try:
-            result = self.runtime.execute(_BOOTSTRAP, os.fsencode(path),
+            result = self.runtime.execute(_compiled(module)[0], os.fsencode(path),
                                           os.fsencode(os.path.dirname(path)), lua_config,
                                           self._channel.send, self._channel.log, opts)
         except module.LuaError as exc:   # e.g. no memory for the bootstrap itself
-            raise ScriptError("Memory Error" if isinstance(exc, module.LuaMemoryError)
-                              else "Runtime Error", str(exc)) from None
+            failed = _lupa_failure(module, exc)
+            raise ScriptError(failed.kind, failed.message) from None
         _, self._load, self._serve, self._finish, self._close, request, flag = result
         # the request thread every call runs in (and the flag thread the stop hook also
         # marks: see runtime.lua), for the deadline watcher and the slowlog
         self.threads = tuple(hooks.thread_address(text) for text in (request, flag) if text)
 
-    def load(self, window=None):
+    def load(self, worker=None):
         """Run the prelude and the script; raises ScriptError when either fails."""
-        result = _outcome(self._call(window, self._load))
+        result = self._call(worker, self._load)
         if not result.ok:
             raise ScriptError(result.kind, result.message)
 
@@ -186,39 +222,51 @@ class LuaState:
         except OSError:
             return True
 
-    def serve(self, params, body, out, window=None):
-        """Run the handler with `params` (a dict; a Params one passes its raw bytes, which
-        the state decodes); an Outcome."""
-        self._channel.out = out
-        self._channel.sent = False
+    def serve(self, params, body, out, worker=None):
+        """Run the handler with `params` (encoded FastCGI name-value pairs, which the state
+        decodes) and `body`, writing to `out` what the script flushes; an Outcome."""
+        channel = self._channel
+        channel.out = out
+        channel.sent = channel.refused = False
         try:
-            raw = params.raw if type(params) is Params else encode_params(params)
-            return _outcome(self._call(window, self._serve, raw, body))
+            return self._call(worker, self._serve, params, body)
         finally:
-            self._channel.out = None
+            channel.out = None
 
-    def finish(self, window=None):
+    def finish(self, worker=None):
         """Run the finish handler for the request just served; an Outcome."""
-        return _outcome(self._call(window, self._finish))
+        return self._call(worker, self._finish)
 
-    def _call(self, window, function, *args):
-        """Call into the runtime inside `window`. A call that ran past its deadline fails
-        with a Timeout Error, whatever the script made of it: its state is not used again.
-        Returns runtime.lua's values (see _outcome)."""
-        if window is None:
-            return function(*args)
+    def _call(self, worker, function, *args):
+        """function(*args) into the runtime, watched by `worker` (a worker.Worker) when it
+        may be interrupted; its Outcome. A call that ran past its deadline fails with a
+        Timeout Error, whatever the script made of it: its state is not used again."""
+        if worker is None or not (self.timeout or worker.watched):
+            try:
+                return _outcome(function(*args))
+            except Exception as exc:
+                return self._failure(exc)
+        worker.enter(self)
         try:
-            with window.running(self):
-                result = function(*args)
-        except self._module.LuaError:   # (LuaJIT) the stop hook fired in runtime.lua's code
-            if not window.expired:
-                raise
-        if window.expired:
+            result = _outcome(function(*args))
+        except Exception as exc:   # (LuaJIT) the stop hook fires in runtime.lua's code too
+            result = self._failure(exc)
+        finally:
+            worker.leave(self)
+        if worker.expired:
             if self._dictionaries is not None:   # it may have stopped inside an operation
                 self._dictionaries.release()
-            message = f"{self.path}: request_timeout ({self.timeout:g} s) exceeded"
-            return False, b"Timeout Error", message.encode(), self._channel.sent
+            return Outcome(False, kind=errors.TIMEOUT,
+                           message=f"{self.path}: request_timeout ({self.timeout:g} s) exceeded",
+                           headers_sent=self._channel.sent)
         return result
+
+    def _failure(self, exc):
+        """The Outcome of a call that raised `exc` out of the runtime: the output's own
+        refusal (its client went away while the rest of a response was sent), or lupa's."""
+        if self._channel.refused:
+            return Outcome(False, kind=errors.CLIENT_GONE, message=str(exc))
+        return _lupa_failure(self._module, exc)
 
     def close(self):
         """Let go of the script's objects and collect them in a Lua call, which holds no

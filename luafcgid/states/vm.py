@@ -48,6 +48,12 @@ def start_thread(choice, target, name, args=()):
     return thread
 
 
+def chosen():
+    """The choice this process loaded (see load), or None before any."""
+    loaded = _loaded
+    return loaded[0] if loaded is not None else None
+
+
 def available(choice):
     """Whether this lupa build ships the module for `choice`, without importing it."""
     return importlib.util.find_spec(MODULES[choice]) is not None
