@@ -52,6 +52,8 @@ class Server:
                                            config.process_max_memory)
         self.retiring = False   # asked the supervisor for a successor
         self.workers = Workers(self._worker_name)
+        for _ in range(config.workers):
+            self.workers.add()
         self._configure_workers(config)
         self.watcher = Watcher(self.workers, lambda: self.config, self._replace_stuck,
                                slowlog.report)
@@ -77,8 +79,8 @@ class Server:
                                  admission(self.config.allowed_clients, self.listener.sock))
         self.heartbeat.start(self.responder.pool, self.responder.forget_locations)
         self.watcher.start()
-        for _ in range(self.config.workers):
-            self._start_worker(self.workers.add())
+        for worker in self.workers:
+            self._start_worker(worker)
         self.publish()
         log.info("luafcgid serving on %s with %d workers, %d states, Lua %s",
                  self.listener.description, self.config.workers, self.config.states,
