@@ -21,7 +21,7 @@ from ipaddress import ip_network
 from ..request import pages
 from ..request.clients import peer_address
 from ..states.worker import IDLE, STAGES
-from . import access_format, fpm_status
+from . import fpm_status
 from .describe import params_of, running
 
 
@@ -199,7 +199,7 @@ class Status:
         if queue is not None:
             self.max_queue = max(self.max_queue, queue)
         figures = {
-            "pool": access_format.POOL,
+            "pool": config.pool_name,
             "process manager": config.pm,
             "start time": int(self.started),
             "start since": int(self.uptime()),
