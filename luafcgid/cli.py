@@ -80,10 +80,11 @@ def _settings_parser():
     return parser
 
 
-def _read(args, machine=None, pool=None):
+def _read(args, machine=None, pool=None, alone=False):
     """The config named on the command line, with its -s overrides (ConfigError if bad,
     also when the Lua VM cannot do what it asks, or `machine(config)` names problems).
-    `pool`: a serving process of that pool reads it, and checks only that pool's part."""
+    `pool`: a serving process of that pool reads it, and checks only that pool's part;
+    `alone`: one without a supervisor, which cannot start other pools."""
     overrides = dict(args.set)
     if args.config:
         config = configuration.load(args.config, overrides)
@@ -93,6 +94,10 @@ def _read(args, machine=None, pool=None):
         if pool not in config.pools:
             raise configuration.ConfigError(config.source, [
                 f"pools: pool '{pool}' is gone from the file (the supervisor stops it)"])
+        if alone and len(config.pools) > 1:
+            raise configuration.ConfigError(config.source, [
+                "pools: this daemon runs one process without a supervisor, which cannot start "
+                "other pools; restart luafcgid to serve them"])
         config.pools = {pool: config.pools[pool]}
     problems = vm.problems(config) + (machine(config) if machine else [])
     if problems:
@@ -110,12 +115,12 @@ def _read_or_exit(args, machine=None):
         sys.exit(2)
 
 
-def _reread(args, machine, pool=None):
+def _reread(args, machine, pool=None, alone=False):
     """The config for a reload, with the log reopened; None (logged) when it is bad.
     `pool`: in a serving process of that pool, which reads (and opens the logs of) only
-    its own pool, and gets that pool's Config."""
+    its own pool, and gets that pool's Config; `alone`: see _read."""
     try:
-        config = _read(args, machine, pool)
+        config = _read(args, machine, pool, alone)
     except configuration.ConfigError as exc:
         for problem in exc.problems:
             log.error("reload refused: %s: %s", exc.source, problem)
@@ -154,7 +159,9 @@ def run(argv):
     # from now on a SIGTERM waits for the main loop instead of killing a half-started
     # daemon that would leave its socket and pidfile behind
     signals.install()
-    supervised = len(config.pools) > 1 or procman.supervised(next(iter(config.pools.values())))
+    # with pools named in the file, a reload may add some: the supervisor runs them
+    first = next(iter(config.pools.values()))
+    supervised = bool(first.prefix) or procman.supervised(first)
     listeners = {}
     try:
         for name, pool in config.pools.items():
@@ -186,7 +193,8 @@ def run(argv):
     if supervised:
         return Supervisor(config, listeners, dictionaries, reread).run()
     (name, pool), = config.pools.items()
-    if not mainloop.run(Server(pool, listeners[name], functools.partial(reread, pool=name),
+    if not mainloop.run(Server(pool, listeners[name],
+                               functools.partial(reread, pool=name, alone=True),
                                dictionaries=dictionaries[name])):
         exit_leaving_lua()
     return 0
