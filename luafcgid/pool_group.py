@@ -78,6 +78,7 @@ class PoolGroup:
         self.queue.register(listener.sock, select.POLLIN)
         self.queued_at = None   # when a connection was first seen waiting in the queue
         self.looked_at = 0.0    # when a connection was last seen waiting in the queue
+        self.at_most = False    # a request waited while the pool ran `processes` processes
         self.stopping = False   # stopped, or removed from the config by a reload
         self.failed = 0         # the exit status it gave up with, after boot failures
 
@@ -171,6 +172,7 @@ class PoolGroup:
         to stop once its successor has reported (at once if none is to start)."""
         staying = self.staying()
         waiting = procman.starts_on_demand(self.config) and self._waiting(now, staying)
+        self._count_at_most(waiting, len(staying))
         start, stop = procman.plan(self.config, [
             procman.Process(child.pid, child.idle(), child.busy) for child in staying],
             waiting)
@@ -191,6 +193,17 @@ class PoolGroup:
                                       f"(pid {successor.pid})")
                 elif successor is None and started == start:
                     self._stop(child, "needs no successor now")
+
+    def _count_at_most(self, waiting, running):
+        """php-fpm's max children reached: counted, with a warning, when a request waits
+        while the pool runs all the processes it may; again only once it ran fewer."""
+        if running < self.config.processes:
+            self.at_most = False
+        elif waiting and not self.at_most:
+            self.at_most = True
+            self.scoreboard.max_children_reached += 1
+            log.warning("%sa request waits, and the pool runs all its %d processes: "
+                        "consider raising processes", self.label, self.config.processes)
 
     def _replace(self, child, why):
         child.leaving = why

@@ -82,7 +82,8 @@ class Server:
         for worker in self.workers:
             self._start_worker(worker)
         self.publish()
-        log.info("luafcgid serving on %s with %d workers, %d states, Lua %s",
+        log.info("%sluafcgid serving on %s with %d workers, %d states, Lua %s",
+                 f"pool {self.config.pool_name}: " if self.config.prefix else "",
                  self.listener.description, self.config.workers, self.config.states,
                  self.config.lua)
 

@@ -13,7 +13,8 @@ import tempfile
 import pytest
 import yaml
 
-from conftest import AS_ROOT, ROOT, RawClient, can_connect, skip_unless, split_response, wait_for
+from conftest import (AS_ROOT, ROOT, Fifo, InThread, RawClient, can_connect, skip_unless,
+                      split_response, wait_for)
 from luafcgid import config
 
 A_PAGE = 'function main(env, con) con:puts("A") end\n'
@@ -86,6 +87,45 @@ def test_each_pool_has_its_own_status_page_and_counters(daemon, tmp_path):
     wait_for(lambda: _status(shop)["accepted conn"] == 2, what="pool shop's 1 request")
     assert (_status(d.address)["pool"], _status(shop)["pool"]) == ("www", "shop")
     assert _status(shop)["total processes"] == 2 * 3   # its 2 processes' workers
+
+
+HELD_PAGE = """
+function main(env, con)
+  io.open("{marks}/" .. env.QUERY_STRING, "w"):close()
+  io.open("{fifo}"):read("*a")
+  con:puts("held")
+end
+"""
+
+
+def test_max_children_reached_counts_requests_waiting_on_a_full_pool(daemon, tmp_path):
+    """php-fpm's `max children reached`, per pool: a request that waits while its pool
+    runs all its processes counts once (and is served when a process is free)."""
+    a, b = _sites(tmp_path)
+    marks, fifo = tmp_path / "marks", Fifo(tmp_path / "fifo")
+    marks.mkdir()
+    held = os.path.join(b, "held.lua")
+    with open(held, "w") as stream:
+        stream.write(HELD_PAGE.format(marks=marks, fifo=fifo.path))
+    shop = str(tmp_path / "shop.sock")
+    d = daemon(listen=str(tmp_path / "www.sock"), status_path="/status", pools={
+        "www": {"roots": [a]},
+        "shop": {"listen": shop, "roots": [b], "pm": "ondemand", "processes": 1,
+                 "workers": 2}})
+    requests = [InThread(lambda n=n: _get(shop, held, query_string=str(n))) for n in range(2)]
+    wait_for(lambda: len(os.listdir(marks)) == 2, what="two requests held in shop's process")
+    waiting = InThread(lambda: _get(shop, held, query_string="2"))
+    wait_for(lambda: "pool shop: a request waits, and the pool runs all its 1 processes"
+             in d.log(), what="the third request to wait")
+
+    def released():
+        fifo.release()
+        return all(r.done() for r in requests + [waiting])
+
+    wait_for(released, what="the held requests to finish")
+    assert [r.result() for r in requests + [waiting]] == [("200 OK", "held")] * 3
+    assert _status(shop)["max children reached"] == 1
+    assert _status(d.address)["max children reached"] == 0
 
 
 def test_each_pool_writes_its_own_access_log(daemon, tmp_path):

@@ -212,7 +212,8 @@ class Status:
             "active processes": active,
             "total processes": workers,
             "max active processes": self.max_active,
-            "max children reached": 0,
+            "max children reached": (0 if self.scoreboard is None
+                                     else self.scoreboard.max_children_reached),
             "slow requests": slow,
         }
         processes = None
