@@ -148,6 +148,33 @@ def test_each_pool_writes_its_own_access_log(daemon, tmp_path):
     assert (tmp_path / "www.access").read_text() == f"www {a_page}\n"
 
 
+SHARED_PAGE = """
+local cache = require("luafcgid").shared.cache
+function main(env, con)
+  if env.QUERY_STRING ~= "" then cache:set("owner", env.QUERY_STRING) end
+  con:puts(tostring(cache:get("owner")))
+end
+"""
+
+
+def test_each_pool_has_its_own_shared_dictionaries(daemon, tmp_path):
+    """Two pools with a dictionary of the same name: what one pool's scripts store, the
+    other's never read."""
+    a, b = _sites(tmp_path)
+    for root in (a, b):
+        with open(os.path.join(root, "shared.lua"), "w") as stream:
+            stream.write(SHARED_PAGE)
+    shop = str(tmp_path / "shop.sock")
+    d = daemon(listen=str(tmp_path / "www.sock"), shared={"cache": "1M"}, pools={
+        "www": {"roots": [a]}, "shop": {"listen": shop, "roots": [b]}})
+    wait_for(lambda: can_connect(shop), what="pool shop to listen")
+    assert _get(d.address, os.path.join(a, "shared.lua"), query_string="www") == (
+        "200 OK", "www")
+    assert _get(shop, os.path.join(b, "shared.lua")) == ("200 OK", "nil")
+    assert _get(shop, os.path.join(b, "shared.lua"), query_string="shop") == ("200 OK", "shop")
+    assert _get(d.address, os.path.join(a, "shared.lua")) == ("200 OK", "www")
+
+
 def test_sighup_adds_a_pool_and_removes_one(daemon, tmp_path):
     """A pool added to the file is bound and served at a reload; one removed stops (its
     socket refuses, its file is gone), and the others serve on."""
