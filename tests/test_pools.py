@@ -151,7 +151,7 @@ def test_each_pool_writes_its_own_access_log(daemon, tmp_path):
 SHARED_PAGE = """
 local cache = require("luafcgid").shared.cache
 function main(env, con)
-  if env.QUERY_STRING ~= "" then cache:set("owner", env.QUERY_STRING) end
+  if env.QUERY_STRING then cache:set("owner", env.QUERY_STRING) end
   con:puts(tostring(cache:get("owner")))
 end
 """
