@@ -111,13 +111,19 @@ class PoolGroup:
         self._kill_hung(now)
         self._manage(now, held)
 
-    def reload(self, config):
+    def reload(self, config, replace):
         """Keep the re-read `config` for the processes started from now on, and have every
-        running process re-read it (each warns about what needs a restart)."""
+        running process re-read it (each warns about what needs a restart), or with
+        `replace` replace each (a successor first, then it drains): a process that became
+        another user than the supervisor's may not read the file."""
         keep_running(self.config, config, RESTART_ONLY + LISTENER)
         self.config = config
-        log.info("%sreloading every process", self.label)
-        self.signal_all(signal.SIGHUP)
+        if not replace:
+            log.info("%sreloading every process", self.label)
+            self.signal_all(signal.SIGHUP)
+            return
+        for child in self.staying():
+            self._replace(child, "runs the configuration before the reload")
 
     def stop(self):
         """Stop serving: the listener refuses from now on (the file of a Unix socket is

@@ -132,7 +132,10 @@ class Supervisor:
         self.config = config
         for name, group in list(self.groups.items()):
             if name in config.pools:
-                group.reload(config.pools[name])
+                pool = config.pools[name]
+                # a root supervisor's processes became their pool's user (pools of
+                # different users), who may not read the file: they are replaced instead
+                group.reload(pool, os.geteuid() == 0 and privileges.target(pool) is not None)
                 continue
             log.info("pool %s: removed from the configuration; stopping it", name)
             group.stop()
@@ -187,6 +190,7 @@ class Supervisor:
                     other.listener.sock.close()
             logs.serve(group.name)
             privileges.become(group.config)
+            logs.keep_unopenable()
             mainloop.run(Server(group.config, group.listener.shared(),
                                 lambda: self.reread(group.name), process=number,
                                 scoreboard=group.scoreboard, supervisor=self.pid,

@@ -306,5 +306,17 @@ def test_pools_of_different_users_run_as_their_user(daemon, tmp_path):
         assert _get(d.address, page) == ("200 OK", str(_user("nobody")))
         assert _get(shop, page) == ("200 OK", str(_user("luafcgid")))
         assert "the supervisor stays root" in d.log()
+        # a reload replaces each process (its user may not read the file), which goes on
+        # writing to the error log the supervisor (root) opened
+        d.signal(signal.SIGHUP)
+        wait_for(lambda: d.log().count(") is replaced by process 2 (pid ") == 2,
+                 what="both processes to be replaced")
+        assert "reload refused" not in d.log()
+        assert _get(d.address, page) == ("200 OK", str(_user("nobody")))
+        assert _get(shop, page) == ("200 OK", str(_user("luafcgid")))
+        d.signal(signal.SIGUSR1)
+        wait_for(lambda: d.log().count("SIGUSR1: log files reopened") == 3,
+                 what="the supervisor and both processes to reopen the logs")
+        assert "cannot reopen" not in d.output()
     finally:
         subprocess.run(["rm", "-rf", site], check=True)

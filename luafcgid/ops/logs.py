@@ -33,6 +33,9 @@ _unopened = set()   # LogFiles whose last reopen failed
 # pool name -> (its access log's handlers, its slowlog's), as setup() opened them: the
 # supervisor holds every pool's for the processes it forks, a serving process its own
 _pools = {}
+# path -> the error log's LogFile in a serving process whose user may not open the file
+# again (keep_unopenable())
+_kept = {}
 
 # What a log line does not carry as it is: C0 and C1 control characters (CR and LF would
 # start a forged line; ESC drives terminals), DEL, Unicode's line and paragraph separators,
@@ -224,7 +227,8 @@ def setup(logfile, to_stderr=True, pools=None, syslog=None, serving=None):
     if logfile == SYSLOG:
         handlers, formatter = [Syslog(*syslog)], EscapingFormatter(SYSLOG_FORMAT)
     else:
-        handlers, formatter = [LogFile(logfile)] if logfile else [], EscapingFormatter(FORMAT)
+        handlers = [_kept.get(os.path.abspath(logfile)) or LogFile(logfile)] if logfile else []
+        formatter = EscapingFormatter(FORMAT)
         if to_stderr or not logfile:
             handlers.append(logging.StreamHandler(sys.stderr))
     opened = {}
@@ -280,9 +284,20 @@ def pool_files(pool):
     return [path for path in (pool.access_log, pool.slowlog) if path]
 
 
+def keep_unopenable():
+    """In a serving process that became its pool's user: an error log file that user may
+    not open (it is root's, when the pools run as different users) is kept as inherited and
+    never reopened, by SIGUSR1 or a reload: its lines go on to the file the supervisor
+    opened. (logfile: syslog has no file to keep.)"""
+    for handler in log.handlers:
+        if isinstance(handler, LogFile) and not os.access(handler.baseFilename, os.W_OK):
+            _kept[handler.baseFilename] = handler
+
+
 def _files():
     every = [h for logger in (log, access, slow) for h in logger.handlers] + _pool_handlers(_pools)
-    return [h for h in dict.fromkeys(every) if isinstance(h, LogFile)]
+    return [h for h in dict.fromkeys(every)
+            if isinstance(h, LogFile) and h not in _kept.values()]
 
 
 def reopen():
