@@ -116,12 +116,14 @@ class PoolGroup:
         running process re-read it (each warns about what needs a restart), or with
         `replace` replace each (a successor first, then it drains): a process that became
         another user than the supervisor's may not read the file."""
-        keep_running(self.config, config, RESTART_ONLY + LISTENER)
+        changed = keep_running(self.config, config, RESTART_ONLY + LISTENER)
         self.config = config
         if not replace:
             log.info("%sreloading every process", self.label)
             self.signal_all(signal.SIGHUP)
             return
+        for name in changed:   # no process re-reads the file to say so
+            log.warning("%sreload: %s changed; restart luafcgid to apply it", self.label, name)
         for child in self.staying():
             self._replace(child, "runs the configuration before the reload")
 

@@ -161,8 +161,8 @@ class Supervisor:
         self.stopping = True
         for group in self._all():
             group.stop()
-        deadline = time.monotonic() + max(group.config.shutdown_timeout
-                                          for group in self._all()) + 5
+        deadline = time.monotonic() + max((group.config.shutdown_timeout
+                                           for group in self._all()), default=0) + 5
         while self._children() and time.monotonic() < deadline:
             self._reap(time.monotonic())
             time.sleep(0.05)

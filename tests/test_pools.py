@@ -87,6 +87,8 @@ def test_each_pool_has_its_own_status_page_and_counters(daemon, tmp_path):
     wait_for(lambda: _status(shop)["accepted conn"] == 2, what="pool shop's 1 request")
     assert (_status(d.address)["pool"], _status(shop)["pool"]) == ("www", "shop")
     assert _status(shop)["total processes"] == 2 * 3   # its 2 processes' workers
+    metrics = _get(shop, "/status", script_name="/status", query_string="openmetrics")[1]
+    assert 'luafcgid_pool{pool="shop"} 1\n' in metrics
 
 
 HELD_PAGE = """
