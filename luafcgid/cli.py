@@ -212,7 +212,9 @@ def serve(argv):
         return 2
     environment.confine(config)   # scripts see what they would behind nginx
     try:
-        devserver.serve(config, args.dir, (host or "127.0.0.1", int(port)))
+        # the first pool's settings (the one pool, without pools in the file)
+        devserver.serve(next(iter(config.pools.values())), args.dir,
+                        (host or "127.0.0.1", int(port)))
     except KeyboardInterrupt:
         pass
     return 0
