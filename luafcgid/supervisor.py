@@ -185,8 +185,11 @@ class Supervisor:
         """In a forked child: be serving process `number` of `group`, then exit."""
         code = 1
         try:
+            # this process's copies only: the supervisor's wait, the other pools' sockets
+            if self.epoll is not None:
+                self.epoll.close()
             for other in self._all():
-                if other is not group:   # this process's copies only: not its pool's
+                if other is not group:
                     other.listener.sock.close()
             logs.serve(group.name)
             privileges.become(group.config)
