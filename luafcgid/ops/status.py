@@ -21,7 +21,7 @@ from ipaddress import ip_network
 from ..request import pages
 from ..request.clients import peer_address
 from ..states.worker import IDLE, STAGES
-from . import access_format, fpm_status
+from . import fpm_status
 from .describe import params_of, running
 
 
@@ -199,7 +199,7 @@ class Status:
         if queue is not None:
             self.max_queue = max(self.max_queue, queue)
         figures = {
-            "pool": access_format.POOL,
+            "pool": config.pool_name,
             "process manager": config.pm,
             "start time": int(self.started),
             "start since": int(self.uptime()),
@@ -212,7 +212,8 @@ class Status:
             "active processes": active,
             "total processes": workers,
             "max active processes": self.max_active,
-            "max children reached": 0,
+            "max children reached": (0 if self.scoreboard is None
+                                     else self.scoreboard.max_children_reached),
             "slow requests": slow,
         }
         processes = None
@@ -249,7 +250,7 @@ class Status:
         chosen, full = fpm_status.form(params.get(b"QUERY_STRING", b""))
         figures, processes, own = self.snapshot(config, pool, full)
         content_type, body = fpm_status.render(chosen, figures, processes, own, text(own),
-                                               openmetrics(own))
+                                               openmetrics(own, config.pool_name))
         return _plain("200 OK", body, content_type)
 
 
@@ -282,9 +283,9 @@ def _label(value):
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def openmetrics(own):
-    """luafcgid's own OpenMetrics families, after php-fpm's: every family has # TYPE and
-    # HELP; counters end in _total."""
+def openmetrics(own, pool):
+    """luafcgid's own OpenMetrics families of pool `pool`, after php-fpm's: every family
+    has # TYPE and # HELP; counters end in _total."""
     out = []
 
     def family(name, kind, help_text, samples):
@@ -294,6 +295,10 @@ def openmetrics(own):
         for labels, value in samples:
             out.append(f"luafcgid_{name}{suffix}{labels} {value}")
 
+    # php-fpm's families carry no label (its exporter adds the pool's); this one says which
+    # pool the page reports on
+    family("pool", "gauge", "The pool this page reports on: its name in the label.",
+           [(f'{{pool="{_label(pool)}"}}', 1)])
     family("failed_requests", "counter", "Requests answered with a 5xx status.",
            [("", own["failed_requests"])])
     family("stuck_workers", "gauge", "Workers stuck in Lua past request_timeout, which could "
