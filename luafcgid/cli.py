@@ -80,14 +80,25 @@ def _settings_parser():
     return parser
 
 
-def _read(args, machine=None):
+def _read(args, machine=None, pool=None, alone=False):
     """The config named on the command line, with its -s overrides (ConfigError if bad,
-    also when the Lua VM cannot do what it asks, or `machine(config)` names problems)."""
+    also when the Lua VM cannot do what it asks, or `machine(config)` names problems).
+    `pool`: a serving process of that pool reads it, and checks only that pool's part;
+    `alone`: one without a supervisor, which cannot start other pools."""
     overrides = dict(args.set)
     if args.config:
         config = configuration.load(args.config, overrides)
     else:
         config = configuration.from_mapping(overrides, "<command line>")
+    if pool is not None:
+        if pool not in config.pools:
+            raise configuration.ConfigError(config.source, [
+                f"pools: pool '{pool}' is gone from the file (the supervisor stops it)"])
+        if alone and len(config.pools) > 1:
+            raise configuration.ConfigError(config.source, [
+                "pools: this daemon runs one process without a supervisor, which cannot start "
+                "other pools; restart luafcgid to serve them"])
+        config.pools = {pool: config.pools[pool]}
     problems = vm.problems(config) + (machine(config) if machine else [])
     if problems:
         raise configuration.ConfigError(config.source, problems)
@@ -104,27 +115,31 @@ def _read_or_exit(args, machine=None):
         sys.exit(2)
 
 
-def _reread(args, machine):
-    """The config for a reload, with the log reopened; None (logged) when it is bad."""
+def _reread(args, machine, pool=None, alone=False):
+    """The config for a reload, with the log reopened; None (logged) when it is bad.
+    `pool`: in a serving process of that pool, which reads (and opens the logs of) only
+    its own pool, and gets that pool's Config; `alone`: see _read."""
     try:
-        config = _read(args, machine)
+        config = _read(args, machine, pool, alone)
     except configuration.ConfigError as exc:
         for problem in exc.problems:
             log.error("reload refused: %s: %s", exc.source, problem)
         return None
     try:
-        _setup_logs(config, args)
+        _setup_logs(config, args, pool)
+        privileges.hand_pool_logs(config)
     except OSError as exc:
         log.error("reload refused: cannot open a log file: %s", exc)
         return None
-    return config
+    return config if pool is None else config.pools[pool]
 
 
-def _setup_logs(config, args):
-    logs.setup(config.logfile, to_stderr=not args.daemon, access_log=config.access_log,
-               slowlog=config.slowlog,
+def _setup_logs(config, args, serving=None):
+    logs.setup(config.logfile, to_stderr=not args.daemon,
+               pools={name: (pool.access_log, pool.slowlog)
+                      for name, pool in config.pools.items()},
                syslog=(config.syslog_address, SYSLOG_FACILITIES[config.syslog_facility],
-                       config.syslog_ident))
+                       config.syslog_ident), serving=serving)
 
 
 def run(argv):
@@ -144,29 +159,43 @@ def run(argv):
     # from now on a SIGTERM waits for the main loop instead of killing a half-started
     # daemon that would leave its socket and pidfile behind
     signals.install()
+    # with pools named in the file, a reload may add some: the supervisor runs them
+    first = next(iter(config.pools.values()))
+    supervised = bool(first.prefix) or procman.supervised(first)
+    listeners = {}
     try:
-        listening = Listener.passed(passed) if passed is not None else Listener.bind(config)
+        for name, pool in config.pools.items():
+            # preflight passed a socket from systemd only with one pool
+            listeners[name] = (Listener.passed(passed) if passed is not None
+                               else Listener.bind(pool))
         if args.daemon:
             daemon.detach()
-        _setup_logs(config, args)
+        # a lone serving process writes its pool's access log and slowlog itself
+        _setup_logs(config, args, None if supervised else next(iter(config.pools)))
+        privileges.hand_pool_logs(config)
         if config.pidfile:
             daemon.write_pidfile(config.pidfile)
         privileges.drop(config)
         # made here, in the process that outlives the serving ones, so that the contents
         # survive their replacement and reloads
-        dictionaries = Dictionaries(config.shared)
+        dictionaries = {name: Dictionaries(pool.shared) for name, pool in config.pools.items()}
         # before any thread starts; after the daemon took what it reads itself
         environment.confine(config)
     except (ListenError, privileges.PrivilegeError, OSError) as exc:
+        for listener in listeners.values():   # the ones bound before the failure
+            listener.close()
         print(f"luafcgid: {exc}", file=sys.stderr)
         if args.daemon:   # standard error is /dev/null now: the log file is all there is
             log.error("not started: %s", exc)
         return 1
     # the serving process(es) are made only now: the supervisor's parent serves nothing
     reread = functools.partial(_reread, args, machine)
-    if procman.supervised(config):
-        return Supervisor(config, listening, reread, dictionaries).run()
-    if not mainloop.run(Server(config, listening, reread, dictionaries=dictionaries)):
+    if supervised:
+        return Supervisor(config, listeners, dictionaries, reread).run()
+    (name, pool), = config.pools.items()
+    if not mainloop.run(Server(pool, listeners[name],
+                               functools.partial(reread, pool=name, alone=True),
+                               dictionaries=dictionaries[name])):
         exit_leaving_lua()
     return 0
 
@@ -183,7 +212,9 @@ def serve(argv):
         return 2
     environment.confine(config)   # scripts see what they would behind nginx
     try:
-        devserver.serve(config, args.dir, (host or "127.0.0.1", int(port)))
+        # the first pool's settings (the one pool, without pools in the file)
+        devserver.serve(next(iter(config.pools.values())), args.dir,
+                        (host or "127.0.0.1", int(port)))
     except KeyboardInterrupt:
         pass
     return 0

@@ -8,7 +8,7 @@ import yaml
 from . import procman
 from .ops import access_format
 from .ops.logs import SYSLOG
-from .settings import BY_NAME, SETTINGS, SettingError
+from .settings import BY_NAME, DAEMON, DEFAULT_POOL, SETTINGS, SettingError
 from .states import vm
 
 # Settings a reload cannot apply (they keep their running value until a restart), and the
@@ -27,16 +27,23 @@ class ConfigError(Exception):
 
 
 class Config:
-    """Checked settings as attributes (`config.workers`), plus `source` and `base_dir`."""
+    """Checked settings as attributes (`config.workers`), plus `source` and `base_dir`.
 
-    def __init__(self, values, source, base_dir):
+    The config a file gives holds the daemon-wide settings and every pool's defaults, and
+    `pools`: pool name -> the Config of that pool (its `pool_name` set), in the file's order.
+    A pool's Config has `pools` None, and `prefix`, what its problems are named with
+    ("pools.shop." when the file names pools, else "")."""
+
+    def __init__(self, values, source, base_dir, pool_name=None, prefix=""):
         self.__dict__.update(values)
         self.source = source
         self.base_dir = base_dir
+        self.pool_name = pool_name
+        self.prefix = prefix
 
     def lua_value(self, name):
         """The value con:config(name) returns: plain data only."""
-        if name not in BY_NAME:
+        if name not in BY_NAME or name == "pools":
             return None
         value = getattr(self, name)
         return list(value) if isinstance(value, tuple) else value
@@ -58,6 +65,45 @@ def _resolve(base_dir, value):
     return os.path.normpath(os.path.join(base_dir, value))
 
 
+def _convert(raw, names, base_dir, problems, prefix=""):
+    """The converted values of settings `names` from `raw` (the default where a name is
+    missing); each bad value is a problem, named with `prefix`."""
+    values = {}
+    for name in names:
+        setting = BY_NAME[name]
+        value = raw.get(name, setting.default)
+        try:
+            value = setting.convert(value)
+        except SettingError as exc:
+            problems.append(f"{prefix}{name}: {exc}")
+            continue
+        # listen is a path only when it names a Unix socket (it contains a slash); logfile
+        # is none when it says syslog
+        if (setting.is_path and value is not None and (name != "listen" or "/" in value)
+                and not (name == "logfile" and value == SYSLOG)):
+            value = _resolve(base_dir, value)
+        values[name] = value
+    return values
+
+
+def _pool_values(name, changes, defaults, base_dir, problems):
+    """The values of pool `name`: `defaults` with its `changes` (raw) converted; None when
+    one is bad (each a problem)."""
+    found = len(problems)
+    for key in changes:
+        if key not in BY_NAME:
+            problems.append(f"pools.{name}.{key}: unknown setting")
+        elif BY_NAME[key].scope == DAEMON:
+            problems.append(f"{key}: applies to the whole daemon; set it at the top level, not "
+                            f"in pool '{name}'")
+    names = [key for key in changes if key in BY_NAME and BY_NAME[key].scope != DAEMON]
+    values = {**defaults, **_convert(changes, names, base_dir, problems, f"pools.{name}."),
+              "pools": None}
+    if len(problems) > found:
+        return None
+    return values
+
+
 def from_mapping(raw, source="<config>", base_dir=None):
     """A Config from a mapping of raw values; raises ConfigError naming every bad key."""
     base_dir = base_dir or os.getcwd()
@@ -67,25 +113,34 @@ def from_mapping(raw, source="<config>", base_dir=None):
     for key in raw:
         if key not in BY_NAME:
             problems.append(f"{key}: unknown setting")
-    values = {}
-    for setting in SETTINGS:
-        value = raw.get(setting.name, setting.default)
-        try:
-            value = setting.convert(value)
-        except SettingError as exc:
-            problems.append(f"{setting.name}: {exc}")
-            continue
-        # listen is a path only when it names a Unix socket (it contains a slash); logfile
-        # is none when it says syslog
-        if (setting.is_path and value is not None and (setting.name != "listen" or "/" in value)
-                and not (setting.name == "logfile" and value == SYSLOG)):
-            value = _resolve(base_dir, value)
-        values[setting.name] = value
-    if not problems:
-        problems += _cross_checks(values)
+    values = _convert(raw, BY_NAME, base_dir, problems)
     if problems:
         raise ConfigError(source, problems)
-    return Config(values, source, base_dir)
+    named = values["pools"] is not None
+    pools = {}
+    for name, changes in (values["pools"] or {DEFAULT_POOL: {}}).items():
+        pool = _pool_values(name, changes, values, base_dir, problems)
+        if pool is not None:
+            # with pools named in the file, each problem names its pool
+            pools[name] = Config(pool, source, base_dir, name, f"pools.{name}." if named else "")
+            problems += [pools[name].prefix + problem for problem in _cross_checks(pool)]
+    problems += _shared_listeners(pools)
+    if problems:
+        raise ConfigError(source, problems)
+    config = Config(values, source, base_dir)
+    config.pools = pools
+    return config
+
+
+def _shared_listeners(pools):
+    """Two pools on one listen address: the second could not bind it."""
+    problems, seen = [], {}
+    for name, pool in pools.items():
+        other = seen.setdefault(pool.listen, name)
+        if other != name:
+            problems.append(f"pools.{name}.listen: {pool.listen} is pool '{other}'s "
+                            f"already; each pool listens on its own socket")
+    return problems
 
 
 def _cross_checks(values):

@@ -40,24 +40,28 @@ def _names(config):
     return problems
 
 
-def _directories(config, binds):
+def _directories(config, binds, daemon=False):
+    """The directories `config` (a pool's) writes in; with `daemon`, the daemon-wide ones."""
     problems = []
-    files = [("logfile", config.logfile), ("access_log", config.access_log),
-             ("slowlog", config.slowlog), ("pidfile", config.pidfile)]
-    if binds and config.unix_socket:
+    files = ([("logfile", config.logfile), ("pidfile", config.pidfile)] if daemon else
+             [("access_log", config.access_log), ("slowlog", config.slowlog)])
+    if binds and config.unix_socket and not daemon:
         files.insert(0, ("listen", config.listen))
     for name, path in files:
         if path and not os.path.isdir(os.path.dirname(path) or "."):
             problems.append(f"{name}: the directory {os.path.dirname(path)} does not exist "
                             f"(luafcgid creates none; create it, owned by the user luafcgid "
                             f"runs as)")
-    for root in config.roots:
+    for root in () if daemon else config.roots:
         if not os.path.isdir(root):
             problems.append(f"roots: no such directory: {root}")
     return problems
 
 
-def _listener(config, passed):
+def _listener(config, passed, pools):
+    if passed is not None and pools > 1:
+        return ["the socket systemd passed serves one pool; with several, each pool binds "
+                "its own listen (leave socket activation out)"]
     if passed is not None:
         try:
             admission(config.allowed_clients, passed)
@@ -71,8 +75,13 @@ def _listener(config, passed):
 
 
 def problems(config, allow_root=False, passed=None):
-    """Every problem starting `config` here would meet, one line each naming its setting.
+    """Every problem starting `config` here would meet, one line each naming its setting
+    (and its pool, when the file names pools).
     `allow_root`: -R was given; `passed`: the socket systemd passed, served instead of
     binding `listen`."""
-    return (_root(config, allow_root) + _names(config)
-            + _directories(config, binds=passed is None) + _listener(config, passed))
+    found = _directories(config, binds=False, daemon=True)
+    for pool in config.pools.values():
+        found += [pool.prefix + problem for problem in
+                  _root(pool, allow_root) + _names(pool) + _directories(pool, passed is None)
+                  + _listener(pool, passed, len(config.pools))]
+    return found

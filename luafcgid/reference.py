@@ -5,7 +5,7 @@ import textwrap
 import yaml
 
 from . import __version__
-from .settings import SETTINGS
+from .settings import DAEMON, SETTINGS
 
 SECTIONS = {
     "listener": "Listening socket",
@@ -17,6 +17,7 @@ SECTIONS = {
     "process": "Process and logs",
     "pm": "Process management: how many processes, recycling, restarts",
     "status": "Status and ping pages",
+    "pools": "Pools: several sites or users in one daemon",
     "limits": "Limits and confinement",
     "compatibility": "Accepted for compatibility with the original",
 }
@@ -24,6 +25,13 @@ SECTIONS = {
 
 def _shown(setting):
     return setting.example if setting.example is not None else setting.default
+
+
+def _doc(setting):
+    """The setting's documentation, saying where it may be set."""
+    if setting.scope == DAEMON and setting.name != "pools":
+        return setting.doc + " Daemon-wide: set at the top level, not in a pool."
+    return setting.doc
 
 
 def _yaml_value(value):
@@ -42,13 +50,14 @@ def sample_config():
         if setting.section != section:
             section = setting.section
             lines += [f"# --- {SECTIONS[section]}", ""]
-        lines += [f"# {line}" for line in textwrap.wrap(setting.doc, 90)]
+        lines += [f"# {line}" for line in textwrap.wrap(_doc(setting), 90)]
         if not setting.live:
             lines.append("# (changing it needs a restart)")
         if setting.example is not None:
             lines.append(f"# example; the default is {_yaml_value(setting.default)}")
         value = _shown(setting)
-        prefix = "# " if setting.section == "compatibility" else ""
+        # an example of pools would make the daemon serve two sites: shown, not set
+        prefix = "# " if setting.section in ("compatibility", "pools") else ""
         lines += [f"{prefix}{setting.name}: {_yaml_value(value)}", ""]
     return "\n".join(lines)
 
@@ -65,7 +74,7 @@ def settings_reference():
             out += ["", f"## {SECTIONS[section]}", "",
                     "| setting | default | reload | meaning |", "| --- | --- | --- | --- |"]
         default = _yaml_value(setting.default)
-        doc = setting.doc.replace("|", "\\|")
+        doc = _doc(setting).replace("|", "\\|")
         out.append(f"| `{setting.name}` | `{default}` | {'yes' if setting.live else 'restart'} "
                    f"| {doc} |")
     return "\n".join(out) + "\n"
@@ -97,6 +106,6 @@ def man_page():
             out += [f".SH {SECTIONS[section].upper()}"]
         default = _yaml_value(setting.default)
         reload = "" if setting.live else " (\\fBrestart\\fR)"
-        out += [".TP", f"\\fB{setting.name}\\fR: {_roff(default)}{reload}", _roff(setting.doc)]
+        out += [".TP", f"\\fB{setting.name}\\fR: {_roff(default)}{reload}", _roff(_doc(setting))]
     out += [".SH SEE ALSO", "\\fBluafcgid\\fR(1), \\fBnginx\\fR(8)"]
     return "\n".join(out) + "\n"

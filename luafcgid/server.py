@@ -63,7 +63,9 @@ class Server:
         self.heartbeat = Heartbeat(config.sweep)
         self.responder = Responder(config, self.status, self.closer,
                                    on_load=self.heartbeat.watch, dictionaries=dictionaries)
-        self.captures = [Capture(stream, process) for stream in ("stdout", "stderr")]
+        self.captures = [Capture(stream, self._named(stream if process is None
+                                                     else f"{stream}-{process}"))
+                         for stream in ("stdout", "stderr")]
         self.stopping = False
         self.acceptor = None
         self._threads_lock = threading.Lock()
@@ -83,7 +85,8 @@ class Server:
         for worker in self.workers:
             self._start_worker(worker)
         self.publish()
-        log.info("luafcgid serving on %s with %d workers, %d states, Lua %s",
+        log.info("%sluafcgid serving on %s with %d workers, %d states, Lua %s",
+                 f"pool {self.config.pool_name}: " if self.config.prefix else "",
                  self.listener.description, self.config.workers, self.config.states,
                  self.config.lua)
 
@@ -91,8 +94,8 @@ class Server:
         """What the workers measure and write for the running config: the slowlog, the
         access log (its format compiled once per config, which the config checked), the
         status page (it shows each worker's last request)."""
-        access = (access_format.compile(config.access_format) if config.access_log
-                  else None)
+        access = (access_format.compile(config.access_format, config.pool_name)
+                  if config.access_log else None)
         status_page = bool(config.status_path)
         self.workers.configure(
             config.slowlog_timeout, config.slowlog_timeout is not None and bool(config.slowlog),
@@ -119,7 +122,13 @@ class Server:
         log.warning("%s started in place of %s", worker.name, stuck.name)
 
     def _worker_name(self, number):
-        return f"worker-{number}" if self.process is None else f"worker-{self.process}.{number}"
+        return self._named(f"worker-{number}" if self.process is None
+                           else f"worker-{self.process}.{number}")
+
+    def _named(self, name):
+        """A thread's name: named for its pool when the file names pools, so that the log
+        tells them apart."""
+        return f"{self.config.pool_name}/{name}" if self.config.prefix else name
 
     def summary(self):
         """One line for systemd's STATUS=."""

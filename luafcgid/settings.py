@@ -13,6 +13,13 @@ from typing import Any, Callable
 
 LUA_CHOICES = ("luajit", "5.1", "5.2", "5.3", "5.4", "5.5")
 
+# A setting's scope: each pool may set its own value (the top level's is every pool's
+# default), or one value serves the whole daemon and is set at the top level only.
+POOL = "pool"
+DAEMON = "daemon"
+# php-fpm's name for its one pool, and luafcgid's when `pools` is not set
+DEFAULT_POOL = "www"
+
 
 class SettingError(ValueError):
     """A value that a setting does not accept; the message says what was expected."""
@@ -28,6 +35,7 @@ class Setting:
     live: bool = True          # a SIGHUP applies it without a restart
     is_path: bool = False      # relative values resolve against the config file's directory
     example: Any = None        # shown in the sample config instead of the default
+    scope: str = POOL          # POOL: a pool may change it; DAEMON: top level only
 
 
 def _type_name(value):
@@ -279,6 +287,30 @@ def environment(value):
     return value
 
 
+def pool_map(value):
+    """pools: a mapping of pool names to mappings of the settings each changes (config.py
+    checks those); null (not set) means one pool of the top-level settings."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise SettingError(f"expected a mapping of pool name: settings, got {_type_name(value)}")
+    if not value:
+        raise SettingError("empty: name at least one pool (e.g. www: {}), or leave pools out "
+                           "for one pool named www")
+    pools = {}
+    for name, settings in value.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+            raise SettingError(f"{name!r}: a pool's name is letters, digits, - and _ (as "
+                               f"php-fpm's)")
+        if settings is None:   # `www:` with nothing under it
+            settings = {}
+        if not isinstance(settings, dict):
+            raise SettingError(f"{name}: expected a mapping of the settings the pool changes "
+                               f"({{}} for none), got {_type_name(settings)}")
+        pools[name] = settings
+    return pools
+
+
 def url_path(value):
     value = string(value)
     if not value.startswith("/") or any(c in value for c in "?# \r\n"):
@@ -344,7 +376,11 @@ SETTINGS = (
             "disk are flushed (the file watcher flushes most at once).",
             "pool"),
     Setting("lua", lua_version, "luajit",
-            "Lua VM the states run: luajit, 5.1, 5.2, 5.3, 5.4 or 5.5.", "pool", live=False),
+            "Lua VM the states run: luajit, 5.1, 5.2, 5.3, 5.4 or 5.5. One for the whole "
+            "daemon, every pool's states included: a process loads one VM, and one VM per "
+            "daemon keeps what the supervisor loads before it forks the same for every "
+            "pool.", "pool", live=False,
+            scope=DAEMON),
     Setting("lua_path", search_patterns, [],
             "The site's own Lua module patterns (e.g. lib/?.lua, or a LuaRocks tree's "
             "share/lua/5.1/?.lua and share/lua/5.1/?/init.lua), searched after the script's "
@@ -401,19 +437,20 @@ SETTINGS = (
     Setting("logfile", optional(string), "luafcgid.log",
             "Log file; syslog sends the log to the system logger (the journal, under "
             "systemd) instead, as php-fpm's error_log = syslog; null logs to standard error "
-            "only.", "process", is_path=True, example="/var/log/luafcgid/luafcgid.log"),
+            "only.", "process", is_path=True, example="/var/log/luafcgid/luafcgid.log",
+            scope=DAEMON),
     Setting("syslog_facility", syslog_facility, "daemon",
             "With logfile: syslog, the facility the lines are sent with (php-fpm's "
-            "syslog.facility): daemon, user, local0 to local7, ...", "process"),
+            "syslog.facility): daemon, user, local0 to local7, ...", "process", scope=DAEMON),
     Setting("syslog_ident", string, "luafcgid",
             "With logfile: syslog, the name every line is sent under, followed by the "
-            "process id (php-fpm's syslog.ident).", "process"),
+            "process id (php-fpm's syslog.ident).", "process", scope=DAEMON),
     Setting("syslog_address", string, "/dev/log",
             "With logfile: syslog, the system logger's Unix datagram socket.", "process",
-            is_path=True),
+            is_path=True, scope=DAEMON),
     Setting("pidfile", optional(string), None,
             "File the daemon's process id is written to.", "process", live=False,
-            is_path=True),
+            is_path=True, scope=DAEMON),
     Setting("shutdown_timeout", number(0), 30.0,
             "Seconds in-flight requests are given to finish on SIGTERM.", "process"),
     Setting("process_timeout", number(2), 30.0,
@@ -454,12 +491,13 @@ SETTINGS = (
             "Start scripts with an empty environment (and C modules and the programs scripts "
             "run: the serving processes' own environment is cleared), like php-fpm's "
             "clear_env, so that secrets in the daemon's environment stay out of their reach; "
-            "env sets what they see. Off, they see the daemon's environment.", "process",
-            live=False),
+            "env sets what they see. Off, they see the daemon's environment. For the whole "
+            "daemon: the environment is set once, before any pool's process starts.", "process",
+            live=False, scope=DAEMON),
     Setting("env", environment, {},
             "Environment variables scripts see, as NAME: value (like php-fpm's env[NAME]); "
             "a value $OTHER takes the daemon's variable OTHER (unset: not set).", "process",
-            live=False, example={"PATH": "/usr/local/bin:/usr/bin:/bin"}),
+            live=False, example={"PATH": "/usr/local/bin:/usr/bin:/bin"}, scope=DAEMON),
     # -- process management
     Setting("pm", choice("static", "ondemand", "dynamic"), "static",
             "How many serving processes run, with php-fpm's meanings: static runs processes "
@@ -500,9 +538,9 @@ SETTINGS = (
             "exited within emergency_restart_interval, each restart waits, 1 s, then 2, 4 "
             "... up to 30 s, with a line in the log, until processes run for "
             "emergency_restart_interval without one exiting. (php-fpm restarts its master "
-            "instead.) 0: never wait.", "pm"),
+            "instead.) 0: never wait.", "pm", scope=DAEMON),
     Setting("emergency_restart_interval", number(1), 10.0,
-            "Seconds: see emergency_restart_threshold.", "pm"),
+            "Seconds: see emergency_restart_threshold.", "pm", scope=DAEMON),
     # -- status and ping pages
     Setting("status_path", optional(url_path), None,
             "SCRIPT_NAME that answers the status page instead of a script, in php-fpm's "
@@ -565,6 +603,19 @@ SETTINGS = (
     Setting("extensions", extension_list, [".lua"],
             "File name endings a script must have (checked on the file actually run, after "
             "resolving symbolic links); others get a 403 and are never read.", "limits"),
+    # -- pools
+    Setting("pools", pool_map, None,
+            "Several pools in one daemon, like php-fpm's [pool] sections: a mapping of pool "
+            "name (letters, digits, - and _) to the settings that pool changes; the top-level "
+            "settings are every pool's defaults. Each pool has its own listen, user and group, "
+            "roots, processes, workers and pm, states, limits, handler, access_log and "
+            "slowlog, status page and shared dictionaries; one supervisor runs them all, and "
+            "SIGHUP starts a pool added to the file and stops one removed from it. The "
+            "daemon-wide settings (logfile, syslog_*, pidfile, lua, clear_env, env, "
+            "emergency_restart_*) are set at the top level only. null: one pool, named www "
+            "(as php-fpm's).", "pools", scope=DAEMON,
+            example={"www": {}, "shop": {"listen": "/run/luafcgid/shop.sock", "user": "shop",
+                                         "roots": ["/srv/shop"], "handler": "run"}}),
     Setting("watchdog", ignored, None,
             "Read by the original but never used; accepted and ignored.", "compatibility"),
     Setting("maxcount", ignored, None,

@@ -1,17 +1,24 @@
 """The supervisor, which alone owns process life (the arbiter), whenever procman.supervised:
-several processes, a pm other than static, or recycling.
+several pools, several processes, a pm other than static, or recycling.
 
-The serving processes it forks share its listening socket; each has its own worker threads,
-state pool and interpreter lock, so Python work runs on every core. The supervisor starts
-no threads (it forks). It keeps the current config (re-read on SIGHUP) for every process it
-starts and passes SIGHUP and SIGUSR1 on. It observes the processes on the scoreboard (and,
-when requests waiting may start one, the listener's queue), and procman's policy says how
-many run. It replaces a process that asks for it (recycling) or has a worker stuck in Lua
-(as php-fpm's master kills a child past request_terminate_timeout): the successor starts
-first, then the old one is told to stop and drains. It kills a process that stops reporting
-(hung), restarts one that dies (waiting longer and longer when they keep dying), backs off
-from one that fails at boot and gives up after a few failures in a row, and on SIGTERM stops
-them all, waits for them to drain and closes the listener. It runs in mainloop.run as a role.
+It runs every pool (pool_group.py: php-fpm's [pool] sections): each pool's serving processes
+share that pool's listening socket; each has its own worker threads, state pool and
+interpreter lock, so Python work runs on every core. The supervisor starts no threads (it
+forks). It keeps the current config (re-read on SIGHUP) for every process it starts and
+passes SIGHUP and SIGUSR1 on; a reload also starts a pool added to the file and stops one
+removed from it. Each pool observes its processes on its scoreboard (and, when requests
+waiting may start one, its listener's queue), and procman's policy says how many run. A
+process that asks for it (recycling) or has a worker stuck in Lua is replaced (as php-fpm's
+master kills a child past request_terminate_timeout): the successor starts first, then the
+old one is told to stop and drains. A process that stops reporting (hung) is killed, one that
+dies restarted (the daemon waits longer and longer when they keep dying), one that fails at
+boot backed off from, and a pool gives up after a few failures in a row (the daemon exits
+once every pool has). On SIGTERM it stops them all, waits for them to drain and closes the
+listeners. It runs in mainloop.run as a role.
+
+When the pools run as different users the supervisor stays root, as php-fpm's master does,
+and each serving process becomes its pool's user right after the fork, before any thread
+starts.
 """
 
 import logging
@@ -21,65 +28,31 @@ import signal
 import time
 
 from . import mainloop, procman
-from .config import LISTENER, RESTART_ONLY, keep_running
-from .ops.scoreboard import Scoreboard
+from .config import RESTART_ONLY, keep_running
+from .listener import Listener, ListenError
+from .ops import logs, privileges
+from .pool_group import PoolGroup
 from .server import Server
+from .shared.dictionaries import Dictionaries
 
 log = logging.getLogger("luafcgid")
 
-# A process that exits before it first reported failed at boot: processes start again after
-# 1, 2, 4 ... seconds, and after this many failures in a row of one process number the
-# supervisor gives up.
-BOOT_FAILURES = 4
-# A connection no process accepted within this long waits for a process. The listener's
-# queue is looked at again this long after a connection was seen in it (not at once, which
-# would spin while the connection is being accepted), and a process starting or being
-# replaced this often.
-GLANCE = 0.05
-
-
-class Child:
-    """A serving process as the supervisor sees it."""
-
-    def __init__(self, number, pid, now):
-        self.number = number     # its scoreboard slot, from 1
-        self.pid = pid
-        self.born = now
-        self.beat = None         # monotonic time it last reported; None until it first has
-        self.active_at = now     # its last report that showed it serving (or its start)
-        self.requests = 0        # its request count as last reported
-        self.busy = False        # it served during the last second it reported on
-        self.leaving = None      # why it is being replaced or stopped
-        self.successor = None    # the Child started in its place
-        self.told = None         # when it was told to stop (SIGTERM)
-        self.killed = False      # SIGKILLed as hung
-
-    def idle(self):
-        """Seconds it has reported serving nothing for; None while it starts. Its reports
-        come every second, so this is up to a second short, never long."""
-        return None if self.beat is None else self.beat - self.active_at
-
 
 class Supervisor:
-    def __init__(self, config, listener, reread, dictionaries):
-        """Runs serving processes on `listener` (a listener.Listener) as procman says,
-        which share `dictionaries` (shared.Dictionaries); a reload applies reread() (a
-        Config, or None when the file is bad)."""
+    def __init__(self, config, listeners, dictionaries, reread):
+        """Runs every pool of `config` on its listener.Listener in `listeners` (pool name ->
+        Listener), its processes sharing its shared.Dictionaries in `dictionaries` (pool name
+        -> Dictionaries); a reload applies reread() (a Config, or None when the file is
+        bad), and a serving process of pool P reloads with reread(P)."""
         self.config = config
-        self.dictionaries = dictionaries
-        self.listener = listener
         self.reread = reread
-        # a slot for each process and for a successor beside each one being replaced
-        self.scoreboard = Scoreboard(2 * config.processes, config.workers)
-        self.children = {}   # pid -> Child
-        self.failures = {}   # process number -> boot failures in a row
-        self.held = 0.0      # monotonic time before which no process starts (a backoff)
-        self.trimmed = 0.0   # when a process was last stopped for being idle
+        self.groups = {name: PoolGroup(pool, listeners[name], dictionaries[name], self._serve)
+                       for name, pool in config.pools.items()}
+        self.retired = []     # pools removed by a reload whose processes still drain
+        self.held = 0.0       # monotonic time before which no process starts (the throttle)
         self.throttle = procman.RestartThrottle()
-        self.queue = select.poll()
-        self.queue.register(listener.sock, select.POLLIN)
-        self.queued_at = None   # when a connection was first seen waiting in the queue
-        self.looked_at = 0.0    # when a connection was last seen waiting in the queue
+        self.epoll = None     # the listeners watch() waits on, registered in one epoll
+        self.watched = None   # their descriptors
         self.stopping = False
         self.exit_code = 0
         self.pid = os.getpid()
@@ -89,262 +62,176 @@ class Supervisor:
         mainloop.run(self)
         return self.exit_code
 
+    def _all(self):
+        return list(self.groups.values()) + self.retired
+
     # -- the role ---------------------------------------------------------------------------
 
     def start(self):
-        for _ in range(procman.initial(self.config)):
-            self._spawn(time.monotonic())
-        log.info("luafcgid serving on %s with %s", self.listener.description,
-                 procman.describe(self.config))
+        now = time.monotonic()
+        for group in self.groups.values():
+            group.start(now)
 
     def summary(self):
-        return f"serving on {self.listener.description} with {len(self.children)} processes"
+        processes = sum(len(group.children) for group in self._all())
+        listeners = ", ".join(group.listener.description for group in self.groups.values())
+        return f"serving on {listeners} with {processes} processes"
 
     def healthy(self):
         return True
 
     def watch(self):
-        """For the main loop: the listener when a connection waiting there would start a
-        process (it wakes the supervisor at once), else how soon to look again."""
+        """For the main loop: one descriptor, an epoll of the listeners where a connection
+        waiting would start a process (it wakes the supervisor at once), and how soon to look
+        again."""
         now = time.monotonic()
         if now < self.held:
             return None, min(mainloop.TICK, self.held - now)
-        # a process starting, or one waiting for its successor to start
-        soon = any(child.beat is None or (child.leaving and not child.told)
-                   for child in self.children.values())
-        if (procman.starts_on_demand(self.config)
-                and len(self._staying()) < self.config.processes):
-            since = now - self.looked_at
-            if since < GLANCE:
-                return None, GLANCE - since
-            if not soon:
-                return self.listener.sock.fileno(), mainloop.TICK
-        return None, GLANCE if soon else mainloop.TICK
+        wanted, timeout = set(), mainloop.TICK
+        for group in self.groups.values():
+            fd, soon = group.watch(now)
+            timeout = min(timeout, soon)
+            if fd is not None:
+                wanted.add(fd)
+        if wanted != self.watched:
+            # made anew when the set changes (rarely: a process starts or stops), so that
+            # no closed listener stays registered
+            if self.epoll is not None:
+                self.epoll.close()
+            self.epoll = select.epoll()
+            for fd in wanted:
+                self.epoll.register(fd, select.EPOLLIN)
+            self.watched = wanted
+        return (self.epoll.fileno() if wanted else None), timeout
 
     def tick(self):
         """Every second, and as soon as watch() asked: reap, observe, act."""
         now = time.monotonic()
         self._reap(now)
-        self._observe()
-        self._kill_hung(now)
-        self._manage(now)
+        for group in self._all():
+            group.tick(now, self.held)
+            if group.failed and not group.stopping:
+                group.stop()
+                self.watched = None
+        self.retired = [group for group in self.retired if group.children]
+        failed = [group.failed for group in self.groups.values()]
+        if failed and all(failed):
+            self.exit_code = failed[0]
         return self.exit_code == 0
 
     def reopen(self):
         self._signal_all(signal.SIGUSR1)
 
     def reload(self):
-        """Keep the re-read config for the processes started from now on, and have every
-        running process re-read it (each warns about what needs a restart)."""
+        """Every pool that stays reloads (pool_group.reload); a pool added to the file starts,
+        one removed from it stops (its processes drain; its socket file is removed)."""
         config = self.reread()
         if config is None:
             return
-        keep_running(self.config, config, RESTART_ONLY + LISTENER)
+        keep_running(self.config, config, RESTART_ONLY)
         self.config = config
-        log.info("reloading every process")
-        self._signal_all(signal.SIGHUP)
+        for name, group in list(self.groups.items()):
+            if name in config.pools:
+                pool = config.pools[name]
+                # a root supervisor's processes became their pool's user (pools of
+                # different users), who may not read the file: they are replaced instead
+                group.reload(pool, os.geteuid() == 0 and privileges.target(pool) is not None)
+                continue
+            log.info("pool %s: removed from the configuration; stopping it", name)
+            group.stop()
+            self.retired.append(self.groups.pop(name))
+            self.watched = None
+        now = time.monotonic()
+        for name, pool in config.pools.items():
+            if name not in self.groups:
+                self._add(pool, now)
+
+    def _add(self, pool, now):
+        try:
+            listener = Listener.bind(pool)
+        except ListenError as exc:
+            log.error("reload: pool %s not started: %s", pool.pool_name, exc)
+            return
+        log.info("pool %s: added to the configuration; starting it", pool.pool_name)
+        group = self.groups[pool.pool_name] = PoolGroup(pool, listener, Dictionaries(pool.shared),
+                                                        self._serve)
+        group.start(now)
 
     def stop(self):
         self.stopping = True
-        # refused from now on (the file of a Unix socket is gone), as each process closes
-        # its copy: the web server moves on to another upstream instead of waiting
-        self.listener.close()
-        self._signal_all(signal.SIGTERM)
-        deadline = time.monotonic() + self.config.shutdown_timeout + 5
-        while self.children and time.monotonic() < deadline:
+        for group in self._all():
+            group.stop()
+        deadline = time.monotonic() + max((group.config.shutdown_timeout
+                                           for group in self._all()), default=0) + 5
+        while self._children() and time.monotonic() < deadline:
             self._reap(time.monotonic())
             time.sleep(0.05)
-        if self.children:
+        if self._children():
             log.error("processes %s did not stop; killing them",
-                      sorted(child.number for child in self.children.values()))
+                      sorted(child.pid for child in self._children()))
             self._signal_all(signal.SIGKILL)
         log.info("stopped")
 
-    # -- what the processes do --------------------------------------------------------------
+    # -- process life -----------------------------------------------------------------------
 
-    def _staying(self):
-        return [child for child in self.children.values() if child.leaving is None]
+    def _children(self):
+        return [child for group in self._all() for child in group.children.values()]
 
-    def _observe(self):
-        """Read the scoreboard: which process has reported, is serving, asks to be replaced
-        or has a worker stuck in Lua."""
-        for slot in self.scoreboard.read():
-            child = self.children.get(slot["pid"])
-            if child is None or child.number != slot["process"]:
-                continue
-            if child.beat is None:
-                self.failures.pop(child.number, None)   # it booted
-            if slot["beat"] != child.beat:   # it reported again
-                child.beat = slot["beat"]
-                child.busy = slot["active_workers"] > 0 or slot["requests"] != child.requests
-                child.requests = slot["requests"]
-                if child.busy:
-                    child.active_at = child.beat
-            if child.leaving is None and slot["retiring"]:
-                self._replace(child, "asks to be replaced (recycling)")
-            elif child.leaving is None and slot["stuck_workers"]:
-                self._replace(child, f"has {slot['stuck_workers']} worker(s) stuck in Lua")
+    def _signal_all(self, signum):
+        for group in self._all():
+            group.signal_all(signum)
 
-    def _waiting(self, now, staying):
-        """Whether a request waits for a process: a connection in the listener's queue that
-        no process accepted within GLANCE, or at all when none runs."""
-        if not self.queue.poll(0):
-            self.queued_at = None
-            return False
-        self.looked_at = now
-        if self.queued_at is None:
-            self.queued_at = now
-        return not staying or now - self.queued_at >= GLANCE
-
-    def _manage(self, now):
-        """Start and stop processes as procman's policy says; tell a process being replaced
-        to stop once its successor has reported (at once if none is to start)."""
-        staying = self._staying()
-        waiting = procman.starts_on_demand(self.config) and self._waiting(now, staying)
-        start, stop = procman.plan(self.config, [
-            procman.Process(child.pid, child.idle(), child.busy) for child in staying],
-            waiting)
-        if stop and now - self.trimmed >= mainloop.TICK:
-            self.trimmed = now
-            child = self.children[stop[0]]
-            self._stop(child, f"served nothing for {child.idle():.1f} s (pm {self.config.pm})")
-        started = 0
-        while started < start and self._spawn(now, "a request was waiting" if waiting else None):
-            started += 1
-            self.queued_at = None
-        for child in list(self.children.values()):
-            if child.leaving and not child.told:
-                successor = child.successor
-                if successor is not None and successor.beat is not None:
-                    self._stop(child, f"is replaced by process {successor.number} "
-                                      f"(pid {successor.pid})")
-                elif successor is None and started == start:
-                    self._stop(child, "needs no successor now")
-
-    def _replace(self, child, why):
-        child.leaving = why
-        log.info("process %d (pid %d) %s; replacing it", child.number, child.pid, why)
-
-    def _stop(self, child, why):
-        """Tell a process to stop: it stops accepting, finishes what it holds and exits."""
-        log.info("process %d (pid %d) %s; stopping it", child.number, child.pid, why)
-        child.leaving = child.leaving or why
-        child.told = time.monotonic()
-        self._kill(child.pid, signal.SIGTERM)
-
-    # -- process life ---------------------------------------------------------------------
-
-    def _spawn(self, now, why=None):
-        """Start a serving process, in place of one being replaced if any; the Child, or
-        None when none may start now (stopping, backing off, or no slot free)."""
-        used = {child.number for child in self.children.values()}
-        free = [n for n in range(1, self.scoreboard.processes + 1) if n not in used]
-        if self.stopping or now < self.held or not free:
-            return None
-        number = free[0]
-        try:
-            pid = os.fork()
-        except OSError as exc:   # e.g. the process limit: like a failure at boot
-            log.error("cannot start process %d: %s", number, exc)
-            self._failed_at_boot(number, 1)
-            return None
-        if pid:
-            child = self.children[pid] = Child(number, pid, now)
-            waiting = [c for c in self.children.values() if c.leaving and not c.told
-                       and c.successor is None]
-            if waiting:
-                min(waiting, key=lambda c: c.born).successor = child
-            log.info("process %d (pid %d) started%s", number, pid, f": {why}" if why else "")
-            return child
+    def _serve(self, group, number):
+        """In a forked child: be serving process `number` of `group`, then exit."""
         code = 1
         try:
-            mainloop.run(Server(self.config, self.listener.shared(), self.reread,
-                                process=number, scoreboard=self.scoreboard,
-                                supervisor=self.pid, dictionaries=self.dictionaries),
+            # this process's copies only: the supervisor's wait, the other pools' sockets
+            if self.epoll is not None:
+                self.epoll.close()
+            for other in self._all():
+                if other is not group:
+                    other.listener.sock.close()
+            logs.serve(group.name)
+            privileges.become(group.config)
+            logs.keep_unopenable()
+            mainloop.run(Server(group.config, group.listener.shared(),
+                                lambda: self.reread(group.name), process=number,
+                                scoreboard=group.scoreboard, supervisor=self.pid,
+                                dictionaries=group.dictionaries),
                          service=False)
             code = 0
         except BaseException:
-            log.exception("process %d failed", number)
+            log.exception("%sprocess %d failed", group.label, number)
         finally:
             logging.shutdown()
             os._exit(code)
 
     def _reap(self, now):
-        while self.children:
+        while self._children():
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
                 return
-            child = self.children.pop(pid, None)
-            if child is None:
+            for group in self._all():
+                child = group.children.pop(pid, None)
+                if child is not None:
+                    break
+            else:
                 continue
-            if self.scoreboard.slot(child.number)["pid"] == pid:   # it reported, maybe unseen
-                child.beat = child.beat or now
-            self.scoreboard.clear(child.number)
-            for other in self.children.values():
-                if other.successor is child:
-                    other.successor = None
-            if self.stopping or child.told:
-                continue
-            code = os.waitstatus_to_exitcode(status)
-            if child.beat is None:
-                log.error("process %d (pid %d) exited with status %d before it was ready",
-                          child.number, pid, code)
-                self._failed_at_boot(child.number, code)
+            code = group.reaped(child, status, now)
+            if code is None or self.stopping:
                 continue
             delay = self.throttle.exited(now, self.config.emergency_restart_threshold,
                                          self.config.emergency_restart_interval)
             if delay:
                 self.held = max(self.held, now + delay)
-                log.error("process %d (pid %d) exited with status %d; %d processes exited "
+                log.error("%sprocess %d (pid %d) exited with status %d; %d processes exited "
                           "within %g s (emergency_restart_threshold): no process starts for "
-                          "%g s", child.number, pid, code, len(self.throttle.exits),
-                          self.config.emergency_restart_interval, delay)
+                          "%g s", group.label, child.number, pid, code,
+                          len(self.throttle.exits), self.config.emergency_restart_interval,
+                          delay)
             else:
-                log.error("process %d (pid %d) exited with status %d", child.number, pid, code)
-
-    def _failed_at_boot(self, number, code):
-        failures = self.failures[number] = self.failures.get(number, 0) + 1
-        if failures >= BOOT_FAILURES:
-            log.error("process %d failed at boot %d times in a row; giving up (exit status %d)",
-                      number, failures, code)
-            self.exit_code = code or 1
-            return
-        pause = 2.0 ** (failures - 1)
-        log.error("starting processes again in %g s", pause)
-        self.held = max(self.held, time.monotonic() + pause)
-
-    def _kill_hung(self, now):
-        """SIGKILL a process whose main loop has not reported for process_timeout seconds
-        (then it is reaped and, if the policy says so, another starts), and one told to stop
-        that has not within shutdown_timeout (and 5 s)."""
-        for child in self.children.values():
-            if child.killed:
-                continue
-            if child.told is not None:
-                late = now - child.told > self.config.shutdown_timeout + 5
-                if late:
-                    log.error("process %d (pid %d) did not stop; killing it", child.number,
-                              child.pid)
-            else:
-                silent = now - max(child.born, child.beat or 0.0)
-                late = silent > self.config.process_timeout
-                if late:
-                    log.error("process %d (pid %d) has not reported for %.1f s; killing it",
-                              child.number, child.pid, silent)
-            if late:
-                self._kill(child.pid, signal.SIGKILL)
-                child.killed = True
-
-    @staticmethod
-    def _kill(pid, signum):
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
-
-    def _signal_all(self, signum):
-        for pid in list(self.children):
-            self._kill(pid, signum)
+                log.error("%sprocess %d (pid %d) exited with status %d", group.label,
+                          child.number, pid, code)

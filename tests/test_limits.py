@@ -1,6 +1,8 @@
 """request_timeout, memory_limit, max_requests and client_timeout, through nginx, on LuaJIT
 (the default VM) and on PUC Lua; the descriptor limit."""
 
+import errno
+import logging
 import os
 import re
 import resource
@@ -14,6 +16,7 @@ import pytest
 from conftest import ROOT, RawClient, skip_unless, split_response, wait_for
 
 from luafcgid import config as configuration
+from luafcgid.request import acceptor as acceptor_module
 from luafcgid.request import fastcgi as fcgi
 from luafcgid.settings import LUA_CHOICES
 from luafcgid.states import vm
@@ -296,6 +299,38 @@ def test_a_trickling_connection_is_closed_after_client_timeout(daemon):
             closed = False
     assert closed
     assert "not complete within client_timeout" in d.log()
+
+
+def test_accept_failing_now_and_then_is_one_episode_until_it_works_for_an_interval(
+        tmp_path, monkeypatch, caplog):
+    # At the descriptor limit each connection closed lets one more be accepted: failures and
+    # successes alternate. Each success used to end the episode, and the next failure was
+    # logged as a new first one, a line per connection.
+    monkeypatch.setattr(acceptor_module, "_REPORT_EVERY", 0.5)
+    path = str(tmp_path / "l.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(8)
+    acceptor = acceptor_module.Acceptor(listener)
+    full = OSError(errno.EMFILE, "Too many open files")
+    try:
+        with caplog.at_level(logging.INFO, logger="luafcgid"):
+            for _ in range(5):
+                acceptor._accept_failed(full)
+                with socket.socket(socket.AF_UNIX) as client:
+                    client.connect(path)
+                    acceptor.discard(acceptor.next())   # a real accept, which succeeds
+                acceptor.close_idle(60)
+            assert [r.getMessage() for r in caplog.records].count(
+                "accept failed: [Errno 24] Too many open files; retrying (reported every "
+                "0.5 s while it lasts)") == 1
+            assert "accept works again" not in caplog.text
+            wait_for(lambda: acceptor.close_idle(60) or "accept works again" in caplog.text,
+                     what="the end of the failures reported")
+            assert "accept works again (4 failure(s) since the last report)" in caplog.text
+    finally:
+        acceptor.close()
+        listener.close()
 
 
 def test_at_the_descriptor_limit_accept_failures_are_logged_once_per_interval(daemon, site):

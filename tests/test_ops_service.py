@@ -3,6 +3,7 @@ listening socket's mode, dropping root, the pidfile, --daemon, and the signals."
 
 import os
 import pwd
+import re
 import signal
 import socket
 import stat
@@ -390,6 +391,22 @@ def test_what_a_page_writes_to_standard_error_goes_to_the_error_log_tagged(stack
     # and only once: through the pipe each would come back as a [stderr] line
     assert tagged() == said
     assert sorted(s.daemon.output().splitlines()) == sorted(s.daemon.log().splitlines())
+
+
+def test_what_a_page_writes_is_logged_under_its_pool(daemon, tmp_path):
+    from test_pools import _get, _two_pools
+    d, shop, _, b_page = _two_pools(daemon, tmp_path)
+    said = os.path.join(os.path.dirname(b_page), "say.lua")
+    with open(said, "w") as stream:
+        stream.write('function run(env, con) print("to stdout"); io.stderr:write("to stderr\\n"); '
+                     'con:puts("said") end\n')
+    assert _get(shop, said) == ("200 OK", "said")
+
+    def tagged():   # (the thread but its process number, the line)
+        return sorted(re.findall(r"\[([\w/]+)-\d+\] (to std\w+)$", d.log(), re.M))
+
+    wait_for(lambda: tagged() == [("shop/stderr", "to stderr"), ("shop/stdout", "to stdout")],
+             what="the lines, named for the pool")
 
 
 def test_faulthandler_still_writes_to_the_original_standard_error(stack, monkeypatch):

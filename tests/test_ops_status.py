@@ -121,8 +121,8 @@ def test_status_openmetrics(pages, site):
 
 
 def test_luafcgid_own_openmetrics_families_whole():
-    # every family, in order, with its samples as written: two scripts (one whose memory
-    # is unknown, and a path that needs escaping) and two shared dictionaries
+    # every family, in order, with its samples as written: the pool's, two scripts (one
+    # whose memory is unknown, and a path that needs escaping) and two shared dictionaries
     from luafcgid.ops.status import openmetrics
     own = {"failed_requests": 2, "stuck": [{}], "states": {"states": 3},
            "scripts": [{"path": "/www/a.lua", "clones": 2, "requests": 7,
@@ -131,7 +131,10 @@ def test_luafcgid_own_openmetrics_families_whole():
                         "loaded_at": 1700000001.0, "memory_kb": None}],
            "shared": [{"name": "cache", "capacity": 65536, "free_space": 60000, "keys": 4},
                       {"name": "t", "capacity": 1048576, "free_space": 1048576, "keys": 0}]}
-    assert openmetrics(own) == [
+    assert openmetrics(own, "www") == [
+        "# TYPE luafcgid_pool gauge",
+        "# HELP luafcgid_pool The pool this page reports on: its name in the label.",
+        'luafcgid_pool{pool="www"} 1',
         "# TYPE luafcgid_failed_requests counter",
         "# HELP luafcgid_failed_requests Requests answered with a 5xx status.",
         "luafcgid_failed_requests_total 2",

@@ -24,6 +24,7 @@ import time
 from json.encoder import encode_basestring as _quote
 
 from .logs import escape
+from ..settings import DEFAULT_POOL
 
 # the format of the line luafcgid has always written: time, method, URI, status, bytes,
 # seconds, script
@@ -34,7 +35,6 @@ JSON = {"time": "%{%Y-%m-%dT%H:%M:%S%z}T", "remote_addr": "%R", "method": "%m",
         "script": "%f", "pid": "%p"}
 # php-fpm's %t and %T without a strftime format
 CLF_TIME = "%d/%b/%Y:%H:%M:%S %z"
-POOL = "www"   # php-fpm's name for the one pool; %n
 
 _TOKEN = re.compile(r"%(?:\{([^}]*)\})?(.)?", re.DOTALL)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -168,7 +168,7 @@ _PLAIN = {
     "f": _script,
     "l": _param(b"CONTENT_LENGTH", b"0"),
     "u": _param(b"REMOTE_USER", b""),
-    "n": lambda r: POOL,
+    "n": None,   # the pool's name, which compile() is given
     "p": lambda r: "%d" % os.getpid(),
     "P": lambda r: "%d" % os.getppid(),
 }
@@ -183,7 +183,7 @@ _WITH_ARGUMENT = {
 }
 
 
-def _parse(text):
+def _parse(text, pool):
     """[(literal text or None, code or None, field function or None)] of one format."""
     if _CONTROL.search(text):
         raise FormatError("control characters (a line break, a tab) are not allowed in a "
@@ -207,7 +207,7 @@ def _parse(text):
         elif code in _PLAIN:
             if arg is not None:
                 raise FormatError(f"{where}: %{code} takes no {{argument}}")
-            field = _PLAIN[code]
+            field = _PLAIN[code] or (lambda r: pool)
         else:
             raise FormatError(f"{where}: unknown code %{code}; the codes are "
                               f"{' '.join('%' + c for c in sorted({**_PLAIN, **_WITH_ARGUMENT}))}")
@@ -232,14 +232,14 @@ def _text(parts):
     return lambda r: template % tuple([field(r) for field in fields])
 
 
-def _json(mapping):
+def _json(mapping, pool):
     keys, fields, every = [], [], []
     for name, spec in mapping.items():
         if not isinstance(name, str) or not isinstance(spec, str):
             raise FormatError(f"a JSON access_format maps names to formats (strings), got "
                               f"{name!r}: {spec!r}")
         try:
-            parts = _parse(spec)
+            parts = _parse(spec, pool)
         except FormatError as exc:
             raise FormatError(f"{name}: {exc}") from None
         keys.append(_quote(name).replace("%", "%%") + ": %s")
@@ -256,15 +256,16 @@ def _json(mapping):
     return render, every
 
 
-def compile(spec):
+def compile(spec, pool=DEFAULT_POOL):
     """The Format of an access_format value: a format string, "json", or a mapping of JSON
-    names to format strings. Raises FormatError saying what is wrong."""
+    names to format strings, for pool `pool` (%n). Raises FormatError saying what is
+    wrong."""
     if spec == "json":
         spec = JSON
     if isinstance(spec, dict):
-        render, parts = _json(spec)
+        render, parts = _json(spec, pool)
     elif isinstance(spec, str):
-        parts = _parse(spec)
+        parts = _parse(spec, pool)
         render = _text(parts)
     else:
         raise FormatError(f"expected a format string, \"json\" or a mapping of names to "

@@ -50,12 +50,11 @@ def _c_stream(names):
 class Capture:
     """One of this process's standard streams, from start() to stop(), into the error log."""
 
-    def __init__(self, stream, process=None):
-        """`stream`: "stdout" or "stderr", which the reading thread is named for (with
-        "-`process`" in a serving process a supervisor runs), and its log lines carry."""
+    def __init__(self, stream, name):
+        """`stream`: "stdout" or "stderr"; `name`: the reading thread's, which the log lines
+        carry."""
         self._fd, self._c_names = _STREAMS[stream]
         self._sys_name = stream
-        name = stream if process is None else f"{stream}-{process}"
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._read = self._original = None
 

@@ -30,6 +30,12 @@ access = logging.getLogger("luafcgid.access")
 slow = logging.getLogger("luafcgid.slow")
 
 _unopened = set()   # LogFiles whose last reopen failed
+# pool name -> (its access log's handlers, its slowlog's), as setup() opened them: the
+# supervisor holds every pool's for the processes it forks, a serving process its own
+_pools = {}
+# path -> the error log's LogFile in a serving process whose user may not open the file
+# again (keep_unopenable())
+_kept = {}
 
 # What a log line does not carry as it is: C0 and C1 control characters (CR and LF would
 # start a forged line; ESC drives terminals), DEL, Unicode's line and paragraph separators,
@@ -213,6 +219,8 @@ def _route(logger, handlers, formatter):
         handler.setFormatter(formatter)
         logger.addHandler(handler)
     for handler in old:
+        if handler in handlers:
+            continue
         logger.removeHandler(handler)
         handler.close()
         _unopened.discard(handler)
@@ -220,38 +228,89 @@ def _route(logger, handlers, formatter):
     logger.propagate = False
 
 
-def setup(logfile, to_stderr=True, access_log=None, slowlog=None, syslog=None):
+def setup(logfile, to_stderr=True, pools=None, syslog=None, serving=None):
     """Log to `logfile` (when set) and to standard error (when asked), or with logfile
-    "syslog" to the system logger only, Syslog(*syslog) (address, facility, ident); the
-    access log and the slowlog only go to their files, and are off when not set."""
+    "syslog" to the system logger only, Syslog(*syslog) (address, facility, ident).
+    `pools`: pool name -> (access_log, slowlog), each a path or None (off), opened here; the
+    access log and the slowlog only go to pool `serving`'s files (see serve())."""
+    global _pools
     # every file (and the system logger) is opened before any logger changes, so one that
     # cannot be opened (OSError; a missing directory too: none is created) leaves the
     # logging as it was
     if logfile == SYSLOG:
         handlers, formatter = [Syslog(*syslog)], EscapingFormatter(SYSLOG_FORMAT)
     else:
-        handlers, formatter = [LogFile(logfile)] if logfile else [], EscapingFormatter(FORMAT)
+        handlers = [_kept.get(os.path.abspath(logfile)) or LogFile(logfile)] if logfile else []
+        formatter = EscapingFormatter(FORMAT)
         if to_stderr or not logfile:
             handlers.append(StandardError())
-    access_handlers = [LogFile(access_log)] if access_log else []
-    slow_handlers = [LogFile(slowlog)] if slowlog else []
+    opened = {}
+    try:
+        for name, paths in (pools or {}).items():
+            opened[name] = tuple([LogFile(path)] if path else [] for path in paths)
+    except OSError:
+        _close_pools(opened)
+        raise
     _route(log, handlers, formatter)
+    _close_pools(_pools)
+    _pools = opened
+    serve(serving)
+
+
+def _close_pools(pools):
+    """Close the handlers of `pools` (setup()'s) that no logger routes to."""
+    routed = set(access.handlers + slow.handlers)
+    for handler in _pool_handlers(pools):
+        if handler not in routed:
+            handler.close()
+            _unopened.discard(handler)
+
+
+def _pool_handlers(pools):
+    return [handler for both in pools.values() for handlers in both for handler in handlers]
+
+
+def serve(pool):
+    """Write the access log and the slowlog to pool `pool`'s files (none: None), and let go
+    of the other pools' (a pool's serving process writes only its own)."""
+    global _pools
+    own = _pools.get(pool, ([], []))
     # the access log line carries its own time stamp, and access_format escaped each field
     # (a JSON line's quotes and backslashes must stay); its handlers stay empty when it is
     # off, which is what the request path checks
-    _route(access, access_handlers, logging.Formatter("%(message)s"))
+    _route(access, own[0], logging.Formatter("%(message)s"))
     # a slowlog entry spans lines: slowlog.py escapes its fields
-    _route(slow, slow_handlers, logging.Formatter("%(asctime)s [%(threadName)s] %(message)s"))
+    _route(slow, own[1], logging.Formatter("%(asctime)s [%(threadName)s] %(message)s"))
+    if pool is not None:
+        _close_pools({name: both for name, both in _pools.items() if name != pool})
+        _pools = {pool: own}
 
 
 def files(config):
-    """The log files the config names (for handing them to the user the daemon runs as)."""
-    return [path for path in (config.logfile, config.access_log, config.slowlog)
-            if path and path != SYSLOG]
+    """The daemon's log files the config names (for handing them to the user the daemon
+    runs as); pool_files() has each pool's."""
+    return [config.logfile] if config.logfile and config.logfile != SYSLOG else []
+
+
+def pool_files(pool):
+    """A pool's access log and slowlog (those it names)."""
+    return [path for path in (pool.access_log, pool.slowlog) if path]
+
+
+def keep_unopenable():
+    """In a serving process that became its pool's user: an error log file that user may
+    not open (it is root's, when the pools run as different users) is kept as inherited and
+    never reopened, by SIGUSR1 or a reload: its lines go on to the file the supervisor
+    opened. (logfile: syslog has no file to keep.)"""
+    for handler in log.handlers:
+        if isinstance(handler, LogFile) and not os.access(handler.baseFilename, os.W_OK):
+            _kept[handler.baseFilename] = handler
 
 
 def _files():
-    return [h for logger in (log, access, slow) for h in logger.handlers if isinstance(h, LogFile)]
+    every = [h for logger in (log, access, slow) for h in logger.handlers] + _pool_handlers(_pools)
+    return [h for h in dict.fromkeys(every)
+            if isinstance(h, LogFile) and h not in _kept.values()]
 
 
 def reopen():

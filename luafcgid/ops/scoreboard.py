@@ -18,6 +18,9 @@ FIELDS = ("pid", "requests", "failed_requests", "slow_requests", "active_workers
           "updated", "stuck_workers", "beat", "retiring")
 
 
+# the pool's own figures, which the supervisor writes: php-fpm's max children reached
+_POOL = struct.Struct("=Q")
+
 # a process's workers, as the status page's ?full lists them: JSON, behind its length
 _LENGTH = struct.Struct("=I")
 # room per worker (twice `workers`: stuck ones are replaced); longer strings are cut as
@@ -30,7 +33,7 @@ class Scoreboard:
     def __init__(self, processes, workers=1):
         self.processes = processes
         # anonymous and MAP_SHARED (mmap's default): the forked children share the pages
-        self._memory = mmap.mmap(-1, _SLOT.size * processes)
+        self._memory = mmap.mmap(-1, _POOL.size + _SLOT.size * processes)
         self._room = 2 * workers * _PER_WORKER
         self._workers = mmap.mmap(-1, self._room * processes)
 
@@ -55,18 +58,32 @@ class Scoreboard:
         except ValueError:
             return []
 
+    @staticmethod
+    def _at(number):
+        return _POOL.size + (number - 1) * _SLOT.size
+
     def publish(self, number, pid, requests, failed, slow, active, workers, stuck, retiring):
-        _SLOT.pack_into(self._memory, (number - 1) * _SLOT.size, pid, requests, failed, slow,
+        _SLOT.pack_into(self._memory, self._at(number), pid, requests, failed, slow,
                         active, workers, time.time(), stuck, time.monotonic(), retiring)
 
     def clear(self, number):
         """Empty the slot of process `number`, which ended."""
-        _SLOT.pack_into(self._memory, (number - 1) * _SLOT.size, *[0] * len(FIELDS))
+        _SLOT.pack_into(self._memory, self._at(number), *[0] * len(FIELDS))
 
     def slot(self, number):
         """Process `number`'s slot as a dict; one not written (or cleared) has pid 0."""
-        return dict(zip(FIELDS, _SLOT.unpack_from(self._memory, (number - 1) * _SLOT.size)),
+        return dict(zip(FIELDS, _SLOT.unpack_from(self._memory, self._at(number))),
                     process=number)
+
+    @property
+    def max_children_reached(self):
+        """How often a request waited for a process while the pool ran `processes` of them
+        (php-fpm's max children reached); only the supervisor counts it."""
+        return _POOL.unpack_from(self._memory, 0)[0]
+
+    @max_children_reached.setter
+    def max_children_reached(self, count):
+        _POOL.pack_into(self._memory, 0, count)
 
     def read(self):
         """Every slot, numbered from 1."""

@@ -21,7 +21,7 @@ from ipaddress import ip_network
 from ..request import pages
 from ..request.clients import peer_address
 from ..states.worker import IDLE, STAGES
-from . import access_format, fpm_status
+from . import fpm_status
 from .describe import params_of, running
 
 
@@ -199,7 +199,7 @@ class Status:
         if queue is not None:
             self.max_queue = max(self.max_queue, queue)
         figures = {
-            "pool": access_format.POOL,
+            "pool": config.pool_name,
             "process manager": config.pm,
             "start time": int(self.started),
             "start since": int(self.uptime()),
@@ -212,7 +212,8 @@ class Status:
             "active processes": active,
             "total processes": workers,
             "max active processes": self.max_active,
-            "max children reached": 0,
+            "max children reached": (0 if self.scoreboard is None
+                                     else self.scoreboard.max_children_reached),
             "slow requests": slow,
         }
         processes = None
@@ -249,7 +250,7 @@ class Status:
         chosen, full = fpm_status.form(params.get(b"QUERY_STRING", b""))
         figures, processes, own = self.snapshot(config, pool, full)
         content_type, body = fpm_status.render(chosen, figures, processes, own, text(own),
-                                               openmetrics(own))
+                                               openmetrics(own, config.pool_name))
         return _plain("200 OK", body, content_type)
 
 
@@ -283,10 +284,14 @@ def _label(value):
 
 
 # luafcgid's own OpenMetrics families, after php-fpm's and in this order: (name, type,
-# help, the label its samples carry: None for one sample of the whole pool, "script" for
-# one a script, "dict" for one a shared dictionary, and the sample's value of `own` or of
-# the script's or dictionary's entry; None writes no sample)
+# help, the label its samples carry: None for one sample, "pool" for the page's pool,
+# "script" for one a script, "dict" for one a shared dictionary, and the sample's value of
+# `own`, the pool's name, or the script's or dictionary's entry; None writes no sample)
 _OWN_FAMILIES = (
+    # php-fpm's families carry no label (its exporter adds the pool's); this one says which
+    # pool the page reports on
+    ("pool", "gauge", "The pool this page reports on: its name in the label.", "pool",
+     lambda pool: 1),
     ("failed_requests", "counter", "Requests answered with a 5xx status.", None,
      lambda own: own["failed_requests"]),
     ("stuck_workers", "gauge", "Workers stuck in Lua past request_timeout, which could not "
@@ -307,24 +312,23 @@ _OWN_FAMILIES = (
     ("shared_keys", "gauge", "Keys stored in the shared dictionary (expired ones until they "
      "are reclaimed).", "dict", lambda shared: shared["keys"]),
 )
-# a label: the list in `own` its samples are of, and the key naming each entry
-_SUBJECTS = {"script": ("scripts", "path"), "dict": ("shared", "name")}
 
 
-def openmetrics(own):
-    """luafcgid's own OpenMetrics families (_OWN_FAMILIES), after php-fpm's: every family
-    has # TYPE and # HELP; counters end in _total."""
+def openmetrics(own, pool):
+    """luafcgid's own OpenMetrics families (_OWN_FAMILIES) of pool `pool`, after php-fpm's:
+    every family has # TYPE and # HELP; counters end in _total."""
+    # each label's samples: (the label's value, what the family's value is of)
+    subjects = {None: [(None, own)], "pool": [(pool, pool)],
+                "script": [(script["path"], script) for script in own["scripts"]],
+                "dict": [(shared["name"], shared) for shared in own["shared"]]}
     out = []
     for name, kind, help_text, label, value in _OWN_FAMILIES:
         out.append(f"# TYPE luafcgid_{name} {kind}")
         out.append(f"# HELP luafcgid_{name} {help_text}")
-        if label is None:
-            samples = [("", value(own))]
-        else:
-            entries, key = _SUBJECTS[label]
-            samples = [(f'{{{label}="{_label(entry[key])}"}}', value(entry))
-                       for entry in own[entries]]
         suffix = "_total" if kind == "counter" else ""
-        out += [f"luafcgid_{name}{suffix}{labels} {sample}" for labels, sample in samples
-                if sample is not None]
+        for named, entry in subjects[label]:
+            sample = value(entry)
+            if sample is not None:
+                labels = "" if label is None else f'{{{label}="{_label(named)}"}}'
+                out.append(f"luafcgid_{name}{suffix}{labels} {sample}")
     return out

@@ -77,7 +77,8 @@ class Acceptor:
         self._epoll.register(self._wake_read, select.EPOLLIN)
         self.closed = False
         self._failures = 0         # accept failures not yet logged
-        self._reported_at = None   # monotonic time of the last "accept failed" line
+        self._failed_at = 0.0      # monotonic time of the last one
+        self._reported_at = None   # of the last "accept failed" line; None when it works
         self._ended = False        # the workers were woken with None
         self.sock = None
         self._listening = None   # its fd
@@ -159,8 +160,6 @@ class Acceptor:
                     self._accept_failed(exc)
                     time.sleep(0.1)
                 return None
-            if self._reported_at is not None:
-                self._accept_recovered()
             if self.admit is None or self.admit(address):
                 return Connection(_socket.socket(self._family, socket.SOCK_STREAM, 0, fd), fd,
                                   address)
@@ -170,6 +169,7 @@ class Acceptor:
         now = time.monotonic()
         with self._lock:
             self._failures += 1
+            self._failed_at = now
             first = self._reported_at is None
             if not first and now - self._reported_at < _REPORT_EVERY:
                 return
@@ -181,9 +181,12 @@ class Acceptor:
             log.error("accept failed %d more time(s) since the last report: %s; retrying",
                       failures, exc)
 
-    def _accept_recovered(self):
+    def _accept_recovered(self, now):
+        """Once accept has not failed for a whole interval, say so: a success between two
+        failures does not end it (at the descriptor limit, each connection closed lets one
+        more be accepted, and every such success logged a new first failure)."""
         with self._lock:
-            if self._reported_at is None:
+            if self._reported_at is None or now - self._failed_at < _REPORT_EVERY:
                 return
             failures, self._failures, self._reported_at = self._failures, 0, None
         log.info("accept works again (%d failure(s) since the last report)", failures)
@@ -239,9 +242,11 @@ class Acceptor:
         within max_waiting seconds (default: max_idle) of its first bytes or of their
         accept, unless bytes wait unread (then the client is waiting for us), and those
         answered 413 more than LINGER seconds ago. The requests cut short are counted in
-        one line (a line each: 200 stalled clients, 200 lines)."""
+        one line (a line each: 200 stalled clients, 200 lines). Called every second, it
+        also says when accept works again."""
         max_waiting = max_waiting or max_idle
         now = time.monotonic()
+        self._accept_recovered(now)
         idle_since, waiting_since, linger_limit = now - max_idle, now - max_waiting, now - LINGER
         with self._lock:
             expired = []

@@ -32,6 +32,8 @@ _IOV_MAX = 1024   # buffers per sendmsg (Linux's UIO_MAXIOV)
 _STATUS = b"Status: "
 _AT = len(_STATUS)
 _DONTWAIT = socket.MSG_DONTWAIT
+_HEADER = fcgi.HEADER.pack
+_STDOUT_TYPE = fcgi.STDOUT
 _monotonic = time.monotonic
 
 
@@ -156,8 +158,8 @@ class Output:
                 parts.append(tail)
                 send_parts(sock, parts, self.timeout)
                 return
-            if data:
-                tail = fcgi.record(fcgi.STDOUT, self.request_id, data) + tail
+            if data:   # one record, unpadded (the spec's padding is optional): no call
+                tail = _HEADER(1, _STDOUT_TYPE, self.request_id, len(data), 0) + data + tail
             try:
                 sent = sock.send(tail, _DONTWAIT)
             except BlockingIOError:

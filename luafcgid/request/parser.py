@@ -7,8 +7,10 @@ so no number of slow or stalled clients can hold a worker. Pure: unit-tested and
 without sockets (tests/test_parser.py, tests/test_fuzz.py).
 """
 
+import functools
 import resource
 import struct
+from typing import NamedTuple, Optional
 
 from . import fastcgi as fcgi
 from .params import route
@@ -44,23 +46,20 @@ def _announced_too_large(length, limits):
     return length.isdigit() and int(length) > limits.maxpost
 
 
-class Request:
+class Request(NamedTuple):
     """One complete request: its params as received (`params`, encoded: a Lua state decodes
     them itself, without the interpreter lock), the two of them the daemon routes it by (its
     script and, for the status and ping pages, SCRIPT_NAME: params.route), and its body. A
-    request too large (its body past maxpost) has none."""
+    request too large (its body past maxpost) has none. A tuple: the parser builds the
+    common one in C (_whole), without a Python __init__."""
 
-    __slots__ = ("id", "keep", "params", "script", "name", "body", "too_large")
-
-    def __init__(self, params, script, name, body=b"", too_large=False, request_id=1,
-                 keep=False):
-        self.id = request_id
-        self.keep = keep           # the web server keeps the connection open after it
-        self.params = params
-        self.script = script       # SCRIPT_FILENAME as sent (b"" when none)
-        self.name = name           # SCRIPT_NAME, or None
-        self.body = body
-        self.too_large = too_large
+    params: bytes
+    script: bytes              # SCRIPT_FILENAME as sent (b"" when none)
+    name: Optional[bytes]      # SCRIPT_NAME, or None
+    body: bytes = b""
+    too_large: bool = False
+    id: int = 1
+    keep: bool = False         # the web server keeps the connection open after it
 
     @classmethod
     def of(cls, params, body=b"", too_large=False):
@@ -68,6 +67,9 @@ class Request:
         encoded = fcgi.encode_params(params)
         script, name, _ = route(encoded)
         return cls(encoded, script, name, body, too_large)
+
+
+_whole = functools.partial(tuple.__new__, Request)
 
 
 class Parser:
@@ -145,8 +147,8 @@ class Parser:
                 script, name, length = route(params)
                 if not length or not _announced_too_large(length, limits):
                     self._pos = stop + 2 * _HEADER_LEN
-                    return Request(params, script, name, _NOTHING, False, rid,
-                                   bool(flags & fcgi.KEEP_CONN))
+                    return _whole((params, script, name, _NOTHING, False, rid,
+                                   bool(flags & fcgi.KEEP_CONN)))
         while end - pos >= _HEADER_LEN:
             version, rtype, rid, length, padding = _HEADER(buf, pos)
             if version != 1:

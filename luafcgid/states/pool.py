@@ -116,6 +116,10 @@ class StatePool:
         """A state of `path` lent to the caller: an idle one, or a new one (`context` is
         passed to create), which may replace another script's idle state; see the policy
         above for when it waits."""
+        with self._lock:   # the common case first, in a few steps
+            script = self._scripts.get(path)
+            if script is not None and script.idle and not self._closed:
+                return self._lend_idle(script)
         victim = None
         patience = None   # when the moment's wait for our own script's state ends
         with self._lock:
@@ -125,10 +129,7 @@ class StatePool:
                 now = self._clock()
                 script = self._scripts.get(path)
                 if script is not None and script.idle:
-                    record = script.idle[-1]   # the most recently used: the others age
-                    self._take(record)
-                    record.lend(now)
-                    return record.state
+                    return self._lend_idle(script)
                 count = len(script.states) + script.loading if script is not None else 0
                 if count >= self.max_clones:
                     self._wait()
@@ -177,8 +178,16 @@ class StatePool:
         with self._lock:
             record = self._records[state]
             record.last_used = now = self._clock()
-            record.script.held(now - record.lent_at)
-            drop = self._settle(record, discard)
+            script = record.script
+            script.held(now - record.lent_at)
+            if (discard or record.stale or self._closed
+                    or 0 < self.max_requests <= record.requests):
+                drop = self._settle(record, discard)
+            else:   # kept, the common case: its last use is the latest of its script's
+                record.busy = drop = False
+                script.idle.append(record)
+                if self.waiting:
+                    self._cond.notify_all()
         if drop:
             self._close(state)
 
@@ -257,17 +266,21 @@ class StatePool:
         finally:
             self.waiting -= 1
 
+    def _lend_idle(self, script):
+        """Lend `script`'s most recently used idle state (the others age)."""
+        record = script.idle.pop()
+        record.busy = True
+        record.lend(self._clock())
+        return record.state
+
     def _take(self, record):
-        """Lend an idle state: the one way a state leaves the idle list but to be closed."""
-        idle = record.script.idle
-        if idle[-1] is record:
-            idle.pop()
-        else:
-            idle.remove(record)
+        """Lend an idle state for a look (inspect)."""
+        record.script.idle.remove(record)
         record.busy = True
 
     def _settle(self, record, discard=False):
-        """Decide whether a state coming back is kept (idle) or dropped; True: close it."""
+        """Decide whether a state coming back (from a look, or dropped by release) is kept
+        (idle) or dropped; True: close it."""
         record.busy = False
         recycle = not discard and 0 < self.max_requests <= record.requests
         drop = discard or recycle or record.stale or self._closed

@@ -53,6 +53,10 @@ class Outcome(NamedTuple):
     headers_sent: bool = False    # on failure: the headers already went out
 
 
+_new_tuple = tuple.__new__
+_UNFAILED = ("", "", False)   # kind, message, headers_sent
+
+
 def _outcome(values):
     """runtime.lua returns `true[, payload[, head]]` or `false, kind, message[,
     headers_sent]`; lupa hands back one value as itself and several as a tuple. This is the
@@ -60,6 +64,8 @@ def _outcome(values):
     if type(values) is not tuple:
         values = (values,)
     if values[0]:
+        if len(values) == 3:   # a whole response: built in C, not by Outcome's __new__
+            return _new_tuple(Outcome, values + _UNFAILED)
         return Outcome(True, *values[1:3])
     return Outcome(False, kind=values[1].decode(errors="replace"),
                    message=values[2].decode(errors="replace"),
