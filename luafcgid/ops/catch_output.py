@@ -16,10 +16,11 @@ thread or at exit) and faulthandler's, when it is enabled, go there too.
 
 What a process writes to file descriptor 2 (or 1) as it aborts (Py_FatalError, a Lua
 panic, the C library's "free(): invalid pointer") its own thread cannot log: it dies with
-the process. Under a supervisor the supervisor makes the pipes before it forks (Pipes) and
-keeps their read ends, as php-fpm's master does, and logs what is left in them when it
-reaps the process. A process running alone (no supervisor) makes its own pipes, and what
-it writes as it aborts is lost.
+the process. Under a supervisor (procman.supervised) the supervisor makes the pipes before
+it forks (Pipes), keeps their read ends, as php-fpm's master does, and logs what is left in
+them (up to _LEFT_AT_MOST) when it reaps the process; lost still is what the thread had
+read and not logged (a line without its end). One process serving alone (no supervisor)
+makes its own pipes, and loses all of it.
 """
 
 import ctypes
