@@ -3,6 +3,7 @@ listening socket's mode, dropping root, the pidfile, --daemon, and the signals."
 
 import os
 import pwd
+import re
 import signal
 import socket
 import stat
@@ -364,6 +365,63 @@ def test_what_a_page_prints_goes_to_the_error_log_line_by_line(stack, monkeypatc
     assert "the last words, with no line end" in lines()   # flushed at stop
     # (standard error has the log lines too, when not detached)
     assert not [line for line in s.daemon.output().splitlines() if line.startswith("from ")]
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_what_a_page_writes_to_standard_error_goes_to_the_error_log_tagged(stack, processes):
+    s = stack(processes=processes)
+    s.write("complain.lua", """
+        function main(env, con)
+          io.stderr:write("from io.stderr ", "in pieces", "\\n")
+          os.execute("echo from a process the page started >&2")
+          con:puts("complained")
+        end
+    """)
+    assert s.get("/complain.lua")[::2] == (200, b"complained")
+    said = ["from a process the page started", "from io.stderr in pieces"]   # sorted
+    tag = "[stderr]" if processes == 1 else "[stderr-"
+
+    def tagged():
+        return sorted(line.split("] ", 1)[1] for line in s.daemon.log().splitlines()
+                      if tag in line)
+
+    wait_for(lambda: tagged() == said, what="the lines, while serving")
+    assert s.stop() == 0
+    # the daemon's own log lines still reach its standard error, as they are in the log
+    # and only once: through the pipe each would come back as a [stderr] line
+    assert tagged() == said
+    assert sorted(s.daemon.output().splitlines()) == sorted(s.daemon.log().splitlines())
+
+
+def test_what_a_page_writes_is_logged_under_its_pool(daemon, tmp_path):
+    from test_pools import _get, _two_pools
+    d, shop, _, b_page = _two_pools(daemon, tmp_path)
+    said = os.path.join(os.path.dirname(b_page), "say.lua")
+    with open(said, "w") as stream:
+        stream.write('function run(env, con) print("to stdout"); io.stderr:write("to stderr\\n"); '
+                     'con:puts("said") end\n')
+    assert _get(shop, said) == ("200 OK", "said")
+
+    def tagged():   # (the thread but its process number, the line)
+        return sorted(re.findall(r"\[([\w/]+)-\d+\] (to std\w+)$", d.log(), re.M))
+
+    wait_for(lambda: tagged() == [("shop/stderr", "to stderr"), ("shop/stdout", "to stdout")],
+             what="the lines, named for the pool")
+
+
+def test_faulthandler_still_writes_to_the_original_standard_error(stack, monkeypatch):
+    # Python's fatal-error traceback: had it gone into the pipe, the dying process could
+    # not have logged it
+    monkeypatch.setenv("PYTHONFAULTHANDLER", "1")
+    s = stack()
+    s.write("crash.lua", """
+        function main(env, con)
+          os.execute("kill -SEGV $PPID")
+        end
+    """)
+    s.get("/crash.lua")
+    assert s.daemon.proc.wait(10) == -signal.SIGSEGV
+    assert "Fatal Python error: Segmentation fault" in s.daemon.output()
 
 
 def test_sigusr1_reopens_a_rotated_log(daemon, site):

@@ -120,6 +120,62 @@ def test_status_openmetrics(pages, site):
     assert after[("phpfpm_idle_processes", ())] <= 2
 
 
+def test_luafcgid_own_openmetrics_families_whole():
+    # every family, in order, with its samples as written: the pool's, two scripts (one
+    # whose memory is unknown, and a path that needs escaping) and two shared dictionaries
+    from luafcgid.ops.status import openmetrics
+    own = {"failed_requests": 2, "stuck": [{}], "states": {"states": 3},
+           "scripts": [{"path": "/www/a.lua", "clones": 2, "requests": 7,
+                        "loaded_at": 1700000000.25, "memory_kb": 1.5},
+                       {"path": '/www/q"\\b.lua', "clones": 1, "requests": 0,
+                        "loaded_at": 1700000001.0, "memory_kb": None}],
+           "shared": [{"name": "cache", "capacity": 65536, "free_space": 60000, "keys": 4},
+                      {"name": "t", "capacity": 1048576, "free_space": 1048576, "keys": 0}]}
+    assert openmetrics(own, "www") == [
+        "# TYPE luafcgid_pool gauge",
+        "# HELP luafcgid_pool The pool this page reports on: its name in the label.",
+        'luafcgid_pool{pool="www"} 1',
+        "# TYPE luafcgid_failed_requests counter",
+        "# HELP luafcgid_failed_requests Requests answered with a 5xx status.",
+        "luafcgid_failed_requests_total 2",
+        "# TYPE luafcgid_stuck_workers gauge",
+        "# HELP luafcgid_stuck_workers Workers stuck in Lua past request_timeout, which could "
+        "not stop them.",
+        "luafcgid_stuck_workers 1",
+        "# TYPE luafcgid_states gauge",
+        "# HELP luafcgid_states Lua states in the pool.",
+        "luafcgid_states 3",
+        "# TYPE luafcgid_script_clones gauge",
+        "# HELP luafcgid_script_clones Lua states holding the script.",
+        'luafcgid_script_clones{script="/www/a.lua"} 2',
+        'luafcgid_script_clones{script="/www/q\\"\\\\b.lua"} 1',
+        "# TYPE luafcgid_script_requests counter",
+        "# HELP luafcgid_script_requests Requests served by the script's loaded states.",
+        'luafcgid_script_requests_total{script="/www/a.lua"} 7',
+        'luafcgid_script_requests_total{script="/www/q\\"\\\\b.lua"} 0',
+        "# TYPE luafcgid_script_load_time_seconds gauge",
+        "# HELP luafcgid_script_load_time_seconds Unix time the script was last loaded.",
+        'luafcgid_script_load_time_seconds{script="/www/a.lua"} 1700000000.25',
+        'luafcgid_script_load_time_seconds{script="/www/q\\"\\\\b.lua"} 1700000001.0',
+        "# TYPE luafcgid_script_memory_bytes gauge",
+        "# HELP luafcgid_script_memory_bytes Lua memory of the script's idle states.",
+        'luafcgid_script_memory_bytes{script="/www/a.lua"} 1536',
+        "# TYPE luafcgid_shared_capacity_bytes gauge",
+        "# HELP luafcgid_shared_capacity_bytes Capacity of the shared dictionary.",
+        'luafcgid_shared_capacity_bytes{dict="cache"} 65536',
+        'luafcgid_shared_capacity_bytes{dict="t"} 1048576',
+        "# TYPE luafcgid_shared_free_bytes gauge",
+        "# HELP luafcgid_shared_free_bytes Free space in the shared dictionary.",
+        'luafcgid_shared_free_bytes{dict="cache"} 60000',
+        'luafcgid_shared_free_bytes{dict="t"} 1048576',
+        "# TYPE luafcgid_shared_keys gauge",
+        "# HELP luafcgid_shared_keys Keys stored in the shared dictionary (expired ones until "
+        "they are reclaimed).",
+        'luafcgid_shared_keys{dict="cache"} 4',
+        'luafcgid_shared_keys{dict="t"} 0',
+    ]
+
+
 def test_tcp_listen_queue_is_read_from_proc(daemon):
     from conftest import free_port
     d = daemon(listen=f"127.0.0.1:{free_port()}", status_path="/status", backlog=77)

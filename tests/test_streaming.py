@@ -160,37 +160,22 @@ def test_stop_removes_the_socket_and_exits_zero(daemon, site):
     wait_for(lambda: "stopped" in d.log(), what="the stop log line")
 
 
-# Pages that send for ever unless stopped; `?count` answers how many requests the state
-# served, which tells whether it was kept.
+# Pages that send for ever unless stopped, one for each way of writing; `?count` answers
+# how many requests the state served, which tells whether it was kept.
+CON_PAGE = """
+    served = 0
+    function main(env, con)
+      served = served + 1
+      if env.QUERY_STRING == "count" then return con:puts("served ", served) end
+      local chunk = string.rep("x", 65536)
+      %s
+    end
+"""
 ENDLESS = {
-    "puts": ({"buffering": False}, """
-        served = 0
-        function main(env, con)
-          served = served + 1
-          if env.QUERY_STRING == "count" then return con:puts("served ", served) end
-          local chunk = string.rep("x", 65536)
-          while true do con:puts(chunk) end
-        end
-    """),
-    "flush": ({}, """
-        served = 0
-        function main(env, con)
-          served = served + 1
-          if env.QUERY_STRING == "count" then return con:puts("served ", served) end
-          local chunk = string.rep("x", 65536)
-          while true do con:puts(chunk); con:flush() end
-        end
-    """),
+    "puts": ({"buffering": False}, CON_PAGE % "while true do con:puts(chunk) end"),
+    "flush": ({}, CON_PAGE % "while true do con:puts(chunk); con:flush() end"),
     # the body goes out after main returned, in pieces: the next piece finds the client gone
-    "buffered": ({}, """
-        served = 0
-        function main(env, con)
-          served = served + 1
-          if env.QUERY_STRING == "count" then return con:puts("served ", served) end
-          local chunk = string.rep("x", 65536)
-          for _ = 1, 512 do con:puts(chunk) end
-        end
-    """),
+    "buffered": ({}, CON_PAGE % "for _ = 1, 512 do con:puts(chunk) end"),
     "wsapi": ({}, """
         served = 0
         return function(wsapi_env)

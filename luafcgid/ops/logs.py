@@ -200,6 +200,19 @@ class Syslog(logging.Handler):
         super().close()
 
 
+class StandardError(logging.StreamHandler):
+    """The error log on standard error, through sys.stderr as it is at each line: a serving
+    process points sys.stderr at a copy of the original when it makes file descriptor 2 a
+    pipe into this log (catch_output.py), or each line would come back through the pipe."""
+
+    def __init__(self):
+        logging.Handler.__init__(self)   # not StreamHandler's, which keeps a stream
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+
 def _route(logger, handlers, formatter):
     old = list(logger.handlers)
     for handler in handlers:
@@ -230,7 +243,7 @@ def setup(logfile, to_stderr=True, pools=None, syslog=None, serving=None):
         handlers = [_kept.get(os.path.abspath(logfile)) or LogFile(logfile)] if logfile else []
         formatter = EscapingFormatter(FORMAT)
         if to_stderr or not logfile:
-            handlers.append(logging.StreamHandler(sys.stderr))
+            handlers.append(StandardError())
     opened = {}
     try:
         for name, paths in (pools or {}).items():

@@ -283,44 +283,52 @@ def _label(value):
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def openmetrics(own, pool):
-    """luafcgid's own OpenMetrics families of pool `pool`, after php-fpm's: every family
-    has # TYPE and # HELP; counters end in _total."""
-    out = []
+# luafcgid's own OpenMetrics families, after php-fpm's and in this order: (name, type,
+# help, the label its samples carry: None for one sample, "pool" for the page's pool,
+# "script" for one a script, "dict" for one a shared dictionary, and the sample's value of
+# `own`, the pool's name, or the script's or dictionary's entry; None writes no sample)
+_OWN_FAMILIES = (
+    # php-fpm's families carry no label (its exporter adds the pool's); this one says which
+    # pool the page reports on
+    ("pool", "gauge", "The pool this page reports on: its name in the label.", "pool",
+     lambda pool: 1),
+    ("failed_requests", "counter", "Requests answered with a 5xx status.", None,
+     lambda own: own["failed_requests"]),
+    ("stuck_workers", "gauge", "Workers stuck in Lua past request_timeout, which could not "
+     "stop them.", None, lambda own: len(own["stuck"])),
+    ("states", "gauge", "Lua states in the pool.", None, lambda own: own["states"]["states"]),
+    ("script_clones", "gauge", "Lua states holding the script.", "script",
+     lambda script: script["clones"]),
+    ("script_requests", "counter", "Requests served by the script's loaded states.", "script",
+     lambda script: script["requests"]),
+    ("script_load_time_seconds", "gauge", "Unix time the script was last loaded.", "script",
+     lambda script: script["loaded_at"]),
+    ("script_memory_bytes", "gauge", "Lua memory of the script's idle states.", "script",
+     lambda script: None if script["memory_kb"] is None else round(script["memory_kb"] * 1024)),
+    ("shared_capacity_bytes", "gauge", "Capacity of the shared dictionary.", "dict",
+     lambda shared: shared["capacity"]),
+    ("shared_free_bytes", "gauge", "Free space in the shared dictionary.", "dict",
+     lambda shared: shared["free_space"]),
+    ("shared_keys", "gauge", "Keys stored in the shared dictionary (expired ones until they "
+     "are reclaimed).", "dict", lambda shared: shared["keys"]),
+)
 
-    def family(name, kind, help_text, samples):
+
+def openmetrics(own, pool):
+    """luafcgid's own OpenMetrics families (_OWN_FAMILIES) of pool `pool`, after php-fpm's:
+    every family has # TYPE and # HELP; counters end in _total."""
+    # each label's samples: (the label's value, what the family's value is of)
+    subjects = {None: [(None, own)], "pool": [(pool, pool)],
+                "script": [(script["path"], script) for script in own["scripts"]],
+                "dict": [(shared["name"], shared) for shared in own["shared"]]}
+    out = []
+    for name, kind, help_text, label, value in _OWN_FAMILIES:
         out.append(f"# TYPE luafcgid_{name} {kind}")
         out.append(f"# HELP luafcgid_{name} {help_text}")
         suffix = "_total" if kind == "counter" else ""
-        for labels, value in samples:
-            out.append(f"luafcgid_{name}{suffix}{labels} {value}")
-
-    # php-fpm's families carry no label (its exporter adds the pool's); this one says which
-    # pool the page reports on
-    family("pool", "gauge", "The pool this page reports on: its name in the label.",
-           [(f'{{pool="{_label(pool)}"}}', 1)])
-    family("failed_requests", "counter", "Requests answered with a 5xx status.",
-           [("", own["failed_requests"])])
-    family("stuck_workers", "gauge", "Workers stuck in Lua past request_timeout, which could "
-           "not stop them.", [("", len(own["stuck"]))])
-    family("states", "gauge", "Lua states in the pool.", [("", own["states"]["states"])])
-    scripts = own["scripts"]
-    labels = [f'{{script="{_label(s["path"])}"}}' for s in scripts]
-    family("script_clones", "gauge", "Lua states holding the script.",
-           [(label, s["clones"]) for label, s in zip(labels, scripts)])
-    family("script_requests", "counter", "Requests served by the script's loaded states.",
-           [(label, s["requests"]) for label, s in zip(labels, scripts)])
-    family("script_load_time_seconds", "gauge", "Unix time the script was last loaded.",
-           [(label, s["loaded_at"]) for label, s in zip(labels, scripts)])
-    family("script_memory_bytes", "gauge", "Lua memory of the script's idle states.",
-           [(label, round(s["memory_kb"] * 1024)) for label, s in zip(labels, scripts)
-            if s["memory_kb"] is not None])
-    shared = own["shared"]
-    labels = [f'{{dict="{_label(d["name"])}"}}' for d in shared]
-    family("shared_capacity_bytes", "gauge", "Capacity of the shared dictionary.",
-           [(label, d["capacity"]) for label, d in zip(labels, shared)])
-    family("shared_free_bytes", "gauge", "Free space in the shared dictionary.",
-           [(label, d["free_space"]) for label, d in zip(labels, shared)])
-    family("shared_keys", "gauge", "Keys stored in the shared dictionary (expired ones "
-           "until they are reclaimed).", [(label, d["keys"]) for label, d in zip(labels, shared)])
+        for named, entry in subjects[label]:
+            sample = value(entry)
+            if sample is not None:
+                labels = "" if label is None else f'{{{label}="{_label(named)}"}}'
+                out.append(f"luafcgid_{name}{suffix}{labels} {sample}")
     return out

@@ -9,9 +9,18 @@
 local byte, sub = string.byte, string.sub
 local TRUNCATED = "name-value pair truncated"
 
-local function long(raw, pos)   -- a length of four bytes, its top bit set
-  local a, b, c, d = byte(raw, pos, pos + 3)
-  return ((a - 128) * 256 + b) * 65536 + c * 256 + d
+-- the length at pos, one byte or four with the top bit set, and where what follows starts;
+-- nil when the stream ends first. Only a pair with a long length comes here (two one-byte
+-- lengths are read inline below); decoding nginx's 21 params with one took 1.63 us in
+-- LuaJIT, as when this was written out for the name and for the value (1.63; with every
+-- length long 1.78 and 1.78: python3 -m bench.params_decode).
+local function length(raw, pos, n)
+  local a = byte(raw, pos)
+  if a == nil then return nil end
+  if a < 128 then return a, pos + 1 end
+  if pos + 3 > n then return nil end
+  local b, c, d = byte(raw, pos + 1, pos + 3)
+  return ((a - 128) * 256 + b) * 65536 + c * 256 + d, pos + 4
 end
 
 return function(raw, only)
@@ -22,24 +31,10 @@ return function(raw, only)
     if name_len < 128 and value_len < 128 then   -- the common case: two one-byte lengths
       pos = pos + 2
     else
-      if name_len < 128 then
-        pos = pos + 1
-      elseif pos + 3 <= n then
-        name_len = long(raw, pos)
-        pos = pos + 4
-      else
-        return nil, TRUNCATED
-      end
-      value_len = byte(raw, pos)
+      name_len, pos = length(raw, pos, n)
+      if name_len == nil then return nil, TRUNCATED end
+      value_len, pos = length(raw, pos, n)
       if value_len == nil then return nil, TRUNCATED end
-      if value_len < 128 then
-        pos = pos + 1
-      elseif pos + 3 <= n then
-        value_len = long(raw, pos)
-        pos = pos + 4
-      else
-        return nil, TRUNCATED
-      end
     end
     local value_at = pos + name_len
     local stop = value_at + value_len
