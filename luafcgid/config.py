@@ -48,6 +48,11 @@ class Config:
         value = getattr(self, name)
         return list(value) if isinstance(value, tuple) else value
 
+    def thread_name(self, name):
+        """A thread's name, which its log lines carry: named for its pool when the file
+        names pools, so that the log tells them apart."""
+        return f"{self.pool_name}/{name}" if self.prefix else name
+
     @property
     def max_clones(self):
         return self.clones or self.workers

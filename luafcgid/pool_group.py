@@ -12,6 +12,7 @@ import time
 
 from . import mainloop, procman
 from .config import LISTENER, RESTART_ONLY, keep_running
+from .ops.catch_output import Pipes, thread_name
 from .ops.scoreboard import Scoreboard
 
 log = logging.getLogger("luafcgid")
@@ -30,9 +31,10 @@ GLANCE = 0.05
 class Child:
     """A serving process as the supervisor sees it."""
 
-    def __init__(self, number, pid, now):
+    def __init__(self, number, pid, now, pipes):
         self.number = number     # its scoreboard slot, from 1
         self.pid = pid
+        self.pipes = pipes       # the read ends of its stdout and stderr (catch_output.Pipes)
         self.born = now
         self.beat = None         # monotonic time it last reported; None until it first has
         self.active_at = now     # its last report that showed it serving (or its start)
@@ -60,7 +62,8 @@ class PoolGroup:
     def __init__(self, config, listener, dictionaries, serve):
         """Runs pool `config`'s serving processes on `listener` (a listener.Listener) as
         procman says, which share `dictionaries` (shared.Dictionaries); in a forked child,
-        serve(group, number) runs process `number` and does not return."""
+        serve(group, number, pipes) runs process `number`, writing to `pipes`
+        (catch_output.Pipes), and does not return."""
         self.name = config.pool_name
         # log lines name the pool when the file names pools
         self.label = f"pool {self.name}: " if config.prefix else ""
@@ -236,15 +239,20 @@ class PoolGroup:
         if self.stopping or now < self.held or not free:
             return None
         number = free[0]
+        pipes = None
         try:
+            pipes = Pipes()
             pid = os.fork()
-        except OSError as exc:   # e.g. the process limit: like a failure at boot
+        except OSError as exc:   # e.g. the process or file limit: like a failure at boot
+            if pipes is not None:
+                pipes.close()
             log.error("%scannot start process %d: %s", self.label, number, exc)
             self._failed_at_boot(number, 1)
             return None
         if not pid:
-            self.serve(self, number)   # does not return
-        child = self.children[pid] = Child(number, pid, now)
+            self.serve(self, number, pipes)   # does not return
+        pipes.forked()
+        child = self.children[pid] = Child(number, pid, now, pipes)
         waiting = [c for c in self.children.values() if c.leaving and not c.told
                    and c.successor is None]
         if waiting:
@@ -256,6 +264,10 @@ class PoolGroup:
     def reaped(self, child, status, now):
         """Child `child` of this pool exited with wait status `status`: the exit status if it
         exited unasked after it booted (the daemon's restart throttle counts it), else None."""
+        child.pipes.drain({stream: self.config.thread_name(thread_name(stream, child.number))
+                           for stream in child.pipes.ends},
+                          f"{self.label}process {child.number} (pid {child.pid}) wrote as it "
+                          f"ended: ")
         if self.scoreboard.slot(child.number)["pid"] == child.pid:   # it reported, maybe unseen
             child.beat = child.beat or now
         self.scoreboard.clear(child.number)

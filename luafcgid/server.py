@@ -14,7 +14,7 @@ from .config import LISTENER, RESTART_ONLY, keep_running
 from .listener import Listener, ListenError
 from .ops import access_format, describe, slowlog
 from .ops.status import Status
-from .ops.catch_output import Capture
+from .ops.catch_output import Capture, thread_name
 from .request.acceptor import Acceptor
 from .request.clients import admission
 from .request.responder import Responder
@@ -33,13 +33,13 @@ class Server:
     """A serving process, as a role of mainloop.run."""
 
     def __init__(self, config, listener, reread, process=None, scoreboard=None,
-                 supervisor=None, dictionaries=None):
+                 supervisor=None, dictionaries=None, pipes=None):
         """Serves on `listener` (a listener.Listener); a reload applies reread() (a Config,
         or None when the file is bad). `process` numbers this serving process when a
         supervisor (pid `supervisor`) runs it: they serve on the supervisor's listener,
         publish their counters on its `scoreboard` (and there ask to be replaced when
-        recycling says so), and stop when it is gone. Scripts reach `dictionaries`
-        (shared.Dictionaries)."""
+        recycling says so), and stop when it is gone, and write to the `pipes` it made
+        (catch_output.Pipes). Scripts reach `dictionaries` (shared.Dictionaries)."""
         vm.load(config.lua)   # the process's VM, before any thread reads a request with it
         self.config = config
         self.dictionaries = dictionaries
@@ -63,8 +63,8 @@ class Server:
         self.heartbeat = Heartbeat(config.sweep)
         self.responder = Responder(config, self.status, self.closer,
                                    on_load=self.heartbeat.watch, dictionaries=dictionaries)
-        self.captures = [Capture(stream, self._named(stream if process is None
-                                                     else f"{stream}-{process}"))
+        self.captures = [Capture(stream, config.thread_name(thread_name(stream, process)),
+                                 pipes and pipes.ends[stream])
                          for stream in ("stdout", "stderr")]
         self.stopping = False
         self.acceptor = None
@@ -122,13 +122,8 @@ class Server:
         log.warning("%s started in place of %s", worker.name, stuck.name)
 
     def _worker_name(self, number):
-        return self._named(f"worker-{number}" if self.process is None
-                           else f"worker-{self.process}.{number}")
-
-    def _named(self, name):
-        """A thread's name: named for its pool when the file names pools, so that the log
-        tells them apart."""
-        return f"{self.config.pool_name}/{name}" if self.config.prefix else name
+        return self.config.thread_name(f"worker-{number}" if self.process is None
+                                       else f"worker-{self.process}.{number}")
 
     def summary(self):
         """One line for systemd's STATUS=."""

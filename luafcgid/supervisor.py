@@ -181,23 +181,27 @@ class Supervisor:
         for group in self._all():
             group.signal_all(signum)
 
-    def _serve(self, group, number):
-        """In a forked child: be serving process `number` of `group`, then exit."""
+    def _serve(self, group, number, pipes):
+        """In a forked child: be serving process `number` of `group`, writing to `pipes`
+        (catch_output.Pipes), then exit."""
         code = 1
         try:
-            # this process's copies only: the supervisor's wait, the other pools' sockets
+            # this process's copies only: the supervisor's wait, the other pools' sockets,
+            # the other processes' pipes
             if self.epoll is not None:
                 self.epoll.close()
             for other in self._all():
                 if other is not group:
                     other.listener.sock.close()
+            for child in self._children():
+                child.pipes.close()
             logs.serve(group.name)
             privileges.become(group.config)
             logs.keep_unopenable()
             mainloop.run(Server(group.config, group.listener.shared(),
                                 lambda: self.reread(group.name), process=number,
                                 scoreboard=group.scoreboard, supervisor=self.pid,
-                                dictionaries=group.dictionaries),
+                                dictionaries=group.dictionaries, pipes=pipes),
                          service=False)
             code = 0
         except BaseException:

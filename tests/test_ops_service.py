@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from conftest import AS_ROOT, ROOT, Daemon, RawClient, Site, split_response, wait_for
+from test_processes import _children
 
 LAUNCH = """\
 import os, sys
@@ -391,6 +392,43 @@ def test_what_a_page_writes_to_standard_error_goes_to_the_error_log_tagged(stack
     # and only once: through the pipe each would come back as a [stderr] line
     assert tagged() == said
     assert sorted(s.daemon.output().splitlines()) == sorted(s.daemon.log().splitlines())
+
+
+def _stopped(pid):
+    """Whether every thread of process `pid` is stopped (SIGSTOP)."""
+    states = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/stat") as stream:
+            states.append(stream.read().rsplit(")", 1)[1].split()[0])
+    return set(states) == {"T"}
+
+
+def test_what_a_process_writes_as_it_ends_is_logged_by_the_supervisor(stack):
+    # as a process that aborts writes to its standard error: its threads cannot log it
+    s = stack(processes=2)
+    supervisor = s.daemon.proc.pid
+
+    def descriptors():
+        return len(os.listdir(f"/proc/{supervisor}/fd"))
+
+    def started():
+        return re.findall(r"process (\d+) \(pid (\d+)\) started", s.daemon.log())
+
+    wait_for(lambda: len(started()) == 2 and len(_children(supervisor)) == 2,
+             what="two processes")
+    before = descriptors()
+    number, pid = started()[0]
+    os.kill(int(pid), signal.SIGSTOP)   # its capture threads read no more
+    wait_for(lambda: _stopped(pid), what="the process to stop")
+    with open(f"/proc/{pid}/fd/2", "w") as stderr:
+        stderr.write("free(): invalid pointer\nthe last words, with no line end")
+    os.kill(int(pid), signal.SIGKILL)
+    said = [f"[stderr-{number}] process {number} (pid {pid}) wrote as it ended: {line}"
+            for line in ("free(): invalid pointer", "the last words, with no line end")]
+    wait_for(lambda: all(line in s.daemon.log() for line in said),
+             what="the last words, tagged")
+    wait_for(lambda: len(started()) == 3, what="a process in its place")
+    wait_for(lambda: descriptors() == before, what="the supervisor's descriptors as before")
 
 
 def test_what_a_page_writes_is_logged_under_its_pool(daemon, tmp_path):
