@@ -18,6 +18,7 @@ from ..states.state import LuaState, ScriptError, ScriptGone
 from ..states.worker import FINISHING
 from . import fastcgi as fcgi
 from . import pages
+from .duty import LONG
 
 log = logging.getLogger("luafcgid")
 
@@ -179,6 +180,8 @@ class Responder:
             else:
                 out.end(pages.unavailable())
             return
+        if worker is not None and self.pool.hold(path) > LONG:
+            worker.off_duty()   # another worker takes connections while this one waits on Lua
         result = state.serve(params, request.body, out, worker)
         if worker is not None and worker.measure_memory:
             worker.memory = state.memory()
