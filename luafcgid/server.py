@@ -17,7 +17,7 @@ from .ops.status import Status
 from .ops.catch_output import Capture
 from .request.acceptor import Acceptor
 from .request.clients import admission
-from .request.duty import Duty
+from .states.duty import Duty
 from .request.responder import Responder
 from .states import vm
 from .states.closer import Closer

@@ -1,4 +1,4 @@
-"""request/duty.py: one worker of a process takes connections while requests are short; a
+"""states/duty.py: one worker of a process takes connections while requests are short; a
 worker whose request waits leaves the process's connections to the others."""
 
 import os

@@ -12,13 +12,13 @@ import stat
 
 from ..states import errors, workdir
 from ..states.closer import Closer
+from ..states.duty import LONG
 from ..states.pool import PoolClosed, StatePool
 from ..states.searchpath import search_paths
 from ..states.state import LuaState, ScriptError, ScriptGone
 from ..states.worker import FINISHING
 from . import fastcgi as fcgi
 from . import pages
-from .duty import LONG
 
 log = logging.getLogger("luafcgid")
 

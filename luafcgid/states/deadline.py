@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 
-from ..request.duty import STALLED
+from .duty import STALLED
 from .worker import RUNNING, SLOW, STUCK
 
 log = logging.getLogger("luafcgid")
@@ -59,7 +59,7 @@ class Watcher:
             for worker in self._workers:
                 try:
                     if worker.stage >= RUNNING and now - worker.started > STALLED:
-                        worker.off_duty()   # a request that blocked: see request/duty.py
+                        worker.off_duty()   # a request that blocked: see states/duty.py
                     due = worker.check(now, grace)
                     if due & STUCK and self._on_stuck is not None:
                         self._on_stuck(worker)
