@@ -17,6 +17,7 @@ from .ops.status import Status
 from .ops.catch_output import Capture, thread_name
 from .request.acceptor import Acceptor
 from .request.clients import admission
+from .states.duty import Duty
 from .request.responder import Responder
 from .states import vm
 from .states.closer import Closer
@@ -52,6 +53,7 @@ class Server:
                                            config.process_max_memory)
         self.retiring = False   # asked the supervisor for a successor
         self.workers = Workers(self._worker_name)
+        self.duty = Duty()
         for _ in range(config.workers):
             self.workers.add()
         self._configure_workers(config)
@@ -163,11 +165,14 @@ class Server:
 
     def _work(self, worker):
         worker.run_here()
-        acceptor = self.acceptor
+        acceptor, duty = self.acceptor, self.duty
+        worker.duty = duty
         while True:
             worker.stage = IDLE
+            duty.take(worker)
             connection = acceptor.next()
             if connection is None:
+                duty.give(worker)   # the next worker finds None too, and ends
                 return
             worker.stage = READING
             while True:

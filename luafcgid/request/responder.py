@@ -12,6 +12,7 @@ import stat
 
 from ..states import errors, workdir
 from ..states.closer import Closer
+from ..states.duty import LONG
 from ..states.pool import PoolClosed, StatePool
 from ..states.searchpath import search_paths
 from ..states.state import LuaState, ScriptError, ScriptGone
@@ -179,6 +180,8 @@ class Responder:
             else:
                 out.end(pages.unavailable())
             return
+        if worker is not None and self.pool.hold(path) > LONG:
+            worker.off_duty()   # another worker takes connections while this one waits on Lua
         result = state.serve(params, request.body, out, worker)
         if worker is not None and worker.measure_memory:
             worker.memory = state.memory()

@@ -22,7 +22,8 @@ import logging
 import threading
 import time
 
-from .worker import SLOW, STUCK
+from .duty import STALLED
+from .worker import RUNNING, SLOW, STUCK
 
 log = logging.getLogger("luafcgid")
 
@@ -57,6 +58,8 @@ class Watcher:
             grace = self._config().stuck_timeout
             for worker in self._workers:
                 try:
+                    if worker.stage >= RUNNING and now - worker.started > STALLED:
+                        worker.off_duty()   # a request that blocked: see states/duty.py
                     due = worker.check(now, grace)
                     if due & STUCK and self._on_stuck is not None:
                         self._on_stuck(worker)

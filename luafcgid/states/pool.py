@@ -208,6 +208,12 @@ class StatePool:
             if drop:
                 self._close(state)
 
+    def hold(self, path):
+        """Seconds `path`'s requests typically hold a state (0.0 until one was given back);
+        read without the lock: a float, for a guess."""
+        script = self._scripts.get(path)
+        return (script.hold or 0.0) if script is not None else 0.0
+
     # -- flushing -----------------------------------------------------------------------
 
     def flush(self, predicate=lambda state: True):

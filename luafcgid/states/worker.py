@@ -42,7 +42,7 @@ class Worker:
                  "failed", "slow", "started", "params", "script", "seconds", "status", "sent",
                  "head", "cpu", "cpu_started", "memory", "slow_after", "watched", "access",
                  "timed", "measure_cpu", "measure_memory", "out_lock", "lock", "state",
-                 "call_started", "deadline", "expired", "stuck", "abandon", "reported")
+                 "call_started", "deadline", "expired", "stuck", "abandon", "reported", "duty")
 
     def __init__(self, number, name):
         self.number = number
@@ -85,6 +85,7 @@ class Worker:
         self.stuck = 0.0         # monotonic time the running call was given up on; 0.0 if not
         self.abandon = None      # answers the request at once; returns False to be retried
         self.reported = -1       # `requests` when the slowlog reported the request
+        self.duty = None         # its process's request.duty.Duty, when it serves FastCGI
 
     def configure(self, slow_after, watched, access, status_page, measure_cpu,
                   measure_memory):
@@ -130,6 +131,11 @@ class Worker:
                 self.status, self.sent, self.head = status, out.sent, out.first
                 self.access(self)
         self.abandon = None
+
+    def off_duty(self):
+        """Let another worker take connections while this one serves (duty.py)."""
+        if self.duty is not None:
+            self.duty.give(self)
 
     # -- a watched call into Lua, on the worker's thread ----------------------------------
 
