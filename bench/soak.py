@@ -25,7 +25,6 @@ import re
 import shutil
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 from bench import loadgen
@@ -118,11 +117,6 @@ def main(argv=None):
         stack.write(f"p{n}.lua", SCRIPTS[ORDER[n % 4]])
     script = loadgen.site(args.pages, post="rank % 4 == 3")   # the post pages
     stack.start()
-    # the daemon runs in the foreground and logs to stderr too, into a pipe the tests' Daemon
-    # never reads: drained here, or a full pipe (every interval's end cuts 256 responses
-    # short, each logged) stops every worker in the middle of a log line
-    threading.Thread(target=shutil.copyfileobj,
-                     args=(stack.daemon.proc.stdout, open(os.devnull, "wb")), daemon=True).start()
     url = f"http://127.0.0.1:{stack.nginx.port}"
     seconds = max(1, round(args.duration / args.samples))
     print(f"luafcgid soak: lua {args.lua}, {args.processes} processes of {args.workers} "
