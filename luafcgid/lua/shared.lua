@@ -599,19 +599,17 @@ end
 local Dict = {__metatable = "luafcgid shared dictionary"}
 Dict.__index = Dict
 
-function Dict:get(key)
-  local d = dict_of(self)
-  local k, err = key_of(key)
-  if not k then return nil, err end
-  return backend.get(d, k, false)
+-- get, and get_stale, which also returns a value past its expiry
+local function getting(stale)
+  return function(self, key)
+    local d = dict_of(self)
+    local k, err = key_of(key)
+    if not k then return nil, err end
+    return backend.get(d, k, stale)
+  end
 end
 
-function Dict:get_stale(key)
-  local d = dict_of(self)
-  local k, err = key_of(key)
-  if not k then return nil, err end
-  return backend.get(d, k, true)
-end
+Dict.get, Dict.get_stale = getting(false), getting(true)
 
 local function storing(mode)
   return function(self, key, value, exptime, flags)
