@@ -178,16 +178,8 @@ class StatePool:
         with self._lock:
             record = self._records[state]
             record.last_used = now = self._clock()
-            script = record.script
-            script.held(now - record.lent_at)
-            if (discard or record.stale or self._closed
-                    or 0 < self.max_requests <= record.requests):
-                drop = self._settle(record, discard)
-            else:   # kept, the common case: its last use is the latest of its script's
-                record.busy = drop = False
-                script.idle.append(record)
-                if self.waiting:
-                    self._cond.notify_all()
+            record.script.held(now - record.lent_at)
+            drop = self._settle(record, discard)
         if drop:
             self._close(state)
 
@@ -285,14 +277,13 @@ class StatePool:
         record.busy = True
 
     def _settle(self, record, discard=False):
-        """Decide whether a state coming back (from a look, or dropped by release) is kept
-        (idle) or dropped; True: close it."""
+        """Decide whether a state coming back is kept (idle) or dropped; True: close it."""
         record.busy = False
         recycle = not discard and 0 < self.max_requests <= record.requests
         drop = discard or recycle or record.stale or self._closed
-        self.discarded += discard
-        self.recycled += recycle
         if drop:
+            self.discarded += discard
+            self.recycled += recycle
             self._remove(record)
         else:   # in the order of last use (a look leaves a state's age as it was)
             idle = record.script.idle
