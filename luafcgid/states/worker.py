@@ -85,7 +85,7 @@ class Worker:
         self.stuck = 0.0         # monotonic time the running call was given up on; 0.0 if not
         self.abandon = None      # answers the request at once; returns False to be retried
         self.reported = -1       # `requests` when the slowlog reported the request
-        self.duty = None         # its process's request.duty.Duty, when it serves FastCGI
+        self.duty = None         # its process's states.duty.Duty, when it serves FastCGI
 
     def configure(self, slow_after, watched, access, status_page, measure_cpu,
                   measure_memory):
