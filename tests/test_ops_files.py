@@ -108,3 +108,35 @@ def test_nginx_accepts_the_shipped_site(tmp_path):
         with open(os.path.join(ROOT, "nginx", name)) as stream:
             text = stream.read()
         assert "fastcgi_pass luafcgid;" in text and "fastcgi_keep_conn on;" in text
+
+
+def test_pip_install_installs_every_package_and_lua_file(tmp_path):
+    """The quick start's `pip install .`: every package of the checkout and every Lua file
+    is installed, and the installed daemon starts its command line (a hand-written package
+    list once missed luafcgid.shared, and the installed luafcgid failed at its first
+    import)."""
+    # from a copy of the tracked files, as a fresh clone has them: pip builds in the tree,
+    # and a build/ left in the checkout would hand it the files a clone lacks
+    clone = tmp_path / "clone"
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, check=True,
+                             capture_output=True, text=True).stdout.split("\0")
+    for path in filter(None, tracked):
+        (clone / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(os.path.join(ROOT, path), clone / path)
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
+                    str(target), str(clone)], check=True, capture_output=True, cwd=tmp_path)
+    source = os.path.join(ROOT, "luafcgid")
+    wanted = {os.path.relpath(os.path.join(directory, name), source)
+              for directory, _, names in os.walk(source) for name in names
+              if name == "__init__.py" or name.endswith(".lua")}
+    installed = {os.path.relpath(os.path.join(directory, name), target / "luafcgid")
+                 for directory, _, names in os.walk(target / "luafcgid") for name in names}
+    assert wanted - installed == set()
+    # run from the installed copy only: not from the checkout
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    out = subprocess.run([sys.executable, "-m", "luafcgid", "--check", "-s",
+                          f"listen={tmp_path / 'luafcgid.sock'}", "-s", "logfile=null", "-R"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert ": OK" in out.stdout
