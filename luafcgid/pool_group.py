@@ -14,6 +14,7 @@ from . import mainloop, procman
 from .config import LISTENER, RESTART_ONLY, keep_running
 from .ops.catch_output import Pipes, thread_name
 from .ops.scoreboard import Scoreboard
+from .request.handoff import Handoff
 
 log = logging.getLogger("luafcgid")
 
@@ -73,6 +74,8 @@ class PoolGroup:
         self.serve = serve
         # a slot for each process and for a successor beside each one being replaced
         self.scoreboard = Scoreboard(2 * config.processes, config.workers)
+        # the processes hand each other connections (a slot a scoreboard number)
+        self.handoff = Handoff(self.scoreboard.processes)
         self.children = {}   # pid -> Child
         self.failures = {}   # process number -> boot failures in a row
         self.held = 0.0      # monotonic time before which no process starts (a boot backoff)
@@ -271,6 +274,7 @@ class PoolGroup:
         if self.scoreboard.slot(child.number)["pid"] == child.pid:   # it reported, maybe unseen
             child.beat = child.beat or now
         self.scoreboard.clear(child.number)
+        self.handoff.vacate(child.number)
         for other in self.children.values():
             if other.successor is child:
                 other.successor = None

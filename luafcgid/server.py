@@ -34,13 +34,14 @@ class Server:
     """A serving process, as a role of mainloop.run."""
 
     def __init__(self, config, listener, reread, process=None, scoreboard=None,
-                 supervisor=None, dictionaries=None, pipes=None):
+                 supervisor=None, dictionaries=None, pipes=None, handoff=None):
         """Serves on `listener` (a listener.Listener); a reload applies reread() (a Config,
         or None when the file is bad). `process` numbers this serving process when a
         supervisor (pid `supervisor`) runs it: they serve on the supervisor's listener,
         publish their counters on its `scoreboard` (and there ask to be replaced when
         recycling says so), and stop when it is gone, and write to the `pipes` it made
-        (catch_output.Pipes). Scripts reach `dictionaries` (shared.Dictionaries)."""
+        (catch_output.Pipes), and hand each other connections through `handoff`
+        (request.handoff.Share). Scripts reach `dictionaries` (shared.Dictionaries)."""
         vm.load(config.lua)   # the process's VM, before any thread reads a request with it
         self.config = config
         self.dictionaries = dictionaries
@@ -49,6 +50,7 @@ class Server:
         self.process = process
         self.scoreboard = scoreboard
         self.supervisor = supervisor
+        self.handoff = handoff
         self.recycling = procman.Recycling(config.process_max_requests,
                                            config.process_max_memory)
         self.retiring = False   # asked the supervisor for a successor
@@ -81,7 +83,8 @@ class Server:
         for capture in self.captures:
             capture.start()
         self.acceptor = Acceptor(self.listener.sock,
-                                 admission(self.config.allowed_clients, self.listener.sock))
+                                 admission(self.config.allowed_clients, self.listener.sock),
+                                 self.handoff)
         self.heartbeat.start(self.responder.pool, self.responder.forget_locations)
         self.watcher.start()
         for worker in self.workers:

@@ -193,6 +193,7 @@ class Supervisor:
             for other in self._all():
                 if other is not group:
                     other.listener.sock.close()
+                    other.handoff.close()
             for child in self._children():
                 child.pipes.close()
             logs.serve(group.name)
@@ -201,7 +202,8 @@ class Supervisor:
             mainloop.run(Server(group.config, group.listener.shared(),
                                 lambda: self.reread(group.name), process=number,
                                 scoreboard=group.scoreboard, supervisor=self.pid,
-                                dictionaries=group.dictionaries, pipes=pipes),
+                                dictionaries=group.dictionaries, pipes=pipes,
+                                handoff=group.handoff.share(number)),
                          service=False)
             code = 0
         except BaseException:

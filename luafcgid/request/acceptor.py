@@ -61,10 +61,12 @@ DRAIN_IDLE = 1.0
 
 
 class Acceptor:
-    def __init__(self, sock, admit=None):
+    def __init__(self, sock, admit=None, handoff=None):
         """`admit(address)`, when set, says whether a peer may be served at all
-        (clients.py)."""
+        (clients.py). `handoff`, a handoff.Share when processes share the listener, spreads
+        the connections of a batch between them."""
         self.admit = admit
+        self.handoff = handoff
         self._epoll = select.epoll()
         self._watched = {}   # fd -> Connection registered in the epoll set, parked or served
         self._parked = {}    # fd -> monotonic time parked, of those waiting in the set
@@ -75,6 +77,11 @@ class Acceptor:
         self._wake_read, self._wake_write = os.pipe()
         # never drained: once written, it wakes every worker, level-triggered
         self._epoll.register(self._wake_read, select.EPOLLIN)
+        self._inbox = None   # the fd connections handed to this process arrive on
+        if handoff is not None:
+            handoff.open()
+            self._inbox = handoff.fileno
+            self._epoll.register(self._inbox, select.EPOLLIN)
         self.closed = False
         self._failures = 0         # accept failures not yet logged
         self._failed_at = 0.0      # monotonic time of the last one
@@ -109,6 +116,11 @@ class Acceptor:
                     return connection
                 if fd == self._wake_read:
                     return None
+                if fd == self._inbox:
+                    connection = self._received()
+                    if connection is None:
+                        continue
+                    return connection
                 with self._lock:
                     connection = self._watched.get(fd)
                     if connection is None:
@@ -131,12 +143,39 @@ class Acceptor:
         since). Otherwise one at a time is fair and cheapest: a batch parked all but one of
         about ten accepted, each costing an epoll_ctl and a pass through epoll_wait, and
         ended on a failed accept; and a process that took a batch held it while another
-        process took newer connections from the backlog."""
+        process took newer connections from the backlog. Another process holding fewer
+        connections is handed its share of the batch (handoff.py)."""
+        batch = []
         for _ in range(_ACCEPT_BATCH - 1):
             connection = self._accept()
             if connection is None:
                 break
+            batch.append(connection)
+        if self.handoff is not None and batch:
+            batch, handed = self.handoff.spread(batch, len(self._watched) + 1)
+            for connection in handed:
+                self.discard(connection)
+        for connection in batch:
             self.park(connection)
+
+    def _received(self):
+        """The connections other processes handed to this one (handoff.py), accepted
+        there and not read: the first to be read now, the others parked. None if none
+        arrived (another worker took them)."""
+        connections = self._take_handed(self.handoff.receive())
+        for connection in connections[1:]:
+            self.park(connection)
+        return connections[0] if connections else None
+
+    def _take_handed(self, fds):
+        with self._lock:
+            self._serving += len(fds)
+        connections = []
+        for fd in fds:
+            sock = _socket.socket(self._family, socket.SOCK_STREAM, 0, fd)
+            connections.append(Connection(
+                sock, fd, "" if self._family == socket.AF_UNIX else sock.getpeername()))
+        return connections
 
     def _accept(self):
         """A Connection of the next admitted socket in the backlog, or None. Takes the raw
@@ -204,6 +243,7 @@ class Acceptor:
             if fd not in self._watched:
                 self._watched[fd] = connection
                 self._epoll.register(fd, _WATCHED)
+                self._held()
             if connection.kept:
                 self._kept.add(fd)
         return True
@@ -217,9 +257,16 @@ class Acceptor:
                 del self._watched[fd]
                 self._kept.discard(fd)
                 self._arrived.discard(fd)
+                self._held()
             if self.closed:
                 self._end_if_drained()
         connection.close()
+
+    def _held(self):
+        """(lock held) Tell the other processes how many connections this one holds: the
+        ones registered, which kept connections stay once served."""
+        if self.handoff is not None:
+            self.handoff.held(len(self._watched))
 
     def _end_if_drained(self, held=0):
         """(lock held) Once closed with nothing left to serve but the connections of `held`
@@ -260,6 +307,8 @@ class Acceptor:
                 del self._parked[fd]
             self._kept.difference_update(expired)
             connections = [self._watched.pop(fd) for fd in expired]
+            if expired:
+                self._held()
             self._end_if_drained()
         stalled = sum(c.began is not None for c in connections)
         if stalled:
@@ -283,6 +332,11 @@ class Acceptor:
             if connection is None:
                 break
             self.park(connection)
+        if self.handoff is not None:
+            # no process hands this one more connections: serve those handed before
+            self._epoll.unregister(self._inbox)
+            for connection in self._take_handed(self.handoff.close()):
+                self.park(connection)
         with self._lock:
             self.closed = True
             self._end_if_drained()

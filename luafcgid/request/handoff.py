@@ -1,0 +1,201 @@
+"""Connections just accepted, handed between a pool's serving processes, so that the
+connections the web server keeps are spread over the processes.
+
+A connection stays in the epoll set of the process that accepted it, and when nginx keeps
+connections, the process that wakes for a new one accepts the whole backlog (acceptor.py,
+_accept_backlog: new connections then take turns with the kept ones). A burst of
+connections nginx opens at once ended up in one process, which nginx then reused while the
+other idled: with 2 processes of 2 workers, a page that waits 10 ms was served at 189
+requests a second through kept connections against 374 plain. Accepting one connection at
+a time served it kept at 381 a second, but at 256 connections the page's p99 rose from
+133 ms to 1.3 s.
+
+So the process that accepted a batch keeps its share of it and hands the rest, by their
+descriptors (SCM_RIGHTS), to the processes that hold fewer connections, each of which
+serves them as if it had accepted them: nothing of them has been read. What a process
+holds is what it has registered in its epoll set (kept connections, once served; see
+Acceptor), and what was sent to it that it has not received yet. Both live in memory the
+supervisor maps before it forks, beside one datagram socket pair a process slot (a
+scoreboard number). Only a batch is spread: a connection accepted alone (plain mode, and
+before one is kept) costs nothing more, and a kept connection is never moved, so no request
+is ever split between processes.
+
+Draining: a process stops taking connections (close) under its slot's lock, a
+process-shared mutex like the shared dictionaries', then receives what was sent before; a
+sender checks that the slot takes connections and sends under the same lock, so nothing
+arrives after. What was sent to a process that died without draining stays in its slot's
+socket, whose ends the supervisor keeps: the next process in that slot serves it.
+"""
+
+import contextlib
+import ctypes
+import errno
+import mmap
+import os
+import socket
+import struct
+
+from ..shared import mutex
+from ..shared.layout import MUTEX
+
+# a slot: its mutex, then these counters: the pid taking connections in it (0: none), the
+# connections it holds, those it received and those sent to it (by the others)
+_COUNTER = struct.Struct("=Q")
+_PID, _HELD, _RECEIVED, _SENT = (MUTEX + _COUNTER.size * n for n in range(4))
+_ROOM = MUTEX + 4 * _COUNTER.size
+# a batch (acceptor._ACCEPT_BATCH) is sent in one message: far below Linux's SCM_MAX_FD
+_MAX_FDS = 253
+_RECEIVING = socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
+
+
+class Handoff:
+    """One pool's slots, made by the supervisor before it forks the pool's processes."""
+
+    def __init__(self, slots):
+        self._memory = mmap.mmap(-1, _ROOM * slots)   # shared with the forked processes
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self._memory))
+        self._locks = [ctypes.c_void_p(base + _ROOM * n) for n in range(slots)]
+        for lock in self._locks:
+            mutex.initialize(lock.value)
+        # (receiving end, sending end) a slot; not inheritable: a page's processes exec
+        self._pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+                       for _ in range(slots)]
+        for pair in self._pairs:
+            for end in pair:
+                end.setblocking(False)
+
+    def share(self, number):
+        """In serving process `number` (from 1), just forked: its Share. The other slots'
+        receiving ends are the supervisor's (and their processes')."""
+        for other, (inbox, _) in enumerate(self._pairs, 1):
+            if other != number:
+                inbox.close()
+        return Share(self, number)
+
+    def vacate(self, number):
+        """In the supervisor, once process `number` ended: nothing more is sent to its slot
+        (it may have died without draining)."""
+        with self.locked(number):
+            self.put(number, _PID, 0)
+
+    def close(self):
+        """In the processes of another pool: none of this is theirs."""
+        for pair in self._pairs:
+            for end in pair:
+                end.close()
+
+    @contextlib.contextmanager
+    def locked(self, number):
+        lock = self._locks[number - 1]
+        if mutex.lock(lock) == errno.EOWNERDEAD:
+            # its holder died: each write under it is of one counter, nothing to repair
+            mutex.consistent(lock)
+        try:
+            yield
+        finally:
+            mutex.unlock(lock)
+
+    def get(self, number, field):
+        return _COUNTER.unpack_from(self._memory, _ROOM * (number - 1) + field)[0]
+
+    def put(self, number, field, value):
+        _COUNTER.pack_into(self._memory, _ROOM * (number - 1) + field, value)
+
+    def load(self, number):
+        """Connections process `number` holds or was sent; None when it takes none."""
+        if not self.get(number, _PID):
+            return None
+        return (self.get(number, _HELD) + self.get(number, _SENT)
+                - self.get(number, _RECEIVED))
+
+    def send(self, number, fds):
+        """Hand the descriptors `fds` to process `number`; False when they stay here (it
+        takes no connections, or its socket is full)."""
+        with self.locked(number):
+            if not self.get(number, _PID):
+                return False
+            try:
+                socket.send_fds(self._pairs[number - 1][1], [b"c"], fds, socket.MSG_DONTWAIT)
+            except OSError:
+                return False
+            self.put(number, _SENT, self.get(number, _SENT) + len(fds))
+        return True
+
+    def slots(self):
+        return range(1, len(self._pairs) + 1)
+
+    def inbox(self, number):
+        return self._pairs[number - 1][0]
+
+
+class Share:
+    """A serving process's part: its slot, written only by it (but for what the others send
+    it), and the others' slots, which it sends to."""
+
+    def __init__(self, handoff, number):
+        self._handoff = handoff
+        self.number = number
+        self._inbox = handoff.inbox(number)
+        self.fileno = self._inbox.fileno()
+        self._received = 0
+
+    def open(self):
+        """Take connections from the others from now on."""
+        handoff = self._handoff
+        with handoff.locked(self.number):
+            # a slot counts on from its previous process, which may have left connections
+            # in its socket (see the module's docstring)
+            self._received = handoff.get(self.number, _RECEIVED)
+            handoff.put(self.number, _HELD, 0)
+            handoff.put(self.number, _PID, os.getpid())
+
+    def close(self):
+        """Take no more connections from the others: the descriptors of those sent before."""
+        with self._handoff.locked(self.number):
+            self._handoff.put(self.number, _PID, 0)
+        return self.receive()
+
+    def held(self, count):
+        """This process now holds `count` connections."""
+        self._handoff.put(self.number, _HELD, count)
+
+    def receive(self):
+        """The descriptors of the connections handed to this process that have arrived."""
+        fds = []
+        while True:
+            try:
+                fds += socket.recv_fds(self._inbox, 1, _MAX_FDS, _RECEIVING)[1]
+            except (BlockingIOError, InterruptedError):
+                break
+        if fds:
+            self._received += len(fds)
+            self._handoff.put(self.number, _RECEIVED, self._received)
+        return fds
+
+    def spread(self, batch, mine):
+        """Split `batch`, connections just accepted and not read, between this process,
+        which holds `mine`, and the others: one at a time to whichever holds fewest, this
+        one on a tie. (kept, handed): the ones handed were sent away (close them here)."""
+        handoff = self._handoff
+        loads = {}
+        for number in handoff.slots():
+            if number != self.number:
+                load = handoff.load(number)
+                if load is not None:
+                    loads[number] = load
+        kept, given = [], {}
+        for connection in batch:
+            number = min(loads, key=loads.get, default=None)
+            if number is not None and loads[number] < mine:
+                loads[number] += 1
+                given.setdefault(number, []).append(connection)
+            else:
+                mine += 1
+                kept.append(connection)
+        handed = []
+        for number, connections in given.items():
+            if handoff.send(number, [connection.fd for connection in connections]):
+                handed += connections
+            else:
+                kept += connections
+        return kept, handed
