@@ -1,0 +1,139 @@
+"""request/handoff.py: a process that accepts a batch of connections (the web server keeps
+connections) hands the others their share, so that kept connections are not all served by
+the process that woke."""
+
+import os
+import signal
+
+from conftest import Fifo, InThread, RawClient, split_response, wait_for
+
+from luafcgid.request.handoff import Handoff, Share
+
+# answers its process's pid; with a query string NAME it first marks itself in flight (a
+# file "in-NAME") and waits at its FIFO "gate-NAME"
+PID_PAGE = """
+local pid = io.open("/proc/self/stat"):read("*l"):match("^(%d+)")
+function main(env, con)
+  local name = env.QUERY_STRING
+  if name ~= "" then
+    io.open("in-" .. name, "w"):close()
+    local gate = io.open("gate-" .. name); gate:read("*a"); gate:close()
+  end
+  con:puts(pid)
+end
+"""
+BURST = 8
+
+
+class Kept:
+    """A connection the client keeps (FCGI_KEEP_CONN), asking the pid page."""
+
+    def __init__(self, address, site):
+        self.client = RawClient(address, timeout=60)
+        self.site = site
+
+    def ask(self, name=""):
+        self.client.request({b"SCRIPT_FILENAME": self.site.file("pid.lua").encode(),
+                             b"QUERY_STRING": name.encode()}, keep_conn=True)
+
+    def answer(self):
+        """The pid that answered."""
+        out, _, _ = self.client.response()
+        status, _, body = split_response(out)
+        assert status == "200 OK", out
+        return int(body)
+
+    def hold(self, name):
+        """Ask with the page held at its gate: that process's only worker is busy until
+        the Fifo returned is released."""
+        gate = Fifo(self.site.file(f"gate-{name}"))
+        self.ask(name)
+        wait_for(lambda: os.path.exists(self.site.file(f"in-{name}")),
+                 what=f"request {name} in the page")
+        return gate
+
+
+def _burst_while_both_held(daemon, site):
+    """Two processes of one worker, each held in a page on a kept connection (x, y); then
+    BURST connections opened at once, which wait in the listener's backlog; then x's
+    process let go: its worker accepts the burst as one batch. Returns (the daemon, x, y,
+    y's gate, the burst, x's pid)."""
+    site.write("pid.lua", PID_PAGE)
+    d = daemon(processes=2, workers=1)
+    x = Kept(d.address, site)
+    x_gate = x.hold("x")
+    y = Kept(d.address, site)   # accepted by the other process: the first's worker is busy
+    y_gate = y.hold("y")
+    burst = [Kept(d.address, site) for _ in range(BURST)]
+    wait_for(x_gate.release, what="x's page to read its gate")
+    return d, x, y, y_gate, burst, x.answer()
+
+
+def test_a_burst_of_kept_connections_is_served_by_both_processes(daemon, site):
+    _, x, y, y_gate, burst, x_pid = _burst_while_both_held(daemon, site)
+    x_gate = x.hold("x2")   # now x's process is busy, with the burst accepted
+    try:
+        wait_for(y_gate.release, what="y's page to read its gate")
+        y_pid = y.answer()
+        assert y_pid != x_pid
+        for connection in burst:
+            connection.ask()
+        answers = [InThread(connection.answer) for connection in burst]
+        # while x's process is held, the other answers the connections it was handed:
+        # before, the process that woke kept the whole batch, and these waited for it
+        wait_for(lambda: sum(answer.done() for answer in answers) >= BURST // 2 - 1,
+                 what="the other process to answer its share of the burst")
+        assert {answer.result() for answer in answers if answer.done()} == {y_pid}
+    finally:
+        wait_for(x_gate.release, what="x2's page to read its gate")
+    assert x.answer() == x_pid
+    assert {answer.result() for answer in answers} == {x_pid, y_pid}
+
+
+def test_a_process_told_to_stop_serves_the_connections_handed_to_it(daemon, site):
+    d, x, y, y_gate, burst, x_pid = _burst_while_both_held(daemon, site)
+    for connection in burst:
+        connection.ask()
+    answers = [InThread(connection.answer) for connection in burst]
+    # x's process answers its share; the rest were sent to y's, busy
+    wait_for(lambda: sum(answer.done() for answer in answers) >= BURST // 2 - 1,
+             what="x's process to answer its share of the burst")
+    parent = d.proc.pid
+    with open(f"/proc/{parent}/task/{parent}/children") as stream:
+        y_pid, = {int(pid) for pid in stream.read().split()} - {x_pid}
+    os.kill(y_pid, signal.SIGTERM)   # it drains: every connection handed to it is served
+    wait_for(y_gate.release, what="y's page to read its gate")
+    assert y.answer() == y_pid
+    pids = [answer.result() for answer in answers]
+    assert set(pids) == {x_pid, y_pid} and pids.count(y_pid) >= BURST // 2 - 1
+
+
+class _Connection:
+    """What Share.spread reads of an acceptor's Connection."""
+
+    def __init__(self, fd):
+        self.fd = fd
+
+
+def test_a_closed_share_is_sent_nothing_more_and_receives_what_was_sent_before(tmp_path):
+    """The drain's order, within one process: the batch goes to the process holding fewer
+    connections; once that one closed its share it receives what was sent before, and
+    nothing more is sent to it."""
+    handoff = Handoff(2)
+    one, two = Share(handoff, 1), Share(handoff, 2)
+    one.open()
+    two.open()
+    files = [open(tmp_path / f"file{n}", "w") for n in range(3)]
+    try:
+        batch = [_Connection(f.fileno()) for f in files]
+        assert one.spread(batch, mine=5) == ([], batch)
+        received = two.close()
+        assert ([os.fstat(fd).st_ino for fd in received]
+                == [os.fstat(f.fileno()).st_ino for f in files])
+        for fd in received:
+            os.close(fd)
+        assert one.spread(batch, mine=5) == (batch, [])
+        assert not handoff.send(2, [files[0].fileno()])
+    finally:
+        for f in files:
+            f.close()
