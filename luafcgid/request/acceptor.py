@@ -79,7 +79,7 @@ class Acceptor:
         # never drained: once written, it wakes every worker, level-triggered
         self._epoll.register(self._wake_read, select.EPOLLIN)
         self._inbox = None   # the fd connections handed to this process arrive on
-        self._handed = collections.deque()   # of those received, the ones to serve next
+        self._handed = collections.deque()   # of those received and parked, to serve next
         if handoff is not None:
             handoff.open()
             self._inbox = handoff.fileno
@@ -109,10 +109,9 @@ class Acceptor:
         just accepted. None once the acceptor is closed and nothing is left to serve."""
         while True:
             if self._handed:
-                try:
-                    return self._handed.popleft()
-                except IndexError:   # another worker took the last one
-                    pass
+                connection = self._next_handed()
+                if connection is not None:
+                    return connection
             for fd, mask in self._epoll.poll(-1, 1):
                 if fd == self._listening:
                     connection = self._accept()
@@ -167,13 +166,30 @@ class Acceptor:
 
     def _received(self):
         """The connections other processes handed to this one (handoff.py), accepted
-        there and not read: the first to be read now, the others next, before any parked
-        one. They waited for their turn in the other process's ready list, then this
-        one's: parked, they waited a third (at 256 connections to the 10 ms page, p99 1.6-2.0
-        s against 1.3 s). None if none arrived (another worker took them)."""
+        there and not read: the first to be read now, the others parked and taken next,
+        before their turn in the ready list. They waited a turn in the other process's
+        ready list, then this one's: a third turn put the 10 ms page's p99 at 256 kept
+        connections at 1.6-2.0 s against 1.3 s. Parked, the epoll set still hands them to
+        a worker if none calls next() first. None if none arrived (another worker took
+        them)."""
         connections = self._take_handed(self.handoff.receive())
-        self._handed.extend(connections[1:])
+        for connection in connections[1:]:
+            self.park(connection)
+            self._handed.append(connection)
         return connections[0] if connections else None
+
+    def _next_handed(self):
+        """A connection of those _received parked, if one is still parked (not taken by
+        an epoll event since)."""
+        with self._lock:
+            while self._handed:
+                connection = self._handed.popleft()
+                fd = connection.fd
+                if (self._watched.get(fd) is connection
+                        and self._parked.pop(fd, None) is not None):
+                    self._serving += 1
+                    return connection
+        return None
 
     def _take_handed(self, fds):
         """Connections of the descriptors `fds` handed to this process, counted as

@@ -30,13 +30,17 @@ socket, whose ends the supervisor keeps: the next process in that slot serves it
 import contextlib
 import ctypes
 import errno
+import logging
 import mmap
 import os
 import socket
 import struct
+import threading
 
 from ..shared import mutex
 from ..shared.layout import MUTEX
+
+log = logging.getLogger("luafcgid")
 
 # a slot: its mutex, then these counters: the pid taking connections in it (0: none), the
 # connections it holds, those it received and those sent to it (by the others)
@@ -138,11 +142,12 @@ class Share:
         self._inbox = handoff.inbox(number)
         self.fileno = self._inbox.fileno()
         self._received = 0
+        self._lock = threading.Lock()
 
     def open(self):
         """Take connections from the others from now on."""
         handoff = self._handoff
-        with handoff.locked(self.number):
+        with handoff.locked(self.number), self._lock:
             # a slot counts on from its previous process, which may have left connections
             # in its socket (see the module's docstring)
             self._received = handoff.get(self.number, _RECEIVED)
@@ -164,12 +169,17 @@ class Share:
         fds = []
         while True:
             try:
-                fds += socket.recv_fds(self._inbox, 1, _MAX_FDS, _RECEIVING)[1]
+                _, got, flags, _ = socket.recv_fds(self._inbox, 1, _MAX_FDS, _RECEIVING)
             except (BlockingIOError, InterruptedError):
                 break
+            fds += got
+            if flags & socket.MSG_CTRUNC:
+                log.error("connections handed to this process were lost: no descriptor "
+                          "free for them (the open files limit)")
         if fds:
-            self._received += len(fds)
-            self._handoff.put(self.number, _RECEIVED, self._received)
+            with self._lock:   # workers receive at once (level-triggered)
+                self._received += len(fds)
+                self._handoff.put(self.number, _RECEIVED, self._received)
         return fds
 
     def spread(self, batch, mine):
