@@ -137,3 +137,26 @@ def test_a_closed_share_is_sent_nothing_more_and_receives_what_was_sent_before(t
     finally:
         for f in files:
             f.close()
+        handoff.close()
+
+
+def test_a_batch_is_split_so_that_the_processes_hold_as_many(tmp_path):
+    handoff = Handoff(3)   # slot 3 takes no connections: no process runs in it
+    one, two = Share(handoff, 1), Share(handoff, 2)
+    one.open()
+    two.open()
+    two.held(1)
+    files = [open(tmp_path / f"file{n}", "w") for n in range(5)]
+    try:
+        batch = [_Connection(f.fileno()) for f in files]
+        # this process holds 2: the other gets the first (1 < 2), this one the next (2 = 2)
+        kept, handed = one.spread(batch, mine=2)
+        assert (kept, handed) == (batch[1:4:2], batch[0:5:2])
+        assert handoff.load(2) == 1 + 3
+        for fd in two.receive():
+            os.close(fd)
+        assert handoff.load(2) == 1
+    finally:
+        for f in files:
+            f.close()
+        handoff.close()
