@@ -21,7 +21,7 @@ local ONLY = {SCRIPT_FILENAME = true, SCRIPT_NAME = true, CONTENT_LENGTH = true,
 return function(raw)
   local read, problem = decode(raw, ONLY)
   if read == nil then return false, problem end
-  return true, read.SCRIPT_FILENAME or "", read.SCRIPT_NAME, read.CONTENT_LENGTH
+  return read.SCRIPT_FILENAME or "", read.SCRIPT_NAME, read.CONTENT_LENGTH
 end
 """
 
@@ -32,18 +32,15 @@ def _reader():
     module = vm.load(vm.chosen() or "luajit")
     runtime = module.LuaRuntime(encoding=None, register_eval=False, register_builtins=False,
                                 unpack_returned_tuples=True)
-    return runtime.execute(_READER, PARTS["params"])
+    _thread.read = runtime.execute(_READER, PARTS["params"])
+    return _thread.read
 
 
 def route(params):
     """(SCRIPT_FILENAME, SCRIPT_NAME, CONTENT_LENGTH) of encoded params: b"" for a missing
     SCRIPT_FILENAME, None for another one missing. Raises ProtocolError when they are not
     name-value pairs."""
-    try:
-        read = _thread.read
-    except AttributeError:
-        read = _thread.read = _reader()
-    result = read(params)   # true and the three; or false and what is wrong
-    if not result[0]:
+    result = (getattr(_thread, "read", None) or _reader())(params)   # a tuple made in C
+    if result[0] is False:   # and what is wrong
         raise fcgi.ProtocolError(result[1].decode())
-    return result[1:]
+    return result
