@@ -9,11 +9,10 @@ without sockets (tests/test_parser.py, tests/test_fuzz.py).
 
 import functools
 import resource
-import struct
 from typing import NamedTuple, Optional
 
 from . import fastcgi as fcgi
-from .params import route
+from .params import WHOLE_MOST, route, whole
 
 _KNOWN_TYPES = frozenset(range(fcgi.BEGIN_REQUEST, fcgi.UNKNOWN_TYPE + 1))
 _HEADER = fcgi.HEADER.unpack_from
@@ -23,19 +22,10 @@ _BEGIN_SIZE = fcgi.BEGIN_BODY.size
 _BEGIN_REQUEST, _PARAMS, _STDIN, _ABORT = (fcgi.BEGIN_REQUEST, fcgi.PARAMS, fcgi.STDIN,
                                           fcgi.ABORT_REQUEST)
 _NOTHING = b""
-# A request without a body, whole in one read, as nginx sends a GET: BEGIN_REQUEST, one PARAMS
-# record, then the empty PARAMS and empty STDIN records that end them. next() takes it in one
-# step, recognized by its bytes: nginx, Apache, lighttpd and Caddy number every request 1, so
-# the first 20 bytes of such a request are one of two (flags 0 or FCGI_KEEP_CONN), and then
-# come the params' length and padding. About 60 bytecode instructions, where reading it record
-# by record took 320 and unpacking and checking every header field 168. Everything else (a
+# A request without a body, whole in one read, as nginx sends a GET, is read in one call into
+# Lua (params.whole): about 50 bytecode instructions here where checking its records' fields
+# in Python took 140 with the route call, and 320 record by record. Everything else (a
 # CONTENT_LENGTH past maxpost too) is read record by record, which would read it the same way.
-_WHOLE = struct.Struct("!20sHB").unpack_from   # BEGIN_REQUEST, PARAMS header to its padding
-_WHOLE_LEN = 24
-_FIRST = {fcgi.record(fcgi.BEGIN_REQUEST, 1, fcgi.BEGIN_BODY.pack(fcgi.RESPONDER, flags))
-          + fcgi.HEADER.pack(1, fcgi.PARAMS, 1, 0, 0)[:4]: bool(flags)
-          for flags in (0, fcgi.KEEP_CONN)}
-_ENDS_1 = fcgi.record(fcgi.PARAMS, 1) + fcgi.record(fcgi.STDIN, 1)   # their empty ends
 
 
 def _announced_too_large(length, limits):
@@ -131,18 +121,13 @@ class Parser:
         end = len(buf)
         if pos >= end or self.closing:   # (asked again after every request on a kept connection)
             return None
-        if self._id is None and end - pos >= _WHOLE_LEN + 2 * _HEADER_LEN:
-            first, params_len, params_padding = _WHOLE(buf, pos)
-            keep = _FIRST.get(first)
-            if keep is not None and 0 < params_len <= limits.max_params:
-                start = pos + _WHOLE_LEN
-                stop = start + params_len + params_padding
-                if buf[stop:stop + 2 * _HEADER_LEN] == _ENDS_1:
-                    params = bytes(buf[start:start + params_len])
-                    script, name, length = route(params)
-                    if not length or not _announced_too_large(length, limits):
-                        self._pos = stop + 2 * _HEADER_LEN
-                        return _whole((params, script, name, _NOTHING, False, 1, keep))
+        if not pos and self._id is None and end <= WHOLE_MOST and type(buf) is bytes:
+            found = whole(buf, limits.max_params)
+            if found is not None:
+                keep, params, script, name, length, stop = found
+                if not length or not _announced_too_large(length, limits):
+                    self._pos = stop
+                    return _whole((params, script, name, _NOTHING, False, 1, keep))
         while end - pos >= _HEADER_LEN:
             version, rtype, rid, length, padding = _HEADER(buf, pos)
             if version != 1:
