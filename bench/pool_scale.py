@@ -41,6 +41,7 @@ from bench.common import BENCH, REPO
 from luafcgid import config
 from luafcgid.request.parser import Request
 from luafcgid.request.responder import Responder
+from luafcgid.states.worker import Worker
 from tests.conftest import Stack   # the tests' real daemon + nginx
 
 SCRIPT = """
@@ -117,13 +118,14 @@ def hits(scripts, states, requests, seed=1):
         rng = random.Random(seed)
         weights = [1.0 / (rank + 1) for rank in range(scripts)]
         picks = rng.choices(paths, weights, k=requests)
-        out = Discard()
+        out, worker = Discard(), Worker(1, "bench")
         hit_time = miss_time = 0.0
         misses = 0
         for i, path in enumerate(picks):
             created = responder.pool.created
             started = time.perf_counter()
-            responder.respond(Request.of({b"SCRIPT_FILENAME": path, b"N": str(i).encode()}), out)
+            responder.respond(Request.of({b"SCRIPT_FILENAME": path, b"N": str(i).encode()}), out,
+                              worker)
             elapsed = time.perf_counter() - started
             if responder.pool.created != created:
                 misses += 1
@@ -159,14 +161,14 @@ def memory(lua, name, source, copies):
             shutil.copyfile(source, path)
             paths.append(path.encode())
         responder = Responder(config.defaults(workers=1, states=copies + 1, lua=lua))
-        out = Discard()
+        out, worker = Discard(), Worker(1, "bench")
         responder.respond(Request.of({b"SCRIPT_FILENAME": paths[0], b"REQUEST_METHOD": b"GET"}),
-                          out)
+                          out, worker)
         gc.collect()
         before = rss_kb()
         for path in paths[1:]:
             responder.respond(Request.of({b"SCRIPT_FILENAME": path, b"REQUEST_METHOD": b"GET"}),
-                              out)
+                              out, worker)
         gc.collect()
         grown = rss_kb() - before
         pool = responder.pool

@@ -58,12 +58,12 @@ class Server:
         self.duty = Duty()
         for _ in range(config.workers):
             self.workers.add()
+        self.status = Status(self.workers, lambda: self.listener.sock, scoreboard, self.publish,
+                             dictionaries, lambda: self._configure_workers(self.config))
         self._configure_workers(config)
         self.watcher = Watcher(self.workers, lambda: self.config, self._replace_stuck,
                                slowlog.report)
         self.closer = Closer(config.lua, config.request_timeout)
-        self.status = Status(self.workers, lambda: self.listener.sock, scoreboard, self.publish,
-                             dictionaries)
         self.heartbeat = Heartbeat(config.sweep)
         self.responder = Responder(config, self.status, self.closer,
                                    on_load=self.heartbeat.watch, dictionaries=dictionaries)
@@ -98,15 +98,17 @@ class Server:
     def _configure_workers(self, config):
         """What the workers measure and write for the running config: the slowlog, the
         access log (its format compiled once per config, which the config checked), the
-        status page (it shows each worker's last request)."""
+        status page (it shows each worker's last request; its CPU and memory once a full
+        listing was asked for: Status.listed)."""
         access = (access_format.compile(config.access_format, config.pool_name)
                   if config.access_log else None)
         status_page = bool(config.status_path)
+        self._listed = listed = status_page and self.status.listed()
         self.workers.configure(
             config.slowlog_timeout, config.slowlog_timeout is not None and bool(config.slowlog),
             None if access is None else describe.access_writer(access), status_page,
-            status_page or (access is not None and access.measure_cpu),
-            status_page or (access is not None and access.measure_memory))
+            listed or (access is not None and access.measure_cpu),
+            listed or (access is not None and access.measure_memory))
 
     def _start_worker(self, worker):
         worker.thread = vm.start_thread(self.config.lua, self._work, worker.name, (worker,))
@@ -149,6 +151,8 @@ class Server:
                 log.info("process %d %s; asking the supervisor for a successor",
                          self.process, why)
                 self.retiring = True
+        if not self._listed and self.config.status_path and self.status.listed():
+            self._configure_workers(self.config)   # another process listed them in full
         self.publish()
         if self.scoreboard is not None and self.config.status_path:
             # for the status page's ?full in the other processes; only from here, the one

@@ -6,13 +6,19 @@ import glob
 import json
 import os
 import re
+import socket
 import subprocess
 import xml.etree.ElementTree as ElementTree
 
 import pytest
 
 from conftest import Fifo, InThread, RawClient, skip_unless, split_response, wait_for
+from luafcgid import config
 from luafcgid.ops import fpm_status
+from luafcgid.ops.scoreboard import Scoreboard
+from luafcgid.ops.status import Status
+from luafcgid.states.pool import StatePool
+from luafcgid.states.worker import Workers
 
 # php-fpm_exporter's request (hipages/php-fpm_exporter, phpfpm.go: Pool.Update, and the
 # method and length its FastCGI client's Get adds), sent straight to the FastCGI socket
@@ -236,3 +242,23 @@ def test_full_lists_the_workers_of_every_process(daemon, site):
               for e in page["processes"]]
     assert all(len(owner) == 1 for owner in owners)
     assert sorted(len([o for o in owners if o[0] == pid]) for pid in tids) == [2, 2]
+
+
+def test_a_full_listing_in_one_process_is_seen_by_every_process(tmp_path):
+    """A request's CPU time and its state's memory (last request cpu and memory) cost two
+    system calls and a call into the state: workers take them only once the workers were
+    listed in full (test_a_slow_request_is_listed... shows them then), and the process that
+    answered the listing tells the others through the supervisor's scoreboard, which every
+    process reads at its tick."""
+    board, listener = Scoreboard(2), socket.socket(socket.AF_UNIX)
+    listener.bind(str(tmp_path / "sock"))
+    listener.listen()
+    answering, other = (Status(Workers(str), lambda: listener, board, publish=lambda: None)
+                        for _ in range(2))
+    assert not other.listed()
+    pool_config = next(iter(config.defaults().pools.values()))
+    answering.status_page({b"QUERY_STRING": b"json&full"}, pool_config, StatePool(
+        None, 1, 1, 0))
+    assert answering.listed() and other.listed()
+    board.max_children_reached += 1   # the supervisor's field is apart
+    assert board.listed and board.max_children_reached == 1

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from luafcgid import config as configuration
 from luafcgid.request import fastcgi as fcgi
-from luafcgid.request.params import route
+from luafcgid.request.params import route, whole
 from luafcgid.request.parser import Parser
 
 BOUNDED = settings(max_examples=300, deadline=None)
@@ -123,3 +123,27 @@ def test_a_valid_request_reads_back_however_it_is_split(params, body, request_id
     received = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=6)))
     (request,) = _read_all(bytes(stream), received)
     assert request == (request_id, False, params, body, False)
+
+
+@BOUNDED
+@given(pairs, st.booleans(), st.lists(st.tuples(st.integers(0, 4000), st.integers(0, 255)),
+                                      max_size=3), st.integers(0, 40))
+def test_a_get_as_nginx_sends_it_reads_alike_whole_and_byte_by_byte(params, keep, changes, cut):
+    """Read whole in one call into Lua (params.whole) or record by record, a GET of request 1
+    with any bytes changed, or cut short, comes out the same, or is refused by both."""
+    stream = bytearray(fcgi.begin_request(1, flags=fcgi.KEEP_CONN if keep else 0)
+                       + fcgi.record(fcgi.PARAMS, 1, fcgi.encode_params(params))
+                       + fcgi.record(fcgi.PARAMS, 1) + fcgi.record(fcgi.STDIN, 1))
+    for at, value in changes:
+        stream[at % len(stream)] = value
+    data = bytes(stream[:max(24, len(stream) - cut)])
+
+    def outcome(cuts):
+        try:
+            return _read_all(data, cuts, max_params=1024)
+        except fcgi.ProtocolError as exc:
+            return str(exc)
+
+    assert outcome(()) == outcome(range(1, len(data)))
+    if not changes and not cut and params:   # (the whole path was taken)
+        assert whole(data, 1024)[:2] == (keep, fcgi.encode_params(params))

@@ -18,8 +18,12 @@ FIELDS = ("pid", "requests", "failed_requests", "slow_requests", "active_workers
           "updated", "stuck_workers", "beat", "retiring")
 
 
-# the pool's own figures, which the supervisor writes: php-fpm's max children reached
+# the pool's own figures, one field each, so that no writer overwrites another's: php-fpm's
+# max children reached, which the supervisor writes; and whether a full listing of the
+# workers was asked for, which any process sets
 _POOL = struct.Struct("=Q")
+_LISTED = struct.Struct("=Q")
+_HEAD = _POOL.size + _LISTED.size
 
 # a process's workers, as the status page's ?full lists them: JSON, behind its length
 _LENGTH = struct.Struct("=I")
@@ -33,7 +37,7 @@ class Scoreboard:
     def __init__(self, processes, workers=1):
         self.processes = processes
         # anonymous and MAP_SHARED (mmap's default): the forked children share the pages
-        self._memory = mmap.mmap(-1, _POOL.size + _SLOT.size * processes)
+        self._memory = mmap.mmap(-1, _HEAD + _SLOT.size * processes)
         self._room = 2 * workers * _PER_WORKER
         self._workers = mmap.mmap(-1, self._room * processes)
 
@@ -60,7 +64,7 @@ class Scoreboard:
 
     @staticmethod
     def _at(number):
-        return _POOL.size + (number - 1) * _SLOT.size
+        return _HEAD + (number - 1) * _SLOT.size
 
     def publish(self, number, pid, requests, failed, slow, active, workers, stuck, retiring):
         _SLOT.pack_into(self._memory, self._at(number), pid, requests, failed, slow,
@@ -84,6 +88,14 @@ class Scoreboard:
     @max_children_reached.setter
     def max_children_reached(self, count):
         _POOL.pack_into(self._memory, 0, count)
+
+    @property
+    def listed(self):
+        """Whether the status page listed the workers in full (?full), in any process."""
+        return bool(_LISTED.unpack_from(self._memory, _POOL.size)[0])
+
+    def list_in_full(self):
+        _LISTED.pack_into(self._memory, _POOL.size, 1)
 
     def read(self):
         """Every slot, numbered from 1."""

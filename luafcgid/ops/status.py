@@ -124,22 +124,35 @@ def worker_entry(worker, now, wall):
 
 
 class Status:
-    def __init__(self, workers, sock, scoreboard=None, publish=None, dictionaries=None):
+    def __init__(self, workers, sock, scoreboard=None, publish=None, dictionaries=None,
+                 on_listed=None):
         """The figures of `workers` (a worker.Workers), the accept queue of sock() (the
         listening socket), with the supervisor every process's from `scoreboard`, on which
         publish() puts this one's first, and those of the shared `dictionaries`
-        (shared.Dictionaries)."""
+        (shared.Dictionaries). on_listed() is called when the workers are first listed in
+        full (see listed)."""
         self.workers = workers
         self.sock = sock
         self.scoreboard = scoreboard
         self.publish = publish
         self.dictionaries = dictionaries
+        self.on_listed = on_listed
+        self._listed = False
         self.started = time.time()
         self._started_monotonic = time.monotonic()
         # php-fpm's maxima since the start: of the accept queue as the status page saw it,
         # and of the active workers, sampled every second (sample()) as php-fpm's master does
         self.max_queue = 0
         self.max_active = 0
+
+    def listed(self):
+        """Whether the workers were listed in full (?full), by this process or, with the
+        supervisor, by any. Only then is a request's CPU time and its state's memory taken
+        for the listing: reading the thread's CPU clock was 2 of a request's 9 system calls,
+        for a figure most sites never look at."""
+        if not self._listed and self.scoreboard is not None and self.scoreboard.listed:
+            self._listed = True
+        return self._listed
 
     def uptime(self):
         return time.monotonic() - self._started_monotonic
@@ -248,6 +261,12 @@ class Status:
 
     def status_page(self, params, config, pool):
         chosen, full = fpm_status.form(params.get(b"QUERY_STRING", b""))
+        if full and not self._listed:
+            self._listed = True
+            if self.scoreboard is not None:
+                self.scoreboard.list_in_full()
+            if self.on_listed is not None:
+                self.on_listed()
         figures, processes, own = self.snapshot(config, pool, full)
         content_type, body = fpm_status.render(chosen, figures, processes, own, text(own),
                                                openmetrics(own, config.pool_name))

@@ -48,6 +48,10 @@ _TRANSIENT = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _WATCHED = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
 _HUNG_UP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _ACCEPT_BATCH = 64
+# Events taken by one epoll_wait and kept, in order, for the next calls of next() in any of the
+# process's workers: with kept connections under load several are ready at once, and each
+# epoll_wait is a system call (one of 3 a request on a kept connection, with recv and send).
+_EVENTS = 64
 # At the descriptor limit every worker fails to accept ten times a second (about 30 log
 # lines a second with 3 workers): the first failure is logged, then a count per interval.
 _REPORT_EVERY = 5.0
@@ -74,6 +78,8 @@ class Acceptor:
         self._arrived = set()   # fds of those served now on which more bytes arrived
         self._kept = set()   # fds of those kept alive by the web server (FCGI_KEEP_CONN)
         self._serving = 0    # connections accepted and not parked or discarded since
+        self._backlog = False   # the last accept found a connection: try the next (next())
+        self._ready = collections.deque()   # (fd, events) epoll_wait gave and no worker took
         self._lock = threading.Lock()
         self._wake_read, self._wake_write = os.pipe()
         # never drained: once written, it wakes every worker, level-triggered
@@ -106,39 +112,61 @@ class Acceptor:
 
     def next(self):
         """Block until a Connection may have bytes to read: a parked one that has, or one
-        just accepted. None once the acceptor is closed and nothing is left to serve."""
+        just accepted. None once the acceptor is closed and nothing is left to serve.
+
+        While no connection is parked or kept (the web server keeps none, and no request is
+        half there) and the last accept found one, the backlog is tried before epoll_wait:
+        under load it holds the next connection, and epoll_wait was one of the 9 system
+        calls of a request on a new connection (strace). Nothing parked can wait behind it.
+        """
+        if self._handed:
+            connection = self._next_handed()
+            if connection is not None:
+                return connection
+        if self._backlog and not (self._parked or self._kept or self.closed):
+            connection = self._accept()
+            if connection is not None:
+                return connection
+            self._backlog = False
+        ready = self._ready
         while True:
-            if self._handed:
-                connection = self._next_handed()
-                if connection is not None:
+            if not ready:
+                ready.extend(self._epoll.poll(-1, _EVENTS))
+                continue
+            try:
+                fd, mask = ready.popleft()
+            except IndexError:   # another worker took the last one
+                continue
+            if fd == self._listening:
+                if self.closed:   # an event taken before the drain began
+                    continue
+                connection = self._accept()
+                if connection is None:
+                    continue
+                if self._kept:
+                    self._accept_backlog()
+                else:
+                    self._backlog = True
+                return connection
+            if fd == self._wake_read:
+                return None
+            if fd == self._inbox:
+                connection = self._received()
+                if connection is None:
+                    continue
+                return connection
+            with self._lock:
+                connection = self._watched.get(fd)
+                if connection is None:
+                    continue
+                if mask & _HUNG_UP:
+                    # the client's last bytes and its end came as one event: the
+                    # worker reads on to the end, past a short read
+                    connection.hung_up = True
+                if self._parked.pop(fd, None) is not None:
+                    self._serving += 1
                     return connection
-            for fd, mask in self._epoll.poll(-1, 1):
-                if fd == self._listening:
-                    connection = self._accept()
-                    if connection is None:
-                        continue
-                    if self._kept:
-                        self._accept_backlog()
-                    return connection
-                if fd == self._wake_read:
-                    return None
-                if fd == self._inbox:
-                    connection = self._received()
-                    if connection is None:
-                        continue
-                    return connection
-                with self._lock:
-                    connection = self._watched.get(fd)
-                    if connection is None:
-                        continue
-                    if mask & _HUNG_UP:
-                        # the client's last bytes and its end came as one event: the
-                        # worker reads on to the end, past a short read
-                        connection.hung_up = True
-                    if self._parked.pop(fd, None) is not None:
-                        self._serving += 1
-                        return connection
-                    self._arrived.add(fd)   # its worker reads again before parking it
+                self._arrived.add(fd)   # its worker reads again before parking it
 
     def _accept_backlog(self):
         """A connection is accepted to be read at once (its request has usually arrived with

@@ -119,38 +119,22 @@ class Responder:
         self._roots = self._resolve_roots()
         self._located = {}
 
-    def respond(self, request, out, worker=None):
+    def respond(self, request, out, worker):
         """Answer `request` (a parser.Request) through `out`. `worker` (the serving thread's
-        worker.Worker, if any) is told the script and watches the calls into Lua."""
+        worker.Worker) is told the script and watches the calls into Lua."""
         if self._routes:
             page = self._routes.get(request.name)
             if page is not None:
                 out.end(page(fcgi.decode_params(request.params)))
                 return
-        script, params = request.script, request.params
-        if script[:6].lower() == b"proxy:":
-            script = apache_script_filename(script)
-            # the state decodes the params, and a later pair wins
-            params += fcgi.encode_params(((SCRIPT_FILENAME, script),))
-        if worker is not None:
-            worker.script = script
-        if not script:
-            uri = fcgi.decode_params(params).get(b"REQUEST_URI", b"?").decode(
-                errors="surrogateescape")
-            log.warning("request for %s has no SCRIPT_FILENAME param (is 'fastcgi_param "
-                        "SCRIPT_FILENAME' in the web server's config?)", uri)
-            out.end(pages.bad_request("The request names no script (SCRIPT_FILENAME)."))
-            return
+        script = worker.script = request.script
+        # a script answered before: its location, and nothing about it to rewrite (a
+        # SCRIPT_FILENAME in Apache's form is kept by its path)
         path = self._located.get(script)
+        params = request.params
         if path is None:
-            try:
-                path = self.locate(script)
-            except Forbidden as exc:
-                log.warning("refused %s: %s", script.decode(errors="surrogateescape"), exc)
-                out.end(pages.forbidden())
-                return
+            path, params = self._find(script, params, out, worker)
             if path is None:
-                out.end(pages.not_found())
                 return
         if request.too_large:
             out.end(pages.too_large(self.config.maxpost))
@@ -161,17 +145,19 @@ class Responder:
             except OSError as exc:
                 self._report(errors.FILE, path, f"cannot change into its directory: {exc}", out)
                 return
-        if worker is not None and self.config.request_timeout and hasattr(out, "abandon"):
+        config = self.config
+        if config.request_timeout and hasattr(out, "abandon"):
             worker.abandon = lambda: out.abandon(self._error_page(
-                errors.TIMEOUT, f"{path}: request_timeout ({self.config.request_timeout:g} s) "
+                errors.TIMEOUT, f"{path}: request_timeout ({config.request_timeout:g} s) "
                 "exceeded; the request could not be stopped"))
+        pool = self.pool
         try:
-            state = self.pool.acquire(path, worker)
+            state = pool.acquire(path, worker)
         except ScriptError as exc:
             self._report(exc.kind, path, exc.message, out)
             return
         except ScriptGone:   # deleted since its location was cached
-            self._located.pop(script, None)
+            self._located.pop(worker.script, None)
             out.end(pages.not_found())
             return
         except PoolClosed:
@@ -180,38 +166,67 @@ class Responder:
             else:
                 out.end(pages.unavailable())
             return
-        if worker is not None and self.pool.hold(path) > LONG:
+        if pool.hold(path) > LONG:
             worker.off_duty()   # another worker takes connections while this one waits on Lua
-        result = state.serve(params, request.body, out, worker)
-        if worker is not None and worker.measure_memory:
+        ok, payload, head, kind, message, headers_sent = state.serve(
+            params, request.body, out, worker)
+        if worker.measure_memory:
             worker.memory = state.memory()
-        discard = not result.ok and result.kind in errors.FATAL
-        finish = self.config.finishhandler and not discard
-        if not finish:
+        if ok and not config.finishhandler:
             # released before the response goes out: a client's next request then finds
             # the state idle instead of making a clone of it
-            self.pool.release(state, discard)
+            pool.release(state)
+            # the headers leave Lua apart from the body and are joined here: 3-4% of a
+            # 25 KB page's time less than in Lua (parse and respond in-process, best of
+            # five)
+            out.end(head + payload)
+            return
+        discard = not ok and kind in errors.FATAL
+        finish = config.finishhandler and not discard
+        if not finish:
+            pool.release(state, discard)
         try:
-            if result.ok:
-                # the headers leave Lua apart from the body and are joined here: 3-4% of a
-                # 25 KB page's time less than in Lua (parse and respond in-process, best of
-                # five)
-                out.end(result.head + result.payload)
-            elif out.broken and result.kind not in errors.FATAL:
+            if ok:
+                out.end(head + payload)
+            elif out.broken and kind not in errors.FATAL:
                 out.end()   # the page stopped at a write after its client left: no error
             else:
-                self._report(result.kind, path, result.message, out, result.headers_sent)
+                self._report(kind, path, message, out, headers_sent)
             if finish:
-                if worker is not None:
-                    worker.stage = FINISHING
+                worker.stage = FINISHING
                 finished = state.finish(worker)
                 if not finished.ok:
-                    log.error("%s in %s() of %s: %s", finished.kind, self.config.finishhandler,
+                    log.error("%s in %s() of %s: %s", finished.kind, config.finishhandler,
                               path, finished.message)
                     discard = finished.kind in errors.FATAL
         finally:
             if finish:
-                self.pool.release(state, discard)
+                pool.release(state, discard)
+
+    def _find(self, script, params, out, worker):
+        """The path of a script not located before, and its params (with SCRIPT_FILENAME
+        rewritten when it came in Apache's form); (None, None) when `out` was answered
+        instead (no script, 403, 404)."""
+        if script[:6].lower() == b"proxy:":
+            script = worker.script = apache_script_filename(script)
+            # the state decodes the params, and a later pair wins
+            params += fcgi.encode_params(((SCRIPT_FILENAME, script),))
+        if not script:
+            uri = fcgi.decode_params(params).get(b"REQUEST_URI", b"?").decode(
+                errors="surrogateescape")
+            log.warning("request for %s has no SCRIPT_FILENAME param (is 'fastcgi_param "
+                        "SCRIPT_FILENAME' in the web server's config?)", uri)
+            out.end(pages.bad_request("The request names no script (SCRIPT_FILENAME)."))
+            return None, None
+        try:
+            path = self.locate(script)
+        except Forbidden as exc:
+            log.warning("refused %s: %s", script.decode(errors="surrogateescape"), exc)
+            out.end(pages.forbidden())
+            return None, None
+        if path is None:
+            out.end(pages.not_found())
+        return path, params
 
     def _report(self, kind, path, message, out, headers_sent=False):
         # Lua shortens a long script path in its messages ("...tail/of/it.lua:3:"): the

@@ -42,9 +42,6 @@ class _Script:
         self.loading = 0    # states of it being created
         self.hold = None    # seconds a request typically holds a state (a moving average)
 
-    def held(self, seconds):
-        hold = self.hold
-        self.hold = seconds if hold is None else hold + (seconds - hold) * HOLD_WEIGHT
 
     def moment(self, longest):
         """How long a request for a clone waits for one of this script's states first."""
@@ -74,6 +71,7 @@ class _Record:
 
     def lend(self, now):
         """Count a request taking this state at `now`."""
+        self.busy = True
         self.rate = self.rate_at(now) + 1.0
         self.requests += 1
         self.lent_at = now
@@ -169,7 +167,6 @@ class StatePool:
             record = self._records[state] = _Record(state, script, self._clock())
             script.states.append(record)
             self.created += 1
-            record.busy = True
             record.lend(record.lent_at)
         return state
 
@@ -178,7 +175,9 @@ class StatePool:
         with self._lock:
             record = self._records[state]
             record.last_used = now = self._clock()
-            record.script.held(now - record.lent_at)
+            script, seconds = record.script, now - record.lent_at
+            hold = script.hold   # the script's typical hold time, a moving average
+            script.hold = seconds if hold is None else hold + (seconds - hold) * HOLD_WEIGHT
             drop = self._settle(record, discard)
         if drop:
             self._close(state)
@@ -267,7 +266,6 @@ class StatePool:
     def _lend_idle(self, script):
         """Lend `script`'s most recently used idle state (the others age)."""
         record = script.idle.pop()
-        record.busy = True
         record.lend(self._clock())
         return record.state
 

@@ -108,8 +108,8 @@ class Worker:
         self.params = params
         self.script = None
         self.started = _monotonic()
-        if self.measure_cpu:
-            self.cpu_started = _thread_time()
+        # (0.0: not taken, when the measure was switched on during the request)
+        self.cpu_started = _thread_time() if self.measure_cpu else 0.0
         self.stage = RUNNING
 
     def end(self, out):
@@ -123,7 +123,7 @@ class Worker:
             self.failed += 1
         if self.timed:
             seconds = self.seconds = _monotonic() - self.started
-            if self.measure_cpu:
+            if self.measure_cpu and self.cpu_started:
                 self.cpu = _thread_time() - self.cpu_started
             if self.slow_after is not None and seconds > self.slow_after:
                 self.slow += 1
