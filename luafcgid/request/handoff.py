@@ -5,14 +5,14 @@ A connection stays in the epoll set of the process that accepted it, and when ng
 connections, the process that wakes for a new one accepts the whole backlog (acceptor.py,
 _accept_backlog: new connections then take turns with the kept ones). A burst of
 connections nginx opens at once ended up in one process, which nginx then reused while the
-other idled: with 2 processes of 2 workers, a page that waits 10 ms was served at 189
-requests a second through kept connections against 374 plain. Accepting one connection at
-a time served it kept at 381 a second, but at 256 connections the page's p99 rose from
-133 ms to 1.3 s.
+other idled: with 2 processes of 2 workers, a page that waits 10 ms was served at 188-285
+requests a second through kept connections against 380 plain (380 kept since). Accepting
+one connection at a time served it kept at 381 a second, but at 256 connections the page's
+p99 rose from 133 ms to 1.3 s.
 
 So the process that accepted a batch keeps its share of it and hands the rest, by their
 descriptors (SCM_RIGHTS), to the processes that hold fewer connections, each of which
-serves them as if it had accepted them: nothing of them has been read. What a process
+serves them first, as if it had accepted them: nothing of them has been read. What a process
 holds is what it has registered in its epoll set (kept connections, once served; see
 Acceptor), and what was sent to it that it has not received yet. Both live in memory the
 supervisor maps before it forks, beside one datagram socket pair a process slot (a
