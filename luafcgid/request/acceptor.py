@@ -130,13 +130,18 @@ class Acceptor:
             self._backlog = False
         ready = self._ready
         while True:
-            if not ready:
-                ready.extend(self._epoll.poll(-1, _EVENTS))
-                continue
-            try:
-                fd, mask = ready.popleft()
-            except IndexError:   # another worker took the last one
-                continue
+            if ready:
+                try:
+                    fd, mask = ready.popleft()
+                except IndexError:   # another worker took the last one
+                    continue
+            else:
+                events = self._epoll.poll(-1, _EVENTS)
+                if not events:
+                    continue
+                fd, mask = events[0]
+                if len(events) > 1:
+                    ready.extend(events[1:])
             if fd == self._listening:
                 if self.closed:   # an event taken before the drain began
                     continue

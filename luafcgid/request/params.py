@@ -1,5 +1,6 @@
 """The params a request is routed by, SCRIPT_FILENAME, SCRIPT_NAME and CONTENT_LENGTH, read
-in Lua.
+in Lua; and a request without a body (a GET as nginx sends it) read whole there, its records
+with them, in the same call (whole).
 
 Every pair is checked on the way (a state's runtime.lua decodes the params with the same
 walk, lua/runtime/params.lua, and trusts them). In Python the walk over the 21 params nginx sends
@@ -31,7 +32,7 @@ end
 
 local function whole(buf, max_params)
   local keep = KEEP[sub(buf, 1, HEAD)]
-  if keep == nil then return nil end
+  if keep == nil or #buf < HEAD + 4 + ENDS then return nil end
   local length = byte(buf, HEAD + 1) * 256 + byte(buf, HEAD + 2)
   local stop = HEAD + 4 + length + byte(buf, HEAD + 3)
   if length == 0 or length > max_params or sub(buf, stop + 1, stop + ENDS) ~= ends then

@@ -42,7 +42,6 @@ class _Script:
         self.loading = 0    # states of it being created
         self.hold = None    # seconds a request typically holds a state (a moving average)
 
-
     def moment(self, longest):
         """How long a request for a clone waits for one of this script's states first."""
         if self.hold is None:
