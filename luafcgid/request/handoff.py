@@ -11,8 +11,8 @@ one connection at a time served it kept at 381 a second, but at 256 connections 
 p99 rose from 133 ms to 1.3 s.
 
 So the process that accepted a batch keeps its share of it and hands the rest, by their
-descriptors (SCM_RIGHTS), to the processes that hold fewer connections, each of which
-serves them first, as if it had accepted them: nothing of them has been read. What a process
+descriptors (SCM_RIGHTS), to the processes that hold fewer connections (and fewer than
+PER_WORKER a worker), each of which serves them first, as if it had accepted them: nothing of them has been read. What a process
 holds is what it has registered in its epoll set (kept connections, once served; see
 Acceptor), and what was sent to it that it has not received yet. Both live in memory the
 supervisor maps before it forks, beside one datagram socket pair a process slot (a
