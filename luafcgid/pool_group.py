@@ -75,7 +75,7 @@ class PoolGroup:
         # a slot for each process and for a successor beside each one being replaced
         self.scoreboard = Scoreboard(2 * config.processes, config.workers)
         # the processes hand each other connections (a slot a scoreboard number)
-        self.handoff = Handoff(self.scoreboard.processes, config.workers)
+        self.handoff = Handoff(self.scoreboard.processes)
         self.children = {}   # pid -> Child
         self.failures = {}   # process number -> boot failures in a row
         self.held = 0.0      # monotonic time before which no process starts (a boot backoff)

@@ -119,7 +119,7 @@ def test_a_closed_share_is_sent_nothing_more_and_receives_what_was_sent_before(t
     """The drain's order, within one process: the batch goes to the process holding fewer
     connections; once that one closed its share it receives what was sent before, and
     nothing more is sent to it."""
-    handoff = Handoff(2, workers=2)
+    handoff = Handoff(2)
     one, two = Share(handoff, 1), Share(handoff, 2)
     one.open()
     two.open()
@@ -141,7 +141,7 @@ def test_a_closed_share_is_sent_nothing_more_and_receives_what_was_sent_before(t
 
 
 def test_a_batch_is_split_so_that_the_processes_hold_as_many(tmp_path):
-    handoff = Handoff(3, workers=2)   # slot 3 takes no connections: no process runs in it
+    handoff = Handoff(3)   # slot 3 takes no connections: no process runs in it
     one, two = Share(handoff, 1), Share(handoff, 2)
     one.open()
     two.open()

@@ -11,8 +11,8 @@ one connection at a time served it kept at 381 a second, but at 256 connections 
 p99 rose from 133 ms to 1.3 s.
 
 So the process that accepted a batch keeps its share of it and hands the rest, by their
-descriptors (SCM_RIGHTS), to the processes that hold fewer connections (and fewer than
-PER_WORKER a worker), each of which serves them first, as if it had accepted them: nothing of them has been read. What a process
+descriptors (SCM_RIGHTS), to the processes that hold fewer connections, each of which
+serves them first, as if it had accepted them: nothing of them has been read. What a process
 holds is what it has registered in its epoll set (kept connections, once served; see
 Acceptor), and what was sent to it that it has not received yet. Both live in memory the
 supervisor maps before it forks, beside one datagram socket pair a process slot (a
@@ -50,21 +50,12 @@ _ROOM = MUTEX + 4 * _COUNTER.size
 # a batch (acceptor._ACCEPT_BATCH) is sent in one message: far below Linux's SCM_MAX_FD
 _MAX_FDS = 253
 _RECEIVING = socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
-# Connections a worker, past which a process is handed no more: more than its workers serve
-# at once. Unbounded, hello world at 256 kept connections (nginx closes and opens connections
-# past its `keepalive 128` all along) had 1,100 connections a second handed over, at 0.95x
-# the requests a second of keeping them (0.99x bounded so). At 4 a worker, connections nginx
-# had closed, whose end their process had not read yet, still counted: the 10 ms page kept
-# fell back to one process's rate in one run of three.
-PER_WORKER = 16
 
 
 class Handoff:
     """One pool's slots, made by the supervisor before it forks the pool's processes."""
 
-    def __init__(self, slots, workers):
-        """`slots` processes at most, of `workers` workers each."""
-        self.enough = PER_WORKER * workers
+    def __init__(self, slots):
         self._memory = mmap.mmap(-1, _ROOM * slots)   # shared with the forked processes
         base = ctypes.addressof(ctypes.c_char.from_buffer(self._memory))
         self._locks = [ctypes.c_void_p(base + _ROOM * n) for n in range(slots)]
@@ -194,8 +185,7 @@ class Share:
     def spread(self, batch, mine):
         """Split `batch`, connections just accepted and not read, between this process,
         which holds `mine`, and the others: one at a time to whichever holds fewest, this
-        one on a tie or when the others hold enough. (kept, handed): the ones handed were
-        sent away (close them here)."""
+        one on a tie. (kept, handed): the ones handed were sent away (close them here)."""
         handoff = self._handoff
         loads = {}
         for number in handoff.slots():
@@ -206,7 +196,7 @@ class Share:
         kept, given = [], {}
         for connection in batch:
             number = min(loads, key=loads.get, default=None)
-            if number is not None and loads[number] < min(mine, handoff.enough):
+            if number is not None and loads[number] < mine:
                 loads[number] += 1
                 given.setdefault(number, []).append(connection)
             else:
