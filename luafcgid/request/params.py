@@ -62,19 +62,24 @@ WHOLE_MOST = 16384
 _thread = threading.local()
 
 
-def _reader():
+def _readers():
+    """This thread's (route, whole) reader functions, in a Lua runtime of its own."""
     module = vm.load(vm.chosen() or "luajit")
     runtime = module.LuaRuntime(encoding=None, register_eval=False, register_builtins=False,
                                 unpack_returned_tuples=True)
     _thread.read, _thread.whole = runtime.execute(_READER, PARTS["params"], *_FIRST, _ENDS)
-    return _thread.read
 
 
 def route(params):
     """(SCRIPT_FILENAME, SCRIPT_NAME, CONTENT_LENGTH) of encoded params: b"" for a missing
     SCRIPT_FILENAME, None for another one missing. Raises ProtocolError when they are not
     name-value pairs."""
-    result = (getattr(_thread, "read", None) or _reader())(params)   # a tuple made in C
+    try:
+        read = _thread.read
+    except AttributeError:   # the thread's first request
+        _readers()
+        read = _thread.read
+    result = read(params)   # a tuple made in C
     if result[0] is False:   # and what is wrong
         raise fcgi.ProtocolError(result[1].decode())
     return result
@@ -86,7 +91,8 @@ def whole(buf, max_params):
     when `buf` starts otherwise (or its params are not name-value pairs): record by record,
     the parser then reads it the same way, or finds what is wrong."""
     try:
-        return _thread.whole(buf, max_params)
+        read = _thread.whole
     except AttributeError:   # the thread's first request
-        _reader()
-        return _thread.whole(buf, max_params)
+        _readers()
+        read = _thread.whole
+    return read(buf, max_params)
