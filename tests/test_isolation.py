@@ -107,7 +107,8 @@ def test_a_gc_loop_during_a_request_is_given_up_on_and_reported(tmp_path, lua):
         (status, _, body), served = beside_neighbour(s, "/gcloop.lua")
         assert status == 500 and b"could not be stopped" in body
         assert served >= 1
-        assert "stuck: still running" in s.daemon.log()
+        # the watcher answers the client (abandon) before it logs the stuck worker
+        wait_for(lambda: "stuck: still running" in s.daemon.log(), what="the stuck line")
         page = json.loads(s.get("/status.lua?json")[2])
         assert len(page["stuck"]) == 1
         assert page["stuck"][0]["request"].startswith("GET /gcloop.lua")
