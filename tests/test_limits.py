@@ -279,10 +279,14 @@ def test_a_large_body_through_nginx_is_answered_413_every_time(stack, keepalive)
 def test_a_trickling_connection_is_closed_after_client_timeout(daemon):
     d = daemon(client_timeout=1)
     client = RawClient(d.address, timeout=30)
-    header = b"\x01\x01\x00\x01\x00\x08\x00\x00"
+    # a valid request whose PARAMS record (64 KiB) cannot arrive whole before the deadline
+    # (100 of its bytes do), so that only client_timeout may close the connection: a record
+    # completed (a BEGIN_REQUEST of an unknown role) is answered, and closes it at once
+    trickle = (fcgi.begin_request(1)
+               + fcgi.HEADER.pack(fcgi.VERSION, fcgi.PARAMS, 1, fcgi.MAX_CONTENT, 0))
     closed = False
     deadline = time.monotonic() + 20
-    for byte in header * 100:
+    for byte in trickle + b"x" * fcgi.MAX_CONTENT:
         if time.monotonic() > deadline:
             break
         try:
