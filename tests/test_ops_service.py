@@ -403,6 +403,18 @@ def _stopped(pid):
     return set(states) == {"T"}
 
 
+def _captured(pid, supervisor):
+    """Whether process `pid`'s standard error is a pipe whose read end `supervisor` holds."""
+    ends = set()
+    for fd in os.listdir(f"/proc/{supervisor}/fd"):
+        try:
+            ends.add(os.readlink(f"/proc/{supervisor}/fd/{fd}"))
+        except FileNotFoundError:   # closed meanwhile
+            pass
+    stderr = os.readlink(f"/proc/{pid}/fd/2")
+    return stderr.startswith("pipe:") and stderr in ends
+
+
 def test_what_a_process_writes_as_it_ends_is_logged_by_the_supervisor(stack):
     # as a process that aborts writes to its standard error: its threads cannot log it
     s = stack(processes=2)
@@ -418,6 +430,9 @@ def test_what_a_process_writes_as_it_ends_is_logged_by_the_supervisor(stack):
              what="two processes")
     before = descriptors()
     number, pid = started()[0]
+    # "started" is logged at the fork: until the process makes the supervisor's pipe its
+    # standard error, what it writes there goes to the daemon's (and it is not logged)
+    wait_for(lambda: _captured(pid, supervisor), what="the process's standard error captured")
     os.kill(int(pid), signal.SIGSTOP)   # its capture threads read no more
     wait_for(lambda: _stopped(pid), what="the process to stop")
     with open(f"/proc/{pid}/fd/2", "w") as stderr:
