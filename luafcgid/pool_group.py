@@ -141,6 +141,16 @@ class PoolGroup:
         self.listener.close()
         self.signal_all(signal.SIGTERM)
 
+    def forget(self):
+        """In a serving process of another pool, just forked: close this pool's socket and
+        hand-off and unmap its scoreboard and shared dictionaries. None of it is that
+        process's, and a script there with the FFI (or a C module) reads and writes any
+        memory still mapped: another site's sessions. The supervisor keeps them all."""
+        self.listener.sock.close()
+        self.handoff.close()
+        self.scoreboard.close()
+        self.dictionaries.close()
+
     def signal_all(self, signum):
         for pid in list(self.children):
             kill(pid, signum)

@@ -186,14 +186,13 @@ class Supervisor:
         (catch_output.Pipes), then exit."""
         code = 1
         try:
-            # this process's copies only: the supervisor's wait, the other pools' sockets,
-            # the other processes' pipes
+            # this process's copies only: the supervisor's wait, the other pools' sockets
+            # and memory, the other processes' pipes
             if self.epoll is not None:
                 self.epoll.close()
             for other in self._all():
                 if other is not group:
-                    other.listener.sock.close()
-                    other.handoff.close()
+                    other.forget()
             for child in self._children():
                 child.pipes.close()
             logs.serve(group.name)

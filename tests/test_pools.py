@@ -177,6 +177,119 @@ def test_each_pool_has_its_own_shared_dictionaries(daemon, tmp_path):
     assert _get(d.address, os.path.join(a, "shared.lua")) == ("200 OK", "www")
 
 
+# Stores "marker of POOL;" in the pool's dictionary, then lists this process's anonymous
+# shared mappings (what it inherited from the supervisor), each with the pools whose marker
+# its memory holds, read through the FFI as a hostile script would.
+MEMORY_PAGE = """
+local ffi = require("ffi")
+local cache = require("luafcgid").shared.cache
+
+local function scan()
+  local lines = {}
+  for line in io.lines("/proc/self/maps") do
+    local first, last = line:match("^(%x+)-(%x+) rw%-s .* /dev/zero %(deleted%)$")
+    if first then
+      local at = tonumber(first, 16)
+      local memory = ffi.string(ffi.cast("const char *", at), tonumber(last, 16) - at)
+      local pools = {}
+      for pool in memory:gmatch("marker of (%w+);") do pools[#pools + 1] = pool end
+      lines[#lines + 1] = first .. "-" .. last .. " " .. table.concat(pools, ",")
+    end
+  end
+  return table.concat(lines, "\\n")
+end
+
+function main(env, con)
+  cache:set("marker", "marker of " .. env.QUERY_STRING .. ";")
+  con:puts(cache:get("marker"), "\\n", scan())
+end
+"""
+WWW_SIZE, SHOP_SIZE = 1100 << 10, 1300 << 10   # distinctive dictionary sizes
+
+
+def _memory_sites(tmp_path):
+    a, b = _sites(tmp_path)
+    for root in (a, b):
+        with open(os.path.join(root, "memory.lua"), "w") as stream:
+            stream.write(MEMORY_PAGE)
+    return os.path.join(a, "memory.lua"), os.path.join(b, "memory.lua")
+
+
+def _pool(root, size, **settings):
+    return {"roots": [os.path.dirname(root)], "shared": {"cache": f"{size >> 10}K"}, **settings}
+
+
+def _memory(address, page, pool):
+    """What pool `pool`'s memory page read back from its dictionary, and its process's
+    shared mappings: address range -> the pools whose marker it holds."""
+    status, body = _get(address, page, query_string=pool)
+    assert status == "200 OK", body
+    got, *lines = body.split("\n")
+    mappings = {}
+    for line in lines:
+        span, _, pools = line.partition(" ")
+        mappings[span] = set(filter(None, pools.split(",")))
+    return got, mappings
+
+
+def _size(span):
+    first, last = (int(end, 16) for end in span.split("-"))
+    return last - first
+
+
+def _shared_mappings(pid):
+    with open(f"/proc/{pid}/maps") as stream:
+        return {line.split()[0] for line in stream
+                if line.split()[1] == "rw-s" and line.rstrip().endswith("/dev/zero (deleted)")}
+
+
+def _only_its_own(d, pool, mappings, size, others, other_size):
+    """A process of `pool` maps its own dictionary (of `size`; the scan found its marker
+    there, and so reads the memory) and nothing of the other pool's (`others`, its
+    process's mappings, its dictionary of `other_size`): no mapping in common, no marker;
+    the supervisor maps both."""
+    assert [_size(span) for span, pools in mappings.items() if pools] == [size]
+    assert all(pools == {pool} for pools in mappings.values() if pools)
+    assert other_size not in map(_size, mappings)
+    assert not set(mappings) & set(others)
+    assert set(mappings) | set(others) <= _shared_mappings(d.proc.pid)
+
+
+def test_a_pools_processes_do_not_map_the_other_pools_memory(daemon, tmp_path):
+    """With the FFI a script reads any memory of its process: a serving process keeps its
+    own pool's dictionaries, scoreboard and hand-off mapped and unmaps every other pool's,
+    which the supervisor, which forks them all, keeps."""
+    www_page, shop_page = _memory_sites(tmp_path)
+    shop = str(tmp_path / "shop.sock")
+    d = daemon(listen=str(tmp_path / "www.sock"), ffi=True, pools={
+        "www": _pool(www_page, WWW_SIZE),
+        "shop": _pool(shop_page, SHOP_SIZE, listen=shop, processes=2)})
+    wait_for(lambda: can_connect(shop), what="pool shop to listen")
+    got, shop_mappings = _memory(shop, shop_page, "shop")
+    assert got == "marker of shop;"
+    got, www_mappings = _memory(d.address, www_page, "www")
+    assert got == "marker of www;"
+    _only_its_own(d, "www", www_mappings, WWW_SIZE, shop_mappings, SHOP_SIZE)
+
+
+def test_a_pool_added_by_sighup_does_not_map_the_others_memory(daemon, tmp_path):
+    """The processes of a pool added at a reload are forked from the supervisor, which
+    holds the other pools' memory: they unmap it too."""
+    www_page, shop_page = _memory_sites(tmp_path)
+    shop = str(tmp_path / "shop.sock")
+    d = daemon(listen=str(tmp_path / "www.sock"), ffi=True,
+               pools={"www": _pool(www_page, WWW_SIZE)})
+    got, www_mappings = _memory(d.address, www_page, "www")
+    assert got == "marker of www;"
+    d.write_config(pools={"www": _pool(www_page, WWW_SIZE),
+                          "shop": _pool(shop_page, SHOP_SIZE, listen=shop)})
+    d.signal(signal.SIGHUP)
+    wait_for(lambda: can_connect(shop), what="the added pool to listen")
+    got, shop_mappings = _memory(shop, shop_page, "shop")
+    assert got == "marker of shop;"
+    _only_its_own(d, "shop", shop_mappings, SHOP_SIZE, www_mappings, WWW_SIZE)
+
+
 def test_sighup_adds_a_pool_and_removes_one(daemon, tmp_path):
     """A pool added to the file is bound and served at a reload; one removed stops (its
     socket refuses, its file is gone), and the others serve on."""

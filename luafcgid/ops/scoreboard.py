@@ -41,6 +41,12 @@ class Scoreboard:
         self._room = 2 * workers * _PER_WORKER
         self._workers = mmap.mmap(-1, self._room * processes)
 
+    def close(self):
+        """Unmap it, in a serving process of another pool, whose scripts are not to read or
+        write it (with the FFI, or a C module). Nothing exports a buffer of it."""
+        self._memory.close()
+        self._workers.close()
+
     def publish_workers(self, number, entries):
         """Process `number`'s workers: a list of plain dicts (the status page's entries)."""
         for entry in entries:

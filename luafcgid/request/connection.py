@@ -66,11 +66,6 @@ def send_parts(sock, parts, timeout):
 _END_REQUEST = {}   # request id -> its END_REQUEST records (nginx numbers every request 1)
 
 
-def _status(head):
-    """The HTTP status code of a response that begins with `head` (200 when it says none)."""
-    return int(head[_AT:_AT + 3]) if head[:_AT] == _STATUS else 200
-
-
 class Output:
     """Response bytes for one request, as STDOUT records. Once the web server went away,
     every write raises ClientGone, which stops the page at its next con:puts or con:flush
@@ -96,7 +91,7 @@ class Output:
         self.lock = lock
         self.ended = False
         self.broken = False
-        self.status = 200   # the response's HTTP status, once its first bytes went out
+        self.status = 200   # the response's HTTP status, once it ended
         self.first = None   # the first bytes written (a reference), for %{NAME}o
         self.sent = 0
 
@@ -104,7 +99,6 @@ class Output:
         with self.lock:
             if data and not self.ended and not self.broken:
                 if not self.sent:
-                    self.status = _status(data)
                     self.first = data
                 self.sent += len(data)
                 self._send(data, b"")
@@ -118,10 +112,13 @@ class Output:
                 return
             self.ended = True
             if not self.sent:
-                self.status = _status(data)
                 self.first = data
             self.sent += len(data)
-            if not self.broken:
+            if not self.broken:   # (broken: 499 already)
+                # the status once, here, from the first bytes (200 when they say none)
+                first = self.first
+                if first[:_AT] == _STATUS:
+                    self.status = int(first[_AT:_AT + 3])
                 request_id = self.request_id
                 tail = _END_REQUEST.get(request_id)
                 if tail is None:

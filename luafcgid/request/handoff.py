@@ -83,10 +83,12 @@ class Handoff:
             self.put(number, _PID, 0)
 
     def close(self):
-        """In the processes of another pool: none of this is theirs."""
+        """In the processes of another pool: none of this is theirs. The slots are unmapped
+        too (nothing exports a buffer of them: __init__'s is let go of at once)."""
         for pair in self._pairs:
             for end in pair:
                 end.close()
+        self._memory.close()
 
     @contextlib.contextmanager
     def locked(self, number):

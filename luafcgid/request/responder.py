@@ -166,7 +166,7 @@ class Responder:
             else:
                 out.end(pages.unavailable())
             return
-        if pool.hold(path) > LONG:
+        if pool.holds.get(path, 0.0) > LONG:
             worker.off_duty()   # another worker takes connections while this one waits on Lua
         ok, payload, head, kind, message, headers_sent = state.serve(
             params, request.body, out, worker)

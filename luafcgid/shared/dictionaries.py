@@ -61,6 +61,11 @@ class Dictionaries:
         for dictionary in self.all:
             dictionary.release()
 
+    def close(self):
+        """In a serving process of another pool: unmap every dictionary (Dictionary.close)."""
+        for dictionary in self.all:
+            dictionary.close()
+
     def stats(self):
         """For the status page: each dictionary's name, capacity, free bytes and keys."""
         return [dict(zip(("name", "capacity", "free_space", "keys"), (d.name, *d.stats())))

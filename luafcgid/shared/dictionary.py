@@ -107,6 +107,15 @@ class Dictionary:
         self._buckets = buckets_at // 4
         self._e0 = chunks_at // 4 - _WORDS   # chunk i's first word: _e0 + i * _WORDS
 
+    def close(self):
+        """Unmap the memory, in a serving process of another pool: a script there with
+        the FFI (or a C module) could otherwise read and write it. Its four views are let go
+        of first, as mmap refuses to close while buffers of it are exported (BufferError);
+        nothing else holds one (the FFI is given the address, not a buffer)."""
+        for view in (self._w, self._h, self._d, self._b):
+            view.release()
+        self._memory.close()
+
     # -- locking ----------------------------------------------------------------------------
 
     def _run(self, operation, *args):

@@ -22,6 +22,7 @@ import math
 import threading
 import time
 
+_exp = math.exp
 RATE_WINDOW = 60.0   # seconds: a state's rate counts the requests of about the last minute
 HOLD_WEIGHT = 1 / 8   # of the newest request in a script's typical hold time
 
@@ -31,22 +32,15 @@ class PoolClosed(Exception):
 
 
 class _Script:
-    """One script's states (and states being loaded) and how long its requests take."""
+    """One script's states (and states being loaded)."""
 
-    __slots__ = ("path", "states", "idle", "loading", "hold")
+    __slots__ = ("path", "states", "idle", "loading")
 
     def __init__(self, path):
         self.path = path
         self.states = []    # its records, busy or idle
         self.idle = []      # its idle records, the most recently used last
         self.loading = 0    # states of it being created
-        self.hold = None    # seconds a request typically holds a state (a moving average)
-
-    def moment(self, longest):
-        """How long a request for a clone waits for one of this script's states first."""
-        if self.hold is None:
-            return longest
-        return 2 * self.hold if 2 * self.hold <= longest else 0.0
 
 
 class _Record:
@@ -66,12 +60,12 @@ class _Record:
         self.stale = False    # flushed while busy: closed when given back
 
     def rate_at(self, now):
-        return self.rate * math.exp((self.lent_at - now) / RATE_WINDOW)
+        return self.rate * _exp((self.lent_at - now) / RATE_WINDOW)
 
     def lend(self, now):
         """Count a request taking this state at `now`."""
         self.busy = True
-        self.rate = self.rate_at(now) + 1.0
+        self.rate = self.rate * _exp((self.lent_at - now) / RATE_WINDOW) + 1.0   # rate_at
         self.requests += 1
         self.lent_at = now
 
@@ -97,6 +91,10 @@ class StatePool:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._scripts = {}   # path -> _Script, while it has states, loaded or loading
+        # path -> seconds its requests typically hold a state (a moving average), while it
+        # has states and once one was given back; read without the lock, for a guess (a
+        # float): the request path's dict lookup costs no Python call
+        self.holds = {}
         self._records = {}   # state -> its _Record
         self._total = 0      # states that exist or are being created
         self._closed = False
@@ -134,7 +132,7 @@ class StatePool:
                 if self._total >= self.max_states:
                     if count:
                         if patience is None:
-                            patience = time.monotonic() + script.moment(self.longest_moment)
+                            patience = time.monotonic() + self._moment(path)
                         left = patience - time.monotonic()
                         if left > 0:
                             self._wait(left)
@@ -174,9 +172,9 @@ class StatePool:
         with self._lock:
             record = self._records[state]
             record.last_used = now = self._clock()
-            script, seconds = record.script, now - record.lent_at
-            hold = script.hold   # the script's typical hold time, a moving average
-            script.hold = seconds if hold is None else hold + (seconds - hold) * HOLD_WEIGHT
+            path, seconds, holds = record.script.path, now - record.lent_at, self.holds
+            hold = holds.get(path)
+            holds[path] = seconds if hold is None else hold + (seconds - hold) * HOLD_WEIGHT
             drop = self._settle(record, discard)
         if drop:
             self._close(state)
@@ -197,12 +195,6 @@ class StatePool:
                 drop = self._settle(record)
             if drop:
                 self._close(state)
-
-    def hold(self, path):
-        """Seconds `path`'s requests typically hold a state (0.0 until one was given back);
-        read without the lock: a float, for a guess."""
-        script = self._scripts.get(path)
-        return (script.hold or 0.0) if script is not None else 0.0
 
     # -- flushing -----------------------------------------------------------------------
 
@@ -304,6 +296,14 @@ class StatePool:
     def _forget_if_empty(self, script):
         if not script.states and not script.loading:
             del self._scripts[script.path]
+            self.holds.pop(script.path, None)
+
+    def _moment(self, path):
+        """How long a request for a clone of `path` waits for one of its own states first."""
+        hold = self.holds.get(path)
+        if hold is None:
+            return self.longest_moment
+        return 2 * hold if 2 * hold <= self.longest_moment else 0.0
 
     def _choose_victim(self, now):
         """The idle state least worth keeping: idle longest, relative to its request rate. A
