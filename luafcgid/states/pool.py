@@ -22,7 +22,6 @@ import math
 import threading
 import time
 
-_exp = math.exp
 RATE_WINDOW = 60.0   # seconds: a state's rate counts the requests of about the last minute
 HOLD_WEIGHT = 1 / 8   # of the newest request in a script's typical hold time
 
@@ -60,12 +59,12 @@ class _Record:
         self.stale = False    # flushed while busy: closed when given back
 
     def rate_at(self, now):
-        return self.rate * _exp((self.lent_at - now) / RATE_WINDOW)
+        return self.rate * math.exp((self.lent_at - now) / RATE_WINDOW)
 
     def lend(self, now):
         """Count a request taking this state at `now`."""
         self.busy = True
-        self.rate = self.rate * _exp((self.lent_at - now) / RATE_WINDOW) + 1.0   # rate_at
+        self.rate = self.rate_at(now) + 1.0
         self.requests += 1
         self.lent_at = now
 
