@@ -10,13 +10,33 @@ def _body(stack, path):
     return stack.get(path)[2]
 
 
-def test_edit_in_the_same_second_is_picked_up(shared_stack):
+def test_edit_keeping_the_mtime_is_picked_up_by_its_size(shared_stack):
     path = shared_stack.write("edit.lua", 'function main(env, con) con:puts("one") end')
     assert _body(shared_stack, "/edit.lua") == b"one"
-    before = os.stat(path).st_mtime
-    shared_stack.write("edit.lua", 'function main(env, con) con:puts("two") end')
-    os.utime(path, (before, before))   # same mtime to the second and below: size changes
-    wait_for(lambda: _body(shared_stack, "/edit.lua") == b"two", what="the reload")
+    before = os.stat(path)
+    shared_stack.write("edit.lua", 'function main(env, con) con:puts("second") end')
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))   # the very same mtime
+    wait_for(lambda: _body(shared_stack, "/edit.lua") == b"second", what="the reload")
+
+
+def test_same_size_edit_keeping_the_mtime_is_picked_up_by_its_ctime(shared_stack):
+    # what `cp -p` or `rsync -t --inplace` leave: same inode, size and mtime
+    path = shared_stack.write("kept.lua", 'function main(env, con) con:puts("AAA") end')
+    assert _body(shared_stack, "/kept.lua") == b"AAA"
+    before = os.stat(path)
+
+    def rewrite():
+        shared_stack.write("kept.lua", 'function main(env, con) con:puts("BBB") end')
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        # the kernel's clock moves in ticks: within the first write's tick the ctime
+        # stays too, and no signature could tell
+        return os.stat(path).st_ctime_ns != before.st_ctime_ns
+
+    wait_for(rewrite, what="a rewrite in a later clock tick")
+    after = os.stat(path)
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == \
+        (before.st_ino, before.st_size, before.st_mtime_ns)
+    wait_for(lambda: _body(shared_stack, "/kept.lua") == b"BBB", what="the reload")
 
 
 def test_same_size_edit_is_picked_up(shared_stack):

@@ -111,9 +111,11 @@ def to_lua(value):
 
 
 def file_signature(path):
-    """What tells a changed script: nanosecond mtime, size and inode."""
+    """What tells a changed script: nanosecond mtime, size, inode and ctime. The ctime
+    moves on every write even when a tool puts the old mtime back (`cp -p`, `rsync -t
+    --inplace`), which nobody but the kernel can set."""
     st = os.stat(path)
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
+    return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns)
 
 
 class _Channel:
