@@ -130,8 +130,12 @@ class PoolGroup:
             return
         for name in changed:   # no process re-reads the file to say so
             log.warning("%sreload: %s changed; restart luafcgid to apply it", self.label, name)
+        self.replace_all("runs the configuration before the reload")
+
+    def replace_all(self, why):
+        """Replace every process that stays: a successor first, then it drains."""
         for child in self.staying():
-            self._replace(child, "runs the configuration before the reload")
+            self._replace(child, why)
 
     def stop(self):
         """Stop serving: the listener refuses from now on (the file of a Unix socket is

@@ -5,7 +5,8 @@ It runs every pool (pool_group.py: php-fpm's [pool] sections): each pool's servi
 share that pool's listening socket; each has its own worker threads, state pool and
 interpreter lock, so Python work runs on every core. The supervisor starts no threads (it
 forks). It keeps the current config (re-read on SIGHUP) for every process it starts and
-passes SIGHUP and SIGUSR1 on; a reload also starts a pool added to the file and stops one
+passes SIGHUP and SIGUSR1 on (replacing, on SIGUSR1, the processes that became another
+user: they may not reopen the error log); a reload also starts a pool added to the file and stops one
 removed from it. Each pool observes its processes on its scoreboard (and, when requests
 waiting may start one, its listener's queue), and procman's policy says how many run. A
 process that asks for it (recycling) or has a worker stuck in Lua is replaced (as php-fpm's
@@ -36,6 +37,12 @@ from .server import Server
 from .shared.dictionaries import Dictionaries
 
 log = logging.getLogger("luafcgid")
+
+
+def _as_another_user(pool):
+    """Whether `pool`'s processes become another user than the supervisor: a root
+    supervisor's do when the pools run as different users."""
+    return os.geteuid() == 0 and privileges.target(pool) is not None
 
 
 class Supervisor:
@@ -120,7 +127,16 @@ class Supervisor:
         return self.exit_code == 0
 
     def reopen(self):
+        """SIGUSR1, once the supervisor reopened its own logs: every process reopens its
+        pool's. A process that became another user keeps the error log it inherited (root's,
+        which it may not open), so it is replaced too, as php-fpm replaces its children on
+        SIGUSR1: its successor inherits the file just reopened."""
         self._signal_all(signal.SIGUSR1)
+        if not logs.files(self.config):   # syslog or standard error: nothing to go stale
+            return
+        for group in self.groups.values():
+            if _as_another_user(group.config):
+                group.replace_all("writes to the error log as it was before SIGUSR1")
 
     def reload(self):
         """Every pool that stays reloads (pool_group.reload); a pool added to the file starts,
@@ -133,9 +149,8 @@ class Supervisor:
         for name, group in list(self.groups.items()):
             if name in config.pools:
                 pool = config.pools[name]
-                # a root supervisor's processes became their pool's user (pools of
-                # different users), who may not read the file: they are replaced instead
-                group.reload(pool, os.geteuid() == 0 and privileges.target(pool) is not None)
+                # a process of another user may not read the file: it is replaced instead
+                group.reload(pool, _as_another_user(pool))
                 continue
             log.info("pool %s: removed from the configuration; stopping it", name)
             group.stop()

@@ -5,6 +5,7 @@ users; SIGHUP adds and removes pools; the config names each pool's problems."""
 import json
 import os
 import pwd
+import re
 import signal
 import subprocess
 import sys
@@ -433,5 +434,41 @@ def test_pools_of_different_users_run_as_their_user(daemon, tmp_path):
         wait_for(lambda: d.log().count("SIGUSR1: log files reopened") == 3,
                  what="the supervisor and both processes to reopen the logs")
         assert "cannot reopen" not in d.output()
+    finally:
+        subprocess.run(["rm", "-rf", site], check=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+def test_sigusr1_moves_other_users_processes_to_the_new_error_log(daemon, tmp_path):
+    """After logrotate moved the error log, SIGUSR1 replaces the processes that became
+    another user (they may not open the root-owned file again): their successors write to
+    the new file."""
+    skip_unless(_user("luafcgid") is not None and _user("nobody") is not None,
+                "needs the users luafcgid and nobody (.ci/run creates luafcgid)")
+    site = tempfile.mkdtemp(prefix="luafcgid-pools-")
+    try:
+        os.chmod(site, 0o755)
+        page = os.path.join(site, "fail.lua")
+        with open(page, "w") as stream:
+            stream.write('function main(env, con) error("marker " .. env.QUERY_STRING) end')
+        os.chmod(page, 0o644)
+        shop = str(tmp_path / "shop.sock")
+        d = daemon(listen=str(tmp_path / "www.sock"), roots=[site], pools={
+            "www": {"user": "nobody"}, "shop": {"listen": shop, "user": "luafcgid"}})
+        wait_for(lambda: can_connect(shop), what="pool shop to listen")
+        assert _get(d.address, page, query_string="www-before")[0] == "500 Internal Server Error"
+        assert "marker www-before" in d.log()
+        rotated = d.settings["logfile"] + ".1"
+        os.rename(d.settings["logfile"], rotated)
+        d.signal(signal.SIGUSR1)
+        replaced = re.compile(r"process 1 \(pid (\d+)\) is replaced by process 2")
+        wait_for(lambda: len(replaced.findall(d.log())) == 2, what="both processes replaced")
+        for pid in replaced.findall(d.log()):
+            wait_for(lambda: not os.path.exists(f"/proc/{pid}"), what=f"pid {pid} to end")
+        assert _get(d.address, page, query_string="www-after")[0] == "500 Internal Server Error"
+        assert _get(shop, page, query_string="shop-after")[0] == "500 Internal Server Error"
+        assert "marker www-after" in d.log() and "marker shop-after" in d.log()
+        with open(rotated) as stream:
+            assert "marker www-before" in stream.read()
     finally:
         subprocess.run(["rm", "-rf", site], check=True)
