@@ -5,17 +5,17 @@ It runs every pool (pool_group.py: php-fpm's [pool] sections): each pool's servi
 share that pool's listening socket; each has its own worker threads, state pool and
 interpreter lock, so Python work runs on every core. The supervisor starts no threads (it
 forks). It keeps the current config (re-read on SIGHUP) for every process it starts and
-passes SIGHUP and SIGUSR1 on (replacing, on SIGUSR1, the processes that became another
-user: they may not reopen the error log); a reload also starts a pool added to the file and stops one
-removed from it. Each pool observes its processes on its scoreboard (and, when requests
+passes SIGHUP and SIGUSR1 on (on SIGUSR1 it replaces the processes that became another user,
+who may not reopen the error log); a reload also starts a pool added to the file and stops
+one removed from it. Each pool observes its processes on its scoreboard (and, when requests
 waiting may start one, its listener's queue), and procman's policy says how many run. A
 process that asks for it (recycling) or has a worker stuck in Lua is replaced (as php-fpm's
 master kills a child past request_terminate_timeout): the successor starts first, then the
-old one is told to stop and drains. A process that stops reporting (hung) is killed, one that
-dies restarted (the daemon waits longer and longer when they keep dying), one that fails at
-boot backed off from, and a pool gives up after a few failures in a row (the daemon exits
-once every pool has). On SIGTERM it stops them all, waits for them to drain and closes the
-listeners. It runs in mainloop.run as a role.
+old one is told to stop and drains. A process that stops reporting (hung) is killed, one
+that dies restarted (the daemon waits longer and longer when they keep dying), one that
+fails at boot backed off from, and a pool gives up after a few failures in a row (the daemon
+exits once every pool has). On SIGTERM it stops them all, waits for them to drain and closes
+the listeners. It runs in mainloop.run as a role.
 
 When the pools run as different users the supervisor stays root, as php-fpm's master does,
 and each serving process becomes its pool's user right after the fork, before any thread

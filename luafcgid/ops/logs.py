@@ -301,7 +301,8 @@ def keep_unopenable():
     """In a serving process that became its pool's user: an error log file that user may
     not open (it is root's, when the pools run as different users) is kept as inherited and
     never reopened, by SIGUSR1 or a reload: its lines go on to the file the supervisor
-    opened. (logfile: syslog has no file to keep.)"""
+    opened, until SIGUSR1 has the supervisor replace the process (supervisor.reopen).
+    (logfile: syslog has no file to keep.)"""
     for handler in log.handlers:
         if isinstance(handler, LogFile) and not os.access(handler.baseFilename, os.W_OK):
             _kept[handler.baseFilename] = handler
