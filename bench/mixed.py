@@ -2,10 +2,11 @@
 50 ms outside Lua (luasocket's `socket.select`, as on a database), per process shape and
 with or without the upstream connections nginx keeps.
 
-A connection parked in a process is served by that process's workers only: while they are
-all in waiting pages, a request arriving on it waits, even when another process has a worker
-free. With as many clients as workers in all, no request need wait; a hello request later
-than LATE is counted as one that did.
+A connection parked in a process is read by that process's workers only: while they are all
+in waiting pages, a request arriving on it waited, even when another process had a worker
+free, until the process handed what it parks to an idle one (request/handoff.py). With as
+many clients as workers in all, no request need wait; a hello request later than LATE is
+counted as one that did.
 
     python3 -m bench.mixed [--clients 4] [--slow 0.1] [--shapes 2x2,1x4] [--duration 10]
 

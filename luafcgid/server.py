@@ -55,7 +55,9 @@ class Server:
                                            config.process_max_memory)
         self.retiring = False   # asked the supervisor for a successor
         self.workers = Workers(self._worker_name)
-        self.duty = Duty()
+        # with other processes to hand them to, what this one parks leaves it while every
+        # worker of it is in a long call (request/handoff.py)
+        self.duty = Duty(handoff and (lambda: self.acceptor.hand_parked()))
         for _ in range(config.workers):
             self.workers.add()
         self.status = Status(self.workers, lambda: self.listener.sock, scoreboard, self.publish,

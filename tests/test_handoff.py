@@ -2,6 +2,7 @@
 connections) hands the others their share, so that kept connections are not all served by
 the process that woke."""
 
+import itertools
 import os
 import signal
 
@@ -10,7 +11,9 @@ from conftest import Fifo, InThread, RawClient, split_response, wait_for
 from luafcgid.request.handoff import Handoff, Share
 
 # answers its process's pid; with a query string NAME it first marks itself in flight (a
-# file "in-NAME") and waits at its FIFO "gate-NAME"
+# file "in-NAME") and waits at its FIFO "gate-NAME". Held requests go to a copy, hold.lua: a
+# held request makes its script's requests typically long, and a process whose last free
+# worker starts a long one hands what it has parked to an idle process (tested below)
 PID_PAGE = """
 local pid = io.open("/proc/self/stat"):read("*l"):match("^(%d+)")
 function main(env, con)
@@ -33,7 +36,8 @@ class Kept:
         self.site = site
 
     def ask(self, name=""):
-        self.client.request({b"SCRIPT_FILENAME": self.site.file("pid.lua").encode(),
+        script = self.site.file("hold.lua" if name else "pid.lua")
+        self.client.request({b"SCRIPT_FILENAME": script.encode(),
                              b"QUERY_STRING": name.encode()}, keep_conn=True)
 
     def answer(self):
@@ -59,6 +63,7 @@ def _burst_while_both_held(daemon, site):
     process let go: its worker accepts the burst as one batch. Returns (the daemon, x, y,
     y's gate, the burst, x's pid)."""
     site.write("pid.lua", PID_PAGE)
+    site.write("hold.lua", PID_PAGE)
     d = daemon(processes=2, workers=1)
     x = Kept(d.address, site)
     x_gate = x.hold("x")
@@ -108,11 +113,40 @@ def test_a_process_told_to_stop_serves_the_connections_handed_to_it(daemon, site
     assert set(pids) == {x_pid, y_pid} and pids.count(y_pid) >= BURST // 2 - 1
 
 
+def test_a_connection_parked_in_a_process_whose_workers_are_busy_goes_to_an_idle_one(
+        daemon, site):
+    """Two processes of one worker. Of three kept connections two are parked in one process,
+    which then takes a long request on one of them: the other, idle, is handed to the idle
+    process, which answers its next request at once. Before, that request waited for the
+    long one to end."""
+    site.write("pid.lua", PID_PAGE)
+    site.write("hold.lua", PID_PAGE)
+    d = daemon(processes=2, workers=1)
+    kept = [Kept(d.address, site) for _ in range(3)]
+    pids = []
+    for connection in kept:
+        connection.ask()
+        pids.append(connection.answer())
+    x, z = next((a, b) for a, b in itertools.combinations(kept, 2)
+                if pids[kept.index(a)] == pids[kept.index(b)])
+    busy = pids[kept.index(x)]
+    gate = x.hold("x")
+    try:
+        z.ask()
+        answer = InThread(z.answer)
+        wait_for(answer.done, what="the idle process to answer")
+        assert answer.result() != busy
+    finally:
+        wait_for(gate.release, what="x's page to read its gate")
+    assert x.answer() == busy
+
+
 class _Connection:
     """What Share.spread reads of an acceptor's Connection."""
 
     def __init__(self, fd):
         self.fd = fd
+        self.kept = False
 
 
 def test_a_closed_share_is_sent_nothing_more_and_receives_what_was_sent_before(tmp_path):
@@ -126,14 +160,15 @@ def test_a_closed_share_is_sent_nothing_more_and_receives_what_was_sent_before(t
     files = [open(tmp_path / f"file{n}", "w") for n in range(3)]
     try:
         batch = [_Connection(f.fileno()) for f in files]
+        batch[1].kept = True   # the web server keeps it: so does the process it goes to
         assert one.spread(batch, mine=5) == ([], batch)
         received = two.close()
-        assert ([os.fstat(fd).st_ino for fd in received]
-                == [os.fstat(f.fileno()).st_ino for f in files])
-        for fd in received:
+        assert ([(os.fstat(fd).st_ino, kept) for fd, kept in received]
+                == [(os.fstat(f.fileno()).st_ino, n == 1) for n, f in enumerate(files)])
+        for fd, _ in received:
             os.close(fd)
         assert one.spread(batch, mine=5) == (batch, [])
-        assert not handoff.send(2, [files[0].fileno()])
+        assert not handoff.send(2, batch[:1])
     finally:
         for f in files:
             f.close()
@@ -153,7 +188,7 @@ def test_a_batch_is_split_so_that_the_processes_hold_as_many(tmp_path):
         kept, handed = one.spread(batch, mine=2)
         assert (kept, handed) == (batch[1:4:2], batch[0:5:2])
         assert handoff.load(2) == 1 + 3
-        for fd in two.receive():
+        for fd, _ in two.receive():
             os.close(fd)
         assert handoff.load(2) == 1
     finally:

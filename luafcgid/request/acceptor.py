@@ -30,6 +30,7 @@ never closed as idle. A connection answered 413 lingers at most LINGER seconds
 """
 
 import collections
+import ctypes
 import errno
 import logging
 import os
@@ -40,6 +41,7 @@ import time
 import _socket
 
 from .connection import Connection
+from .handoff import MAX_FDS
 
 log = logging.getLogger("luafcgid")
 
@@ -86,10 +88,14 @@ class Acceptor:
         self._epoll.register(self._wake_read, select.EPOLLIN)
         self._inbox = None   # the fd connections handed to this process arrive on
         self._handed = collections.deque()   # of those received and parked, to serve next
+        # set while a worker waits in epoll_wait: the others may hand this process what
+        # they hold (hand_parked); alone, a flag nobody reads
+        self._idle = ctypes.c_uint64()
         if handoff is not None:
             handoff.open()
             self._inbox = handoff.fileno
             self._epoll.register(self._inbox, select.EPOLLIN)
+            self._idle = handoff.idle_flag
         self.closed = False
         self._failures = 0         # accept failures not yet logged
         self._failed_at = 0.0      # monotonic time of the last one
@@ -136,7 +142,10 @@ class Acceptor:
                 except IndexError:   # another worker took the last one
                     continue
             else:
+                idle = self._idle
+                idle.value = 1
                 events = self._epoll.poll(-1, _EVENTS)
+                idle.value = 0
                 if not events:
                     continue
                 fd, mask = events[0]
@@ -224,13 +233,13 @@ class Acceptor:
                     return connection
         return None
 
-    def _take_handed(self, fds):
-        """Connections of the descriptors `fds` handed to this process, counted as
+    def _take_handed(self, handed):
+        """Connections of the (descriptor, kept) pairs `handed` to this process, counted as
         accepted."""
         with self._lock:
-            self._serving += len(fds)
+            self._serving += len(handed)
         connections = []
-        for fd in fds:
+        for fd, kept in handed:
             sock = _socket.socket(self._family, socket.SOCK_STREAM, 0, fd)
             address = ""   # a Unix peer is asked only for a log line (Connection.peer)
             if self._family != socket.AF_UNIX:
@@ -238,8 +247,57 @@ class Acceptor:
                     address = sock.getpeername()
                 except OSError:   # the client has gone: the first read says so
                     address = ("?", 0)
-            connections.append(Connection(sock, fd, address))
+            connection = Connection(sock, fd, address)
+            connection.kept = kept
+            connections.append(connection)
         return connections
+
+    def hand_parked(self):
+        """The last worker of this process on duty went into a long call (duty.py): hand
+        the connections parked here of which nothing was read to a process with a worker
+        waiting idle, so that a request on them is not left waiting for this process's
+        workers (handoff.py): every one on which nothing has arrived (kept ones, idle),
+        and one on which a request waits. Nothing when no process is idle.
+
+        Handed every connection with a request waiting, two processes passed them back
+        and forth under a steady load of long pages: the 10 ms page kept at 16 connections
+        took 246 CPU µs a request against 209 without handing, its p99 108 ms against 51 (3
+        alternating runs, medians). Handing one: 208 against 205 µs, p99 64 against 63 ms,
+        p50 42 against 49 (6 runs)."""
+        handoff = self.handoff
+        number = handoff.idle_process()
+        if number is None:
+            return
+        with self._lock:
+            moving, waiting = [], False
+            for connection in map(self._watched.get, self._parked):
+                if connection.began is not None or connection.lingering:
+                    continue   # part of a request was read, or it was answered 413
+                if not connection.unread():
+                    moving.append(connection)
+                elif not waiting:
+                    waiting = True
+                    moving.insert(0, connection)   # the first the other process reads
+                if len(moving) == MAX_FDS:
+                    break
+            for connection in moving:
+                fd = connection.fd
+                del self._parked[fd], self._watched[fd]
+                self._kept.discard(fd)
+                self._epoll.unregister(fd)
+            if not moving:
+                return
+            self._held()
+        if handoff.hand(number, moving):
+            for connection in moving:
+                connection.close()
+        else:   # it stopped taking connections meanwhile: they stay
+            with self._lock:
+                self._serving += len(moving)
+            for connection in moving:
+                self.park(connection)
+        with self._lock:
+            self._end_if_drained()
 
     def _accept(self):
         """A Connection of the next admitted socket in the backlog, or None. Takes the raw

@@ -1,5 +1,7 @@
-"""Connections just accepted, handed between a pool's serving processes, so that the
-connections the web server keeps are spread over the processes.
+"""Connections handed between a pool's serving processes: those just accepted, so that the
+connections the web server keeps are spread over the processes, and those parked in a
+process whose workers are all in long calls, so that none waits for them while another
+process is idle.
 
 A connection stays in the epoll set of the process that accepted it, and when nginx keeps
 connections, the process that wakes for a new one accepts the whole backlog (acceptor.py,
@@ -17,8 +19,17 @@ holds is what it has registered in its epoll set (kept connections, once served;
 Acceptor), and what was sent to it that it has not received yet. Both live in memory the
 supervisor maps before it forks, beside one datagram socket pair a process slot (a
 scoreboard number). Only a batch is spread: a connection accepted alone (plain mode, and
-before one is kept) costs nothing more, and a kept connection is never moved, so no request
-is ever split between processes.
+before one is kept) costs nothing more.
+
+A connection parked in a process is served by that process's workers only. When the last of
+them goes into a long call (duty.py: nobody left on duty), the process hands what it has
+parked to a process a worker of which waits in epoll_wait, idle (a flag in its slot): those
+on which nothing has arrived (kept ones idle, ones accepted before their request), and one
+on which a request waits (acceptor.hand_parked). Without it, a
+request arriving on one waited for a page of 50 ms to end while the other process idled
+(bench/mixed.py: 2.3% of hello requests among 10% such pages, 4 clients on 2 x 2). Only a
+connection of which nothing is read moves, each flagged kept or not, so no request is ever
+split between processes.
 
 Draining: a process stops taking connections (close) under its slot's lock, a
 process-shared mutex like the shared dictionaries', then receives what was sent before; a
@@ -43,13 +54,17 @@ from ..shared.layout import MUTEX
 log = logging.getLogger("luafcgid")
 
 # a slot: its mutex, then these counters: the pid taking connections in it (0: none), the
-# connections it holds, those it received and those sent to it (by the others)
+# connections it holds, those it received and those sent to it (by the others), and whether
+# a worker of it waits in epoll_wait (written without the lock: a hint)
 _COUNTER = struct.Struct("=Q")
-_PID, _HELD, _RECEIVED, _SENT = (MUTEX + _COUNTER.size * n for n in range(4))
-_ROOM = MUTEX + 4 * _COUNTER.size
-# a batch (acceptor._ACCEPT_BATCH) is sent in one message: far below Linux's SCM_MAX_FD
-_MAX_FDS = 253
+_PID, _HELD, _RECEIVED, _SENT, _IDLE = (MUTEX + _COUNTER.size * n for n in range(5))
+_ROOM = MUTEX + 5 * _COUNTER.size
+# a batch (acceptor._ACCEPT_BATCH) is sent in one message, and what a process hands on at
+# most this many: Linux's SCM_MAX_FD
+MAX_FDS = 253
 _RECEIVING = socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
+# a message's bytes: one a descriptor, whether the web server keeps that connection
+_KEPT, _NOT_KEPT = b"k", b"n"
 
 
 class Handoff:
@@ -57,7 +72,7 @@ class Handoff:
 
     def __init__(self, slots):
         self._memory = mmap.mmap(-1, _ROOM * slots)   # shared with the forked processes
-        base = ctypes.addressof(ctypes.c_char.from_buffer(self._memory))
+        base = self._base = ctypes.addressof(ctypes.c_char.from_buffer(self._memory))
         self._locks = [ctypes.c_void_p(base + _ROOM * n) for n in range(slots)]
         for lock in self._locks:
             mutex.initialize(lock.value)
@@ -114,14 +129,29 @@ class Handoff:
         return (self.get(number, _HELD) + self.get(number, _SENT)
                 - self.get(number, _RECEIVED))
 
-    def send(self, number, fds):
-        """Hand the descriptors `fds` to process `number`; False when they stay here (it
-        takes no connections, or its socket is full)."""
+    def idle_flag(self, number):
+        """Process `number`'s idle flag, as a ctypes integer at its address (a buffer
+        exported from the map would keep close() from unmapping it)."""
+        return ctypes.c_uint64.from_address(self._base + _ROOM * (number - 1) + _IDLE)
+
+    def idle(self, but):
+        """The number of a process, other than `but`, that takes connections and has a
+        worker waiting in epoll_wait; None if none has."""
+        for number in self.slots():
+            if number != but and self.get(number, _IDLE) and self.get(number, _PID):
+                return number
+        return None
+
+    def send(self, number, connections):
+        """Hand `connections` (with their `fd` and `kept`) to process `number`; False when
+        they stay here (it takes no connections, or its socket is full)."""
+        fds = [connection.fd for connection in connections]
+        flags = b"".join(_KEPT if connection.kept else _NOT_KEPT for connection in connections)
         with self.locked(number):
             if not self.get(number, _PID):
                 return False
             try:
-                socket.send_fds(self._pairs[number - 1][1], [b"c"], fds, socket.MSG_DONTWAIT)
+                socket.send_fds(self._pairs[number - 1][1], [flags], fds, socket.MSG_DONTWAIT)
             except OSError:
                 return False
             self.put(number, _SENT, self.get(number, _SENT) + len(fds))
@@ -145,6 +175,9 @@ class Share:
         self.fileno = self._inbox.fileno()
         self._received = 0
         self._lock = threading.Lock()
+        # the acceptor sets its value around each epoll_wait that may block: a write into
+        # shared memory, not a call
+        self.idle_flag = handoff.idle_flag(number)
 
     def open(self):
         """Take connections from the others from now on."""
@@ -154,27 +187,39 @@ class Share:
             # in its socket (see the module's docstring)
             self._received = handoff.get(self.number, _RECEIVED)
             handoff.put(self.number, _HELD, 0)
+            handoff.put(self.number, _IDLE, 0)
             handoff.put(self.number, _PID, os.getpid())
 
     def close(self):
-        """Take no more connections from the others: the descriptors of those sent before."""
+        """Take no more connections from the others: (descriptor, kept) of those sent
+        before."""
         with self._handoff.locked(self.number):
             self._handoff.put(self.number, _PID, 0)
         return self.receive()
+
+    def idle_process(self):
+        """The number of another process with a worker waiting idle, or None."""
+        return self._handoff.idle(but=self.number)
+
+    def hand(self, number, connections):
+        """Hand parked `connections` to process `number`; False when they stay here."""
+        return self._handoff.send(number, connections)
 
     def held(self, count):
         """This process now holds `count` connections."""
         self._handoff.put(self.number, _HELD, count)
 
     def receive(self):
-        """The descriptors of the connections handed to this process that have arrived."""
+        """(descriptor, kept) of the connections handed to this process that have
+        arrived."""
         fds = []
         while True:
             try:
-                _, got, flags, _ = socket.recv_fds(self._inbox, 1, _MAX_FDS, _RECEIVING)
+                kept, got, flags, _ = socket.recv_fds(self._inbox, MAX_FDS, MAX_FDS,
+                                                      _RECEIVING)
             except (BlockingIOError, InterruptedError):
                 break
-            fds += got
+            fds += zip(got, (flag == _KEPT[0] for flag in kept))
             if flags & socket.MSG_CTRUNC:
                 log.error("connections handed to this process were lost: no descriptor "
                           "free for them (the open files limit)")
@@ -206,7 +251,7 @@ class Share:
                 kept.append(connection)
         handed = []
         for number, connections in given.items():
-            if handoff.send(number, [connection.fd for connection in connections]):
+            if handoff.send(number, connections):
                 handed += connections
             else:
                 kept += connections

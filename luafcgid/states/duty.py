@@ -16,6 +16,10 @@ request, only once the worker on duty gives it.
 The rule is soft: a worker may find the duty given away by the watcher just after it looked,
 and then two workers wait for connections at once, as every worker did before; the acceptor
 serves any number of them.
+
+When the duty is given and no worker waits to take it, every worker of the process is in a
+long call, and what the process has parked waits for one of them: `unattended()` is called
+then (the acceptor hands those connections to an idle process, request/handoff.py).
 """
 
 import threading
@@ -30,17 +34,22 @@ STALLED = 0.05   # seconds into a request after which the watcher passes its dut
 
 
 class Duty:
-    def __init__(self):
+    def __init__(self, unattended=None):
+        """`unattended()` is called when the duty is given and no worker waits for it."""
         self._cond = threading.Condition(threading.Lock())
         self.holder = None   # the worker.Worker on duty, or None
+        self._waiting = 0    # workers waiting in take()
+        self._unattended = unattended
 
     def take(self, worker):
         """Return once `worker` is on duty (at once when it still is)."""
         if self.holder is worker:
             return
         with self._cond:
+            self._waiting += 1
             while self.holder is not None and self.holder is not worker:
                 self._cond.wait()
+            self._waiting -= 1
             self.holder = worker
 
     def give(self, worker):
@@ -48,6 +57,10 @@ class Duty:
         if self.holder is not worker:
             return
         with self._cond:
-            if self.holder is worker:
-                self.holder = None
-                self._cond.notify()
+            if self.holder is not worker:
+                return
+            self.holder = None
+            self._cond.notify()
+            nobody = not self._waiting
+        if nobody and self._unattended is not None:
+            self._unattended()
