@@ -25,11 +25,10 @@ A connection parked in a process is served by that process's workers only. When 
 them goes into a long call (duty.py: nobody left on duty), the process hands what it has
 parked to a process a worker of which waits in epoll_wait, idle (a flag in its slot): those
 on which nothing has arrived (kept ones idle, ones accepted before their request), and one
-on which a request waits (acceptor.hand_parked). Without it, a
-request arriving on one waited for a page of 50 ms to end while the other process idled
-(bench/mixed.py: 2.3% of hello requests among 10% such pages, 4 clients on 2 x 2). Only a
-connection of which nothing is read moves, each flagged kept or not, so no request is ever
-split between processes.
+on which a request waits (acceptor.hand_parked). Without it, a request arriving on one
+waited for a page of 50 ms to end while the other process idled (bench/mixed.py: 2.3% of
+hello requests among 10% such pages, 4 clients on 2 x 2). Only a connection of which nothing
+is read moves, each flagged kept or not, so no request is ever split between processes.
 
 Draining: a process stops taking connections (close) under its slot's lock, a
 process-shared mutex like the shared dictionaries', then receives what was sent before; a

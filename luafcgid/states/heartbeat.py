@@ -1,9 +1,9 @@
 """The heartbeat: flush states whose script (or prelude) changed on disk.
 
-A thread compares every loaded script's signature (nanosecond mtime, size, inode and
-ctime) every `sweep` milliseconds; a watchdog observer on the scripts' directories flushes at once when
-the file system reports a change. The sweep catches what the observer cannot see (network
-file systems, a missed event); the observer makes an edit show on the next request.
+A thread compares every loaded script's signature (nanosecond mtime, size, inode and ctime)
+every `sweep` milliseconds; a watchdog observer on the scripts' directories flushes at once
+when the file system reports a change. The sweep catches what the observer cannot see
+(network file systems, a missed event); the observer makes an edit show on the next request.
 """
 
 import logging
