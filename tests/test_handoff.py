@@ -1,6 +1,7 @@
 """request/handoff.py: a process that accepts a batch of connections (the web server keeps
 connections) hands the others their share, so that kept connections are not all served by
-the process that woke."""
+the process that woke; and one whose workers are all in long requests hands what it has
+parked to an idle one."""
 
 import itertools
 import os
