@@ -77,7 +77,11 @@ def test_php_fpm_exporters_request_decodes(daemon, site):
         assert entry["state"] in ("Idle", "Running")
     # each worker apart, as the exporter labels them: by start time and pid
     assert len({(e["start time"], e["pid"]) for e in data["processes"]}) == 2
-    assert sum(e["requests"] for e in data["processes"]) >= 1
+
+    def counted():   # a worker counts its request just after the client has the response
+        return sum(e["requests"] for e in json.loads(ask(d.address, EXPORTER)[2])["processes"])
+
+    wait_for(lambda: counted() >= 1, what="a.lua's request counted")
     # luafcgid's own figures, under their own names
     assert {"failed_requests", "stuck", "states", "scripts"} <= set(data)
 

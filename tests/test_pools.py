@@ -145,8 +145,11 @@ def test_each_pool_writes_its_own_access_log(daemon, tmp_path):
     _get(d.address, a_page)
     _get(shop, b_page)
     _get(shop, b_page)
+    # a worker writes its line once the response has gone
     wait_for(lambda: (tmp_path / "shop.access").read_text().count("\n") == 2,
              what="shop's two lines")
+    wait_for(lambda: (tmp_path / "www.access").read_text().count("\n") == 1,
+             what="www's line")
     assert (tmp_path / "shop.access").read_text() == f"shop {b_page}\n" * 2
     assert (tmp_path / "www.access").read_text() == f"www {a_page}\n"
 
