@@ -288,7 +288,11 @@ class PoolGroup:
         if self.scoreboard.slot(child.number)["pid"] == child.pid:   # it reported, maybe unseen
             child.beat = child.beat or now
         self.scoreboard.clear(child.number)
-        self.handoff.vacate(child.number)
+        moved = self.handoff.vacate(child.number)
+        if moved:
+            log.info("%s%d connection(s) handed to process %d (pid %d), which ended unread, "
+                     "went to process %d", self.label, moved[0], child.number, child.pid,
+                     moved[1])
         for other in self.children.values():
             if other.successor is child:
                 other.successor = None

@@ -114,6 +114,25 @@ def test_a_process_told_to_stop_serves_the_connections_handed_to_it(daemon, site
     assert set(pids) == {x_pid, y_pid} and pids.count(y_pid) >= BURST // 2 - 1
 
 
+def test_connections_handed_to_a_process_that_dies_go_to_another(daemon, site):
+    """The burst's share sent to y's process waits unread in its slot when that process is
+    killed: the supervisor hands it to x's process, instead of leaving it for the process
+    that replaces y's (which took at least a start, and longer when processes keep
+    dying)."""
+    d, x, y, y_gate, burst, x_pid = _burst_while_both_held(daemon, site)
+    for connection in burst:
+        connection.ask()
+    answers = [InThread(connection.answer) for connection in burst]
+    wait_for(lambda: sum(answer.done() for answer in answers) >= BURST // 2 - 1,
+             what="x's process to answer its share of the burst")
+    parent = d.proc.pid
+    with open(f"/proc/{parent}/task/{parent}/children") as stream:
+        y_pid, = {int(pid) for pid in stream.read().split()} - {x_pid}
+    os.kill(y_pid, signal.SIGKILL)
+    assert {answer.result() for answer in answers} == {x_pid}
+    assert f"(pid {y_pid}), which ended unread, went to process" in d.log()
+
+
 def test_a_connection_parked_in_a_process_whose_workers_are_busy_goes_to_an_idle_one(
         daemon, site):
     """Two processes of one worker. Of three kept connections two are parked in one process,
@@ -169,7 +188,7 @@ def test_a_closed_share_is_sent_nothing_more_and_receives_what_was_sent_before(t
         for fd, _ in received:
             os.close(fd)
         assert one.spread(batch, mine=5) == (batch, [])
-        assert not handoff.send(2, batch[:1])
+        assert handoff.send(2, [(files[0].fileno(), False)]) == 0
     finally:
         for f in files:
             f.close()

@@ -34,7 +34,8 @@ Draining: a process stops taking connections (close) under its slot's lock, a
 process-shared mutex like the shared dictionaries', then receives what was sent before; a
 sender checks that the slot takes connections and sends under the same lock, so nothing
 arrives after. What was sent to a process that died without draining stays in its slot's
-socket, whose ends the supervisor keeps: the next process in that slot serves it.
+socket, whose ends the supervisor keeps: the supervisor hands it on to the process holding
+fewest (vacate), or, when none takes connections, the next process in that slot serves it.
 """
 
 import contextlib
@@ -91,10 +92,33 @@ class Handoff:
         return Share(self, number)
 
     def vacate(self, number):
-        """In the supervisor, once process `number` ended: nothing more is sent to its slot
-        (it may have died without draining)."""
+        """In the supervisor, once process `number` ended: nothing more is sent to its slot.
+        What was sent to it and not received (it died without draining) goes to the process
+        holding fewest connections: (how many, to which number), or None when nothing went
+        (nothing waited, or no process takes connections: the next one in the slot will)."""
         with self.locked(number):
             self.put(number, _PID, 0)
+        loads = {other: self.load(other) for other in self.slots() if other != number}
+        loads = {other: load for other, load in loads.items() if load is not None}
+        if not loads:
+            return None
+        with self.locked(number):
+            handed = _receive(self._pairs[number - 1][0])
+            self.put(number, _RECEIVED, self.get(number, _RECEIVED) + len(handed))
+        if not handed:
+            return None
+        target = min(loads, key=loads.get)
+        moved = self.send(target, handed)
+        if moved < len(handed):   # it stopped meanwhile: the rest back into the slot
+            with self.locked(number):
+                back = _post(self._pairs[number - 1][1], handed[moved:])
+                self.put(number, _SENT, self.get(number, _SENT) + back)
+            if moved + back < len(handed):
+                log.error("%d connection(s) handed to process %d were lost: its socket is "
+                          "full", len(handed) - moved - back, number)
+        for fd, _ in handed:   # the supervisor's copies
+            os.close(fd)
+        return (moved, target) if moved else None
 
     def close(self):
         """In the processes of another pool: none of this is theirs. The slots are unmapped
@@ -141,20 +165,16 @@ class Handoff:
                 return number
         return None
 
-    def send(self, number, connections):
-        """Hand `connections` (with their `fd` and `kept`) to process `number`; False when
-        they stay here (it takes no connections, or its socket is full)."""
-        fds = [connection.fd for connection in connections]
-        flags = b"".join(_KEPT if connection.kept else _NOT_KEPT for connection in connections)
+    def send(self, number, handed):
+        """Hand the connections of the (descriptor, kept) pairs `handed` to process `number`:
+        how many went, in order (MAX_FDS a message); those after stay here (it takes no
+        connections, or its socket is full)."""
         with self.locked(number):
             if not self.get(number, _PID):
-                return False
-            try:
-                socket.send_fds(self._pairs[number - 1][1], [flags], fds, socket.MSG_DONTWAIT)
-            except OSError:
-                return False
-            self.put(number, _SENT, self.get(number, _SENT) + len(fds))
-        return True
+                return 0
+            sent = _post(self._pairs[number - 1][1], handed)
+            self.put(number, _SENT, self.get(number, _SENT) + sent)
+        return sent
 
     def slots(self):
         return range(1, len(self._pairs) + 1)
@@ -201,8 +221,9 @@ class Share:
         return self._handoff.idle(but=self.number)
 
     def hand(self, number, connections):
-        """Hand parked `connections` to process `number`; False when they stay here."""
-        return self._handoff.send(number, connections)
+        """Hand parked `connections` (MAX_FDS at most) to process `number`; False when they
+        stay here."""
+        return self._handoff.send(number, _pairs(connections)) == len(connections)
 
     def held(self, count):
         """This process now holds `count` connections."""
@@ -211,17 +232,7 @@ class Share:
     def receive(self):
         """(descriptor, kept) of the connections handed to this process that have
         arrived."""
-        fds = []
-        while True:
-            try:
-                kept, got, flags, _ = socket.recv_fds(self._inbox, MAX_FDS, MAX_FDS,
-                                                      _RECEIVING)
-            except (BlockingIOError, InterruptedError):
-                break
-            fds += zip(got, (flag == _KEPT[0] for flag in kept))
-            if flags & socket.MSG_CTRUNC:
-                log.error("connections handed to this process were lost: no descriptor "
-                          "free for them (the open files limit)")
+        fds = _receive(self._inbox)
         if fds:
             with self._lock:   # workers receive at once (level-triggered)
                 self._received += len(fds)
@@ -250,8 +261,39 @@ class Share:
                 kept.append(connection)
         handed = []
         for number, connections in given.items():
-            if handoff.send(number, connections):
+            if handoff.send(number, _pairs(connections)) == len(connections):
                 handed += connections
             else:
                 kept += connections
         return kept, handed
+
+
+def _pairs(connections):
+    return [(connection.fd, connection.kept) for connection in connections]
+
+
+def _post(end, handed):
+    """Send the (descriptor, kept) pairs `handed` through `end`, MAX_FDS a message: how
+    many went (a message refused, a full socket, ends it)."""
+    for start in range(0, len(handed), MAX_FDS):
+        part = handed[start:start + MAX_FDS]
+        try:
+            socket.send_fds(end, [b"".join(_KEPT if kept else _NOT_KEPT for _, kept in part)],
+                            [fd for fd, _ in part], socket.MSG_DONTWAIT)
+        except OSError:
+            return start
+    return len(handed)
+
+
+def _receive(inbox):
+    """(descriptor, kept) of every connection waiting in `inbox`."""
+    handed = []
+    while True:
+        try:
+            kept, fds, flags, _ = socket.recv_fds(inbox, MAX_FDS, MAX_FDS, _RECEIVING)
+        except (BlockingIOError, InterruptedError):
+            return handed
+        handed += zip(fds, (flag == _KEPT[0] for flag in kept))
+        if flags & socket.MSG_CTRUNC:
+            log.error("connections handed to a process were lost: no descriptor free for "
+                      "them (the open files limit)")
