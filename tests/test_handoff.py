@@ -96,17 +96,24 @@ def test_a_burst_of_kept_connections_is_served_by_both_processes(daemon, site):
     assert {answer.result() for answer in answers} == {x_pid, y_pid}
 
 
-def test_a_process_told_to_stop_serves_the_connections_handed_to_it(daemon, site):
+def _burst_asked_while_y_is_held(daemon, site):
+    """_burst_while_both_held, then every connection of the burst asks: x's process answers
+    its share, the rest were sent to y's, busy. Returns (the daemon, y, y's gate, the
+    answers (InThread), x's pid, y's pid)."""
     d, x, y, y_gate, burst, x_pid = _burst_while_both_held(daemon, site)
     for connection in burst:
         connection.ask()
     answers = [InThread(connection.answer) for connection in burst]
-    # x's process answers its share; the rest were sent to y's, busy
     wait_for(lambda: sum(answer.done() for answer in answers) >= BURST // 2 - 1,
              what="x's process to answer its share of the burst")
     parent = d.proc.pid
     with open(f"/proc/{parent}/task/{parent}/children") as stream:
         y_pid, = {int(pid) for pid in stream.read().split()} - {x_pid}
+    return d, y, y_gate, answers, x_pid, y_pid
+
+
+def test_a_process_told_to_stop_serves_the_connections_handed_to_it(daemon, site):
+    _, y, y_gate, answers, x_pid, y_pid = _burst_asked_while_y_is_held(daemon, site)
     os.kill(y_pid, signal.SIGTERM)   # it drains: every connection handed to it is served
     wait_for(y_gate.release, what="y's page to read its gate")
     assert y.answer() == y_pid
@@ -119,15 +126,7 @@ def test_connections_handed_to_a_process_that_dies_go_to_another(daemon, site):
     killed: the supervisor hands it to x's process, instead of leaving it for the process
     that replaces y's (which took at least a start, and longer when processes keep
     dying)."""
-    d, x, y, y_gate, burst, x_pid = _burst_while_both_held(daemon, site)
-    for connection in burst:
-        connection.ask()
-    answers = [InThread(connection.answer) for connection in burst]
-    wait_for(lambda: sum(answer.done() for answer in answers) >= BURST // 2 - 1,
-             what="x's process to answer its share of the burst")
-    parent = d.proc.pid
-    with open(f"/proc/{parent}/task/{parent}/children") as stream:
-        y_pid, = {int(pid) for pid in stream.read().split()} - {x_pid}
+    d, _, _, answers, x_pid, y_pid = _burst_asked_while_y_is_held(daemon, site)
     os.kill(y_pid, signal.SIGKILL)
     assert {answer.result() for answer in answers} == {x_pid}
     assert f"(pid {y_pid}), which ended unread, went to process" in d.log()

@@ -2,6 +2,7 @@
 own socket: each serves its own roots with its own handler, status page, access log and
 users; SIGHUP adds and removes pools; the config names each pool's problems."""
 
+import contextlib
 import json
 import os
 import pwd
@@ -406,22 +407,32 @@ def _user(name):
         return None
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
-def test_pools_of_different_users_run_as_their_user(daemon, tmp_path):
-    """The supervisor stays root; each pool's processes run as its user."""
+@contextlib.contextmanager
+def _pools_of_two_users(daemon, tmp_path, code):
+    """Pools www (as nobody) and shop (as luafcgid) serving a page of `code` from a directory
+    both may read: (the daemon, shop's address, the page)."""
     skip_unless(_user("luafcgid") is not None and _user("nobody") is not None,
                 "needs the users luafcgid and nobody (.ci/run creates luafcgid)")
     site = tempfile.mkdtemp(prefix="luafcgid-pools-")
     try:
         os.chmod(site, 0o755)
-        page = os.path.join(site, "uid.lua")
+        page = os.path.join(site, "page.lua")
         with open(page, "w") as stream:
-            stream.write(UID_PAGE)
+            stream.write(code)
         os.chmod(page, 0o644)
         shop = str(tmp_path / "shop.sock")
         d = daemon(listen=str(tmp_path / "www.sock"), roots=[site], pools={
             "www": {"user": "nobody"}, "shop": {"listen": shop, "user": "luafcgid"}})
         wait_for(lambda: can_connect(shop), what="pool shop to listen")
+        yield d, shop, page
+    finally:
+        subprocess.run(["rm", "-rf", site], check=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+def test_pools_of_different_users_run_as_their_user(daemon, tmp_path):
+    """The supervisor stays root; each pool's processes run as its user."""
+    with _pools_of_two_users(daemon, tmp_path, UID_PAGE) as (d, shop, page):
         assert _get(d.address, page) == ("200 OK", str(_user("nobody")))
         assert _get(shop, page) == ("200 OK", str(_user("luafcgid")))
         assert "the supervisor stays root" in d.log()
@@ -437,8 +448,6 @@ def test_pools_of_different_users_run_as_their_user(daemon, tmp_path):
         wait_for(lambda: d.log().count("SIGUSR1: log files reopened") == 3,
                  what="the supervisor and both processes to reopen the logs")
         assert "cannot reopen" not in d.output()
-    finally:
-        subprocess.run(["rm", "-rf", site], check=True)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
@@ -446,19 +455,8 @@ def test_sigusr1_moves_other_users_processes_to_the_new_error_log(daemon, tmp_pa
     """After logrotate moved the error log, SIGUSR1 replaces the processes that became
     another user (they may not open the root-owned file again): their successors write to
     the new file."""
-    skip_unless(_user("luafcgid") is not None and _user("nobody") is not None,
-                "needs the users luafcgid and nobody (.ci/run creates luafcgid)")
-    site = tempfile.mkdtemp(prefix="luafcgid-pools-")
-    try:
-        os.chmod(site, 0o755)
-        page = os.path.join(site, "fail.lua")
-        with open(page, "w") as stream:
-            stream.write('function main(env, con) error("marker " .. env.QUERY_STRING) end')
-        os.chmod(page, 0o644)
-        shop = str(tmp_path / "shop.sock")
-        d = daemon(listen=str(tmp_path / "www.sock"), roots=[site], pools={
-            "www": {"user": "nobody"}, "shop": {"listen": shop, "user": "luafcgid"}})
-        wait_for(lambda: can_connect(shop), what="pool shop to listen")
+    failing = 'function main(env, con) error("marker " .. env.QUERY_STRING) end'
+    with _pools_of_two_users(daemon, tmp_path, failing) as (d, shop, page):
         assert _get(d.address, page, query_string="www-before")[0] == "500 Internal Server Error"
         assert "marker www-before" in d.log()
         rotated = d.settings["logfile"] + ".1"
@@ -473,5 +471,3 @@ def test_sigusr1_moves_other_users_processes_to_the_new_error_log(daemon, tmp_pa
         assert "marker www-after" in d.log() and "marker shop-after" in d.log()
         with open(rotated) as stream:
             assert "marker www-before" in stream.read()
-    finally:
-        subprocess.run(["rm", "-rf", site], check=True)
