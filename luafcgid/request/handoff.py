@@ -232,12 +232,12 @@ class Share:
     def receive(self):
         """(descriptor, kept) of the connections handed to this process that have
         arrived."""
-        fds = _receive(self._inbox)
-        if fds:
+        handed = _receive(self._inbox)
+        if handed:
             with self._lock:   # workers receive at once (level-triggered)
-                self._received += len(fds)
+                self._received += len(handed)
                 self._handoff.put(self.number, _RECEIVED, self._received)
-        return fds
+        return handed
 
     def spread(self, batch, mine):
         """Split `batch`, connections just accepted and not read, between this process,
