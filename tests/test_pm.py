@@ -37,8 +37,8 @@ def _hold(s, tmp_path, count):
     s.write("held.lua", HELD_PAGE.format(marks=marks, fifo=fifo.path))
     # one at a time, each once the one before is held: a process whose worker is free
     # accepts two connections that arrive together when the first is parked before its
-    # request arrived and the second run, and the first then waits for that worker (seen
-    # under load: one process held both, the spare one idled)
+    # request arrived and the second run, and the first then waits until that process hands
+    # it to an idle one (request/handoff.py), or, with no process idle, for that worker
     held = []
     for n in range(1, count + 1):
         held.append(InThread(s.get, "/held.lua"))
